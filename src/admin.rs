@@ -1,0 +1,114 @@
+//! The admin listener: `/healthz`, `/readyz` (plain HTTP, never on the public
+//! listeners).
+//!
+//! `/healthz` answers 200 while the process runs. `/readyz` answers 200 once
+//! the listeners accept and every credential in use holds a usable token, and
+//! 503 from the moment shutdown begins so load balancers drain first.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::body::{self, ProxyBody};
+use crate::error::{ProxyError, json_error};
+use crate::proxy::Proxy;
+use crate::server::Status;
+
+/// Serves admin requests until `stop` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    status: Arc<Status>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let proxy = Arc::clone(&proxy);
+        let status = Arc::clone(&status);
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let resp = handle(&req, &proxy, &status);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// Answers one admin request.
+pub fn handle(req: &Request<Incoming>, proxy: &Proxy, status: &Status) -> Response<ProxyBody> {
+    let path = req.uri().path();
+    if !matches!(path, "/healthz" | "/readyz") {
+        return json_error(StatusCode::NOT_FOUND, "Not found.");
+    }
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        let mut resp = ProxyError::MethodNotAllowed.into_response();
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return resp;
+    }
+    match path {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        _ => {
+            let shutting_down = status.shutting_down.load(Ordering::SeqCst);
+            let listening = status.listening.load(Ordering::SeqCst);
+            let tokens_ready = proxy.tokens_ready();
+            let ready = listening && !shutting_down && tokens_ready;
+            let creds: serde_json::Map<String, serde_json::Value> = proxy
+                .config()
+                .credentials_in_use()
+                .filter_map(|n| proxy.tokens().get(n))
+                .map(|t| (t.name().to_string(), t.state().as_str().into()))
+                .collect();
+            let body = serde_json::json!({
+                "ready": ready,
+                "listening": listening,
+                "shutting_down": shutting_down,
+                "credentials": creds,
+            });
+            let mut resp = Response::new(body::full(body.to_string()));
+            *resp.status_mut() = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(body::full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

@@ -1,0 +1,293 @@
+//! The upstream side: the pooled HTTP client, the request that goes upstream
+//! and the header hygiene of the answer that comes back.
+//!
+//! Upstream TLS is always verified (webpki roots plus `[upstream] extra_ca`);
+//! connections are pooled per upstream with keep-alive; redirects are never
+//! followed. Headers are rebuilt from an allowlist-by-exclusion: hop-by-hop
+//! headers (and those named in `Connection`), cookies, client credentials,
+//! `Forwarded`/`X-Forwarded-*` and `Proxy-*` never cross in either direction
+//! where SPEC forbids it.
+
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Uri};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::ProxyBody;
+use crate::config::Config;
+use crate::tls;
+
+/// The pooled upstream client (HTTP/1.1 and HTTP/2 over verified TLS).
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+
+/// Header name for ArcGIS token injection.
+pub static X_ESRI_AUTHORIZATION: HeaderName = HeaderName::from_static("x-esri-authorization");
+
+/// Builds the upstream client from config.
+pub fn build_client(config: &Config) -> HttpClient {
+    client_with(
+        tls::client_config(&config.extra_ca),
+        config.limits.upstream_connect_timeout,
+    )
+}
+
+/// Builds an upstream client with the given TLS config.
+pub fn client_with(tls: rustls::ClientConfig, connect_timeout: Duration) -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(https)
+}
+
+/// Headers that describe one connection, never forwarded (RFC 9110 7.6.1).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
+}
+
+/// Names listed in `Connection` headers (lower-case).
+fn connection_listed(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Request headers that never go upstream, besides hop-by-hop ones.
+fn strip_from_request(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    matches!(
+        n,
+        "host"
+            | "cookie"
+            | "authorization"
+            | "x-esri-authorization"
+            | "forwarded"
+            | "x-real-ip"
+            | "content-length"
+    ) || n.starts_with("proxy-")
+        || n.starts_with("x-forwarded-")
+}
+
+/// What the forwarder needs to build one upstream request.
+pub struct Outgoing<'a> {
+    /// Full upstream URI (scheme, authority, path, query with token if any).
+    pub uri: Uri,
+    /// Client headers.
+    pub headers: &'a HeaderMap,
+    /// Method.
+    pub method: &'a http::Method,
+    /// `X-Esri-Authorization` value, for header injection.
+    pub auth_header: Option<&'a HeaderValue>,
+    /// Referer to send instead of the client's.
+    pub upstream_referer: Option<&'a HeaderValue>,
+    /// Exact body length when known (kept or rewritten bodies, or the client's
+    /// announced length).
+    pub content_length: Option<u64>,
+}
+
+/// Builds the upstream request.
+pub fn build_request(out: Outgoing<'_>, body: ProxyBody) -> Request<ProxyBody> {
+    let listed = connection_listed(out.headers);
+    let mut headers = HeaderMap::with_capacity(out.headers.len() + 2);
+    for (name, value) in out.headers {
+        if is_hop_by_hop(name)
+            || strip_from_request(name)
+            || listed.iter().any(|l| l == name.as_str())
+        {
+            continue;
+        }
+        headers.append(name.clone(), value.clone());
+    }
+    if let Some(r) = out.upstream_referer {
+        headers.insert(header::REFERER, r.clone());
+        // A browser Origin would contradict the referrer the credential is
+        // restricted to.
+        headers.remove(header::ORIGIN);
+    }
+    if let Some(auth) = out.auth_header {
+        headers.insert(X_ESRI_AUTHORIZATION.clone(), auth.clone());
+    }
+    if let Some(len) = out.content_length {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    let mut req = Request::new(body);
+    *req.method_mut() = out.method.clone();
+    *req.uri_mut() = out.uri;
+    *req.headers_mut() = headers;
+    req
+}
+
+/// Removes headers from an upstream answer that must not reach the client:
+/// hop-by-hop, cookies, upstream CORS (the proxy sets its own).
+pub fn clean_response_headers(headers: &mut HeaderMap) {
+    let listed = connection_listed(headers);
+    for name in listed {
+        if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+            headers.remove(n);
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+    let drop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| {
+            let n = n.as_str();
+            n == "set-cookie" || n == "set-cookie2" || n.starts_with("access-control-")
+        })
+        .cloned()
+        .collect();
+    for n in drop {
+        headers.remove(n);
+    }
+}
+
+/// Percent-encodes anything `http::Uri` would refuse, leaving valid URI
+/// characters (including `%` escapes) as they are.
+pub fn to_uri(s: &str) -> Option<Uri> {
+    if let Ok(u) = s.parse::<Uri>() {
+        return Some(u);
+    }
+    const SAFE: &[u8] = b"-._~:/?#[]@!$&'()*+,;=%";
+    let mut out = String::with_capacity(s.len() + 16);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || SAFE.contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_headers_are_cleaned() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("host", "proxy.example"),
+            ("cookie", "a=b"),
+            ("authorization", "Bearer client"),
+            ("x-esri-authorization", "Bearer client"),
+            ("proxy-authorization", "Basic x"),
+            ("forwarded", "for=1.2.3.4"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+            ("connection", "keep-alive, x-custom"),
+            ("x-custom", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("accept", "application/json"),
+            ("referer", "https://app.example.com/"),
+            ("origin", "https://app.example.com"),
+        ] {
+            h.append(k, HeaderValue::from_static(v));
+        }
+        let auth = HeaderValue::from_static("Bearer server");
+        let method = http::Method::GET;
+        let req = build_request(
+            Outgoing {
+                uri: "https://up.example/x".parse().unwrap(),
+                headers: &h,
+                method: &method,
+                auth_header: Some(&auth),
+                upstream_referer: None,
+                content_length: None,
+            },
+            crate::body::empty(),
+        );
+        let names: Vec<&str> = req.headers().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), 4, "{names:?}");
+        assert_eq!(req.headers()["accept"], "application/json");
+        assert_eq!(req.headers()["referer"], "https://app.example.com/");
+        assert_eq!(req.headers()["origin"], "https://app.example.com");
+        assert_eq!(req.headers()["x-esri-authorization"], "Bearer server");
+
+        let referer = HeaderValue::from_static("https://registered.example/");
+        let req = build_request(
+            Outgoing {
+                uri: "https://up.example/x".parse().unwrap(),
+                headers: &h,
+                method: &method,
+                auth_header: None,
+                upstream_referer: Some(&referer),
+                content_length: Some(0),
+            },
+            crate::body::empty(),
+        );
+        assert_eq!(req.headers()["referer"], "https://registered.example/");
+        assert!(req.headers().get("origin").is_none());
+        assert!(req.headers().get("x-esri-authorization").is_none());
+        assert_eq!(req.headers()["content-length"], "0");
+    }
+
+    #[test]
+    fn response_headers_are_cleaned() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("set-cookie", "s=1"),
+            ("connection", "x-hop"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("access-control-allow-origin", "*"),
+            ("content-type", "application/json"),
+            ("cache-control", "max-age=60"),
+        ] {
+            h.append(k, HeaderValue::from_static(v));
+        }
+        clean_response_headers(&mut h);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["cache-control", "content-type"]);
+    }
+
+    #[test]
+    fn uri_fallback_encodes() {
+        assert_eq!(
+            to_uri("https://h/x?q=\"a b\"").unwrap().to_string(),
+            "https://h/x?q=%22a%20b%22"
+        );
+        assert_eq!(
+            to_uri("https://h/x?q={a}").unwrap().to_string(),
+            "https://h/x?q={a}"
+        );
+        assert_eq!(
+            to_uri("https://h/a%20b").unwrap().to_string(),
+            "https://h/a%20b"
+        );
+    }
+}

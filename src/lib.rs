@@ -1,0 +1,87 @@
+//! arcgis-app-proxy: a TLS-terminating reverse proxy that lets anonymous
+//! browser apps use ArcGIS services without ever seeing a token.
+//!
+//! Map of the crate, in the order a request meets it:
+//!
+//! - [`config`]: `proxy.toml` → validated, precompiled [`config::Config`].
+//! - [`server`]: listeners, TLS accept ([`tls`]), connection limits, graceful
+//!   shutdown; hands each request to [`proxy::Proxy::handle`].
+//! - [`proxy`]: the pipeline of phases — ping, referer/origin, CORS, route and
+//!   path safety ([`policy`]), body, token ([`token`]), forward ([`forward`]),
+//!   response hygiene ([`scrub`]), access log.
+//! - [`error`]: every failure → one ArcGIS-shaped JSON response.
+//! - [`admin`]: `/healthz`, `/readyz` on a separate listener.
+//! - [`demo`]: an embedded fake ArcGIS for `arcgis-app-proxy demo`.
+//! - [`body`]: the boxed body type shared by all of the above.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod forward;
+pub mod policy;
+pub mod proxy;
+pub mod scrub;
+pub mod server;
+pub mod tls;
+pub mod token;
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+
+pub use config::Config;
+pub use proxy::Proxy;
+pub use server::{Listeners, Status};
+
+/// Runs the proxy for `config` on bound `listeners` until `shutdown`
+/// completes, then drains connections for up to `shutdown_grace_secs`.
+pub async fn run(
+    config: Arc<Config>,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let proxy = Arc::new(Proxy::new(config));
+    proxy.warm_up();
+    server::run(proxy, listeners, Arc::new(Status::default()), shutdown).await
+}
+
+/// Installs the global tracing subscriber: JSON or text lines on stderr,
+/// level from `RUST_LOG` (default `info`).
+pub fn init_logging(format: config::LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()));
+    let _ = match format {
+        config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+        config::LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Resolves when the process receives SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

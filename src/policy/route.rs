@@ -1,0 +1,287 @@
+//! The route table: which upstream a request may reach, and how.
+//!
+//! Built once at config load. A mounted path is looked up by its longest
+//! mount on a segment boundary; a proxy-form target by its scheme, host and
+//! port and the longest upstream path prefix on a segment boundary. Both
+//! lookups take already-normalised input (see [`super::path`]).
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+use super::referer::path_under;
+
+/// Where a route puts the token.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenIn {
+    /// `X-Esri-Authorization: Bearer <t>`.
+    #[default]
+    Header,
+    /// `token=<t>` query parameter.
+    Query,
+}
+
+/// One `[[routes]]` entry, compiled.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Label for logs and metrics.
+    pub name: String,
+    /// The upstream base URL as configured (normalised).
+    pub upstream: Url,
+    /// Credential name, if the route injects a token.
+    pub credential: Option<String>,
+    /// Mount path (no trailing slash; `/` for the root).
+    pub mount: Option<String>,
+    /// Token placement.
+    pub token_in: TokenIn,
+    /// Rewrite absolute upstream URLs in bodies.
+    pub rewrite_urls: bool,
+    /// Per-client bucket: requests per period.
+    pub rate_limit: Option<(u32, Duration)>,
+    /// ArcGIS Basemap Styles service: send `echoToken=false`.
+    pub basemap_styles: bool,
+    /// `scheme://host[:port]`, default port omitted.
+    origin: String,
+    /// Upstream path without trailing slash; empty for the root.
+    base_path: String,
+}
+
+impl Route {
+    /// Compiles a route from validated parts.
+    pub fn new(
+        name: String,
+        upstream: Url,
+        credential: Option<String>,
+        mount: Option<String>,
+        token_in: TokenIn,
+        rewrite_urls: bool,
+        rate_limit: Option<(u32, Duration)>,
+    ) -> Route {
+        let origin = upstream.origin().ascii_serialization();
+        let base_path = upstream.path().trim_end_matches('/').to_string();
+        let basemap_styles = upstream.path().contains("/rest/services/styles/")
+            || upstream.path().ends_with("/rest/services/styles");
+        Route {
+            name,
+            upstream,
+            credential,
+            mount,
+            token_in,
+            rewrite_urls,
+            rate_limit,
+            basemap_styles,
+            origin,
+            base_path,
+        }
+    }
+
+    /// `scheme://host[:port]` of the upstream.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The upstream URL for a path relative to the mount (`""` or `/…`).
+    pub fn upstream_path(&self, rest: &str) -> String {
+        let mut out = String::with_capacity(self.base_path.len() + rest.len() + 1);
+        out.push_str(&self.base_path);
+        out.push_str(rest);
+        if out.is_empty() {
+            out.push('/');
+        }
+        out
+    }
+
+    /// True when a normalised URL, whose origin is `origin`, lies under this
+    /// route's upstream.
+    fn covers(&self, origin: &str, url: &Url) -> bool {
+        origin == self.origin
+            && (self.base_path.is_empty() || path_under(url.path(), &self.base_path))
+    }
+
+    /// For a URL under this route, the path after the upstream base.
+    pub fn rest_of<'u>(&self, url: &'u Url) -> &'u str {
+        &url.path()[self.base_path.len()..]
+    }
+}
+
+/// All routes, with mounts sorted for longest-prefix lookup.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+    /// Indexes of mounted routes, longest mount first.
+    by_mount: Vec<usize>,
+}
+
+impl RouteTable {
+    /// Builds the table.
+    pub fn new(routes: Vec<Route>) -> RouteTable {
+        let mut by_mount: Vec<usize> = (0..routes.len())
+            .filter(|&i| routes[i].mount.is_some())
+            .collect();
+        by_mount
+            .sort_by_key(|&i| std::cmp::Reverse(routes[i].mount.as_ref().map_or(0, String::len)));
+        RouteTable { routes, by_mount }
+    }
+
+    /// Number of routes.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// True when there are no routes.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// All routes in config order.
+    pub fn iter(&self) -> impl Iterator<Item = &Route> {
+        self.routes.iter()
+    }
+
+    /// The route mounted at the longest prefix of a normalised path, and the
+    /// rest of the path after the mount (`""` or starting with `/`).
+    pub fn by_mount<'p>(&self, path: &'p str) -> Option<(&Route, &'p str)> {
+        self.by_mount.iter().find_map(|&i| {
+            let route = &self.routes[i];
+            let mount = route.mount.as_deref()?;
+            if mount == "/" {
+                return Some((route, path));
+            }
+            let rest = path.strip_prefix(mount)?;
+            (rest.is_empty() || rest.starts_with('/')).then_some((route, rest))
+        })
+    }
+
+    /// The route whose upstream covers a normalised URL, longest prefix first.
+    pub fn by_url(&self, url: &Url) -> Option<&Route> {
+        let origin = url.origin().ascii_serialization();
+        self.routes
+            .iter()
+            .filter(|r| r.covers(&origin, url))
+            .max_by_key(|r| r.base_path.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(upstream: &str, mount: Option<&str>) -> Route {
+        Route::new(
+            upstream.into(),
+            Url::parse(upstream).unwrap(),
+            None,
+            mount.map(String::from),
+            TokenIn::Header,
+            false,
+            None,
+        )
+    }
+
+    fn table() -> RouteTable {
+        RouteTable::new(vec![
+            route(
+                "https://services.arcgis.com/org/arcgis/rest/services",
+                Some("/features"),
+            ),
+            route(
+                "https://services.arcgis.com/org/arcgis/rest/services/Special",
+                None,
+            ),
+            route(
+                "https://basemapstyles-api.arcgis.com/arcgis/rest/services/styles/v2",
+                Some("/basemaps"),
+            ),
+            route("https://geocode-api.arcgis.com/", Some("/geocode/v1")),
+            route("https://geocode-api.arcgis.com:8443/x", Some("/geocode")),
+        ])
+    }
+
+    #[test]
+    fn mounts_match_longest_prefix_on_segment_boundary() {
+        let t = table();
+        let cases: &[(&str, Option<(&str, &str)>)] = &[
+            (
+                "/features/Parks/FeatureServer/0",
+                Some(("/features", "/Parks/FeatureServer/0")),
+            ),
+            ("/features", Some(("/features", ""))),
+            ("/features/", Some(("/features", "/"))),
+            ("/featuresx/a", None),
+            ("/geocode/v1/find", Some(("/geocode/v1", "/find"))),
+            ("/geocode/v2/find", Some(("/geocode", "/v2/find"))),
+            ("/other", None),
+        ];
+        for (path, expected) in cases {
+            let got = t
+                .by_mount(path)
+                .map(|(r, rest)| (r.mount.as_deref().unwrap(), rest));
+            assert_eq!(got, *expected, "{path}");
+        }
+    }
+
+    #[test]
+    fn urls_match_origin_and_path_prefix() {
+        let t = table();
+        let cases: &[(&str, Option<&str>)] = &[
+            (
+                "https://services.arcgis.com/org/arcgis/rest/services/A/FeatureServer",
+                Some("https://services.arcgis.com/org/arcgis/rest/services"),
+            ),
+            (
+                "https://services.arcgis.com/org/arcgis/rest/services/Special/x",
+                Some("https://services.arcgis.com/org/arcgis/rest/services/Special"),
+            ),
+            (
+                "https://services.arcgis.com/org/arcgis/rest/services",
+                Some("https://services.arcgis.com/org/arcgis/rest/services"),
+            ),
+            (
+                "https://services.arcgis.com/org/arcgis/rest/servicesX/a",
+                None,
+            ),
+            ("https://services.arcgis.com/org/arcgis/rest/", None),
+            (
+                "http://services.arcgis.com/org/arcgis/rest/services/A",
+                None,
+            ),
+            (
+                "https://services.arcgis.com:444/org/arcgis/rest/services/A",
+                None,
+            ),
+            (
+                "https://services.arcgis.com.evil.com/org/arcgis/rest/services/A",
+                None,
+            ),
+            (
+                "https://geocode-api.arcgis.com/anything",
+                Some("https://geocode-api.arcgis.com/"),
+            ),
+            (
+                "https://geocode-api.arcgis.com:8443/x/y",
+                Some("https://geocode-api.arcgis.com:8443/x"),
+            ),
+            ("https://geocode-api.arcgis.com:8443/y", None),
+        ];
+        for (url, expected) in cases {
+            let got = t.by_url(&Url::parse(url).unwrap()).map(|r| r.name.as_str());
+            assert_eq!(got, *expected, "{url}");
+        }
+    }
+
+    #[test]
+    fn upstream_paths_join_without_escaping() {
+        let t = table();
+        let (r, rest) = t.by_mount("/basemaps/styles/arcgis/navigation").unwrap();
+        assert!(r.basemap_styles);
+        assert_eq!(
+            r.upstream_path(rest),
+            "/arcgis/rest/services/styles/v2/styles/arcgis/navigation"
+        );
+        let (r, rest) = t.by_mount("/geocode/v1").unwrap();
+        assert_eq!(r.upstream_path(rest), "/");
+        assert!(!r.basemap_styles);
+    }
+}

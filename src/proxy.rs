@@ -1,0 +1,701 @@
+//! The request pipeline, as a sequence of named phases:
+//! ping → referer/origin → CORS preflight → route and path safety → method and
+//! body → token → forward (with one retry on token rejection) → response
+//! hygiene → access log.
+//!
+//! [`Proxy::handle`] never fails: every phase returns a [`ProxyError`] that
+//! becomes an ArcGIS-shaped response in one place.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
+use url::Url;
+
+use crate::body::{self, BoxError, ProxyBody};
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::forward::{self, HttpClient, Outgoing};
+use crate::policy::path::{self, PathError};
+use crate::policy::route::{Route, TokenIn};
+use crate::scrub::{self, UrlRewriter};
+use crate::token::{Token, TokenSource, TokenState};
+
+/// What the service knows about the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// TCP peer.
+    pub peer: SocketAddr,
+    /// True on the TLS listener.
+    pub tls: bool,
+}
+
+/// The proxy: config, upstream client and one token source per credential.
+pub struct Proxy {
+    config: Arc<Config>,
+    client: HttpClient,
+    tokens: BTreeMap<String, TokenSource>,
+}
+
+impl Proxy {
+    /// Builds the proxy for a validated config.
+    pub fn new(config: Arc<Config>) -> Proxy {
+        let client = forward::build_client(&config);
+        Proxy::with_client(config, client)
+    }
+
+    /// Builds the proxy with a given upstream client (tests use one that
+    /// trusts their own CA).
+    pub fn with_client(config: Arc<Config>, client: HttpClient) -> Proxy {
+        let timeout = config.limits.upstream_timeout;
+        let tokens = config
+            .credentials
+            .values()
+            .map(|c| {
+                (
+                    c.name.clone(),
+                    TokenSource::from_config(c, client.clone(), timeout),
+                )
+            })
+            .collect();
+        Proxy {
+            config,
+            client,
+            tokens,
+        }
+    }
+
+    /// The config in use.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    /// Token sources by credential name.
+    pub fn tokens(&self) -> &BTreeMap<String, TokenSource> {
+        &self.tokens
+    }
+
+    /// True when every credential in use holds a usable token.
+    pub fn tokens_ready(&self) -> bool {
+        self.config.credentials_in_use().all(|n| {
+            self.tokens
+                .get(n)
+                .is_some_and(|t| t.state() == TokenState::Ok)
+        })
+    }
+
+    /// Starts fetching a token for every credential in use, so the proxy
+    /// becomes ready without waiting for a first request.
+    pub fn warm_up(&self) {
+        for name in self.config.credentials_in_use() {
+            if let Some(src) = self.tokens.get(name) {
+                let src = src.clone();
+                tokio::spawn(async move {
+                    let _ = src.token().await;
+                });
+            }
+        }
+    }
+
+    /// Serves one request; never fails.
+    pub async fn handle<B>(&self, req: Request<B>, conn: &ConnInfo) -> Response<ProxyBody>
+    where
+        B: Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let started = Instant::now();
+        let mut log = AccessLog {
+            method: req.method().clone(),
+            path: req.uri().path().chars().take(256).collect(),
+            route: None,
+            referer: referer_origin(req.headers()),
+            client: self.client_ip(req.headers(), conn),
+            status: 0,
+            started,
+            bytes: 0,
+            error: None,
+        };
+        let mut cors_origin = None;
+        let result = self.serve(req, conn, &mut log, &mut cors_origin).await;
+        let mut resp = result.unwrap_or_else(|e| {
+            log.error = Some(e.to_string());
+            e.into_response()
+        });
+        if let Some(origin) = cors_origin {
+            let h = resp.headers_mut();
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+            h.append(header::VARY, HeaderValue::from_static("Origin"));
+        }
+        log.status = resp.status().as_u16();
+        resp.map(|b| LoggedBody::wrap(b, log))
+    }
+
+    async fn serve<B>(
+        &self,
+        req: Request<B>,
+        conn: &ConnInfo,
+        log: &mut AccessLog,
+        cors_origin: &mut Option<HeaderValue>,
+    ) -> Result<Response<ProxyBody>, ProxyError>
+    where
+        B: Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let cfg = &*self.config;
+        let (parts, body) = req.into_parts();
+        let is_proxy_form = parts.uri.path() == cfg.server.proxy_path;
+
+        // Phase: ping, answered before any referer check.
+        if is_proxy_form
+            && parts.uri.query() == Some("ping")
+            && matches!(parts.method, Method::GET | Method::HEAD)
+        {
+            return Ok(self.ping());
+        }
+
+        // Phase: Referer/Origin.
+        let values = parts
+            .headers
+            .get_all(header::REFERER)
+            .iter()
+            .chain(parts.headers.get_all(header::ORIGIN).iter());
+        if let Err(e) = cfg.referers.check_all(values) {
+            tracing::debug!(reason = %e, "referer check failed");
+            return Err(ProxyError::RefererNotAllowed);
+        }
+        *cors_origin = parts.headers.get(header::ORIGIN).cloned();
+
+        // Phase: CORS preflight, answered here and never forwarded.
+        if parts.method == Method::OPTIONS {
+            return Ok(preflight(&parts.headers));
+        }
+
+        // Phase: route resolution and path safety.
+        let (route, upstream_url) = if is_proxy_form {
+            let raw = parts.uri.query().ok_or(PathError::MissingTarget)?;
+            let url = path::parse_target(raw)?;
+            let route = cfg.routes.by_url(&url).ok_or(ProxyError::NotProxied)?;
+            (route, url)
+        } else {
+            let normalised = path::normalise_path(parts.uri.path())?;
+            let (route, rest) = cfg
+                .routes
+                .by_mount(&normalised)
+                .ok_or(ProxyError::NoRoute)?;
+            let mut target = String::with_capacity(256);
+            target.push_str(route.origin());
+            target.push_str(&route.upstream_path(rest));
+            if let Some(q) = parts.uri.query() {
+                target.push('?');
+                target.push_str(q);
+            }
+            let url = Url::parse(&target).map_err(|_| PathError::MalformedTarget)?;
+            (route, url)
+        };
+        log.route = Some(route.name.clone());
+
+        // Phase: method and body.
+        if !matches!(parts.method, Method::GET | Method::HEAD | Method::POST) {
+            return Err(ProxyError::MethodNotAllowed);
+        }
+        let limits = &cfg.limits;
+        let announced = content_length(&parts.headers)?;
+        if announced.is_some_and(|n| n > limits.max_request_body_bytes) {
+            return Err(ProxyError::BodyTooLarge);
+        }
+        let is_form = parts.method == Method::POST
+            && parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|ct| {
+                    ct.trim_start()
+                        .to_ascii_lowercase()
+                        .starts_with("application/x-www-form-urlencoded")
+                });
+        let body_empty = announced == Some(0) || body.is_end_stream();
+        let mut request_body = if body_empty {
+            RequestBody::Kept(Bytes::new())
+        } else if is_form {
+            // Form bodies are parameters: read them (bounded) so a client's
+            // `token` parameter can be removed, and keep them for a retry.
+            let bytes = collect_limited(body, limits.max_request_body_bytes).await?;
+            RequestBody::Kept(strip_form_token(bytes))
+        } else if announced.is_some_and(|n| n <= limits.retry_body_bytes) {
+            RequestBody::Kept(collect_limited(body, limits.retry_body_bytes).await?)
+        } else {
+            RequestBody::Streaming(Some(
+                Limited::new(
+                    body.map_err(Into::into),
+                    limits.max_request_body_bytes as usize,
+                )
+                .map_err(BoxError::from)
+                .boxed(),
+            ))
+        };
+
+        // The upstream query without any client token, with echoToken=false
+        // for Basemap Styles.
+        let mut base_query: String = upstream_url
+            .query()
+            .map(|q| {
+                let names: &[&str] = if route.basemap_styles {
+                    &["token", "echotoken"]
+                } else {
+                    &["token"]
+                };
+                path::strip_params(q, names).into_owned()
+            })
+            .unwrap_or_default();
+        if route.basemap_styles {
+            if !base_query.is_empty() {
+                base_query.push('&');
+            }
+            base_query.push_str("echoToken=false");
+        }
+
+        // Phase: token.
+        let source = route.credential.as_deref().and_then(|n| self.tokens.get(n));
+        let mut token = match source {
+            Some(s) => Some(s.token().await?),
+            None => None,
+        };
+        let upstream_referer = route
+            .credential
+            .as_deref()
+            .and_then(|n| cfg.credentials.get(n))
+            .and_then(|c| c.upstream_referer.as_ref());
+
+        // Phase: forward, retrying once with a fresh token if the upstream
+        // refuses ours and the body was kept.
+        let mut attempt = 0;
+        let resp = loop {
+            attempt += 1;
+            let uri = compose_uri(&upstream_url, &base_query, route, token.as_deref())?;
+            let (body, content_length) = request_body.take(announced);
+            let out = Outgoing {
+                uri,
+                headers: &parts.headers,
+                method: &parts.method,
+                auth_header: token
+                    .as_deref()
+                    .filter(|_| route.token_in == TokenIn::Header)
+                    .map(Token::header_value),
+                upstream_referer,
+                content_length,
+            };
+            let resp = self.send(forward::build_request(out, body)).await?;
+            let rejected = token.is_some() && is_token_rejection(resp.status());
+            if !rejected {
+                break resp;
+            }
+            let (Some(src), Some(old)) = (source, token.as_ref()) else {
+                break resp;
+            };
+            src.invalidate(old);
+            if attempt >= 2 || !request_body.is_kept() {
+                tracing::warn!(
+                    credential = src.name(),
+                    status = resp.status().as_u16(),
+                    "upstream refused the token{}",
+                    if attempt >= 2 {
+                        " again after refresh"
+                    } else {
+                        "; body not kept for a retry"
+                    }
+                );
+                return Err(ProxyError::TokenRejected);
+            }
+            tracing::info!(
+                credential = src.name(),
+                status = resp.status().as_u16(),
+                "upstream refused the token; retrying with a new one"
+            );
+            token = Some(src.token().await?);
+        };
+
+        // Phase: response hygiene.
+        let (mut parts_out, upstream_body) = resp.into_parts();
+        forward::clean_response_headers(&mut parts_out.headers);
+        let public_base = self.public_base(&parts.headers, &parts.uri, conn);
+        let rewriter = UrlRewriter {
+            public_base: &public_base,
+            proxy_path: &cfg.server.proxy_path,
+            routes: &cfg.routes,
+            upstream_url: &upstream_url,
+        };
+        let secrets: Vec<&str> = token
+            .as_deref()
+            .map(|t| vec![t.expose(), t.query_value()])
+            .unwrap_or_default();
+        scrub::scrub_headers(&mut parts_out.headers, &rewriter, &secrets);
+        Ok(Response::from_parts(
+            parts_out,
+            upstream_body.map_err(BoxError::from).boxed(),
+        ))
+    }
+
+    async fn send(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<hyper::body::Incoming>, ProxyError> {
+        match tokio::time::timeout(
+            self.config.limits.upstream_timeout,
+            self.client.request(req),
+        )
+        .await
+        {
+            Err(_) => Err(ProxyError::UpstreamTimeout),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => {
+                if chain_has::<http_body_util::LengthLimitError>(&e) {
+                    return Err(ProxyError::BodyTooLarge);
+                }
+                tracing::warn!(error = %crate::error::describe(&e), "upstream request failed");
+                Err(ProxyError::UpstreamUnreachable)
+            }
+        }
+    }
+
+    fn ping(&self) -> Response<ProxyBody> {
+        let creds: serde_json::Map<String, serde_json::Value> = self
+            .tokens
+            .iter()
+            .map(|(n, t)| (n.clone(), t.state().as_str().into()))
+            .collect();
+        let body = serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "credentials": creds,
+        });
+        let mut resp = Response::new(body::full(body.to_string()));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        resp
+    }
+
+    /// The client's address: the TCP peer, or — when the peer is a trusted
+    /// proxy — the right-most `X-Forwarded-For` hop that is not.
+    pub fn client_ip(&self, headers: &HeaderMap, conn: &ConnInfo) -> IpAddr {
+        let trusted = &self.config.server.trusted_proxies;
+        let peer = conn.peer.ip();
+        if !trusted.iter().any(|n| n.contains(&peer)) {
+            return peer;
+        }
+        let hops: Vec<IpAddr> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|h| h.trim().parse::<IpAddr>().ok())
+            .collect();
+        hops.iter()
+            .rev()
+            .find(|ip| !trusted.iter().any(|n| n.contains(*ip)))
+            .or(hops.first())
+            .copied()
+            .unwrap_or(peer)
+    }
+
+    /// `scheme://host[:port]` for proxy URLs sent back to this client.
+    fn public_base(&self, headers: &HeaderMap, uri: &http::Uri, conn: &ConnInfo) -> String {
+        if let Some(p) = &self.config.server.public_url {
+            return p.clone();
+        }
+        let trusted = self
+            .config
+            .server
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(&conn.peer.ip()));
+        let forwarded_proto = trusted
+            .then(|| headers.get("x-forwarded-proto"))
+            .flatten()
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                v.split(',')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            })
+            .filter(|p| p == "http" || p == "https");
+        let scheme =
+            forwarded_proto.unwrap_or_else(|| if conn.tls { "https" } else { "http" }.into());
+        let host = uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(|h| h.parse::<http::uri::Authority>().ok())
+                    .filter(|a| !a.as_str().contains('@'))
+                    .map(|a| a.as_str().to_string())
+            })
+            .unwrap_or_else(|| "localhost".into());
+        format!("{scheme}://{host}")
+    }
+}
+
+/// The request body, either kept in memory (retryable) or streaming once.
+enum RequestBody {
+    Kept(Bytes),
+    Streaming(Option<ProxyBody>),
+}
+
+impl RequestBody {
+    fn is_kept(&self) -> bool {
+        matches!(self, RequestBody::Kept(_))
+    }
+
+    /// The body for one attempt and its exact length, if known.
+    fn take(&mut self, announced: Option<u64>) -> (ProxyBody, Option<u64>) {
+        match self {
+            RequestBody::Kept(b) if b.is_empty() => (body::empty(), None),
+            RequestBody::Kept(b) => (body::full(b.clone()), Some(b.len() as u64)),
+            RequestBody::Streaming(s) => (s.take().unwrap_or_else(body::empty), announced),
+        }
+    }
+}
+
+async fn collect_limited<B>(body: B, limit: u64) -> Result<Bytes, ProxyError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    match Limited::new(body, limit as usize).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ProxyError::BodyTooLarge),
+        Err(_) => Err(ProxyError::BadBody),
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ProxyError> {
+    let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    let parsed = first
+        .to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .ok_or(ProxyError::BadBody)?;
+    Ok(Some(parsed))
+}
+
+fn strip_form_token(bytes: Bytes) -> Bytes {
+    match std::str::from_utf8(&bytes) {
+        Ok(text) => match path::strip_params(text, &["token"]) {
+            std::borrow::Cow::Borrowed(_) => bytes,
+            std::borrow::Cow::Owned(s) => Bytes::from(s),
+        },
+        // Not text: nothing that could be a form parameter to strip.
+        Err(_) => bytes,
+    }
+}
+
+fn compose_uri(
+    url: &Url,
+    base_query: &str,
+    route: &Route,
+    token: Option<&Token>,
+) -> Result<http::Uri, ProxyError> {
+    let mut s = String::with_capacity(url.as_str().len() + 64);
+    s.push_str(&url[..url::Position::AfterPath]);
+    let token_q = token.filter(|_| route.token_in == TokenIn::Query);
+    if !base_query.is_empty() || token_q.is_some() {
+        s.push('?');
+        s.push_str(base_query);
+        if let Some(t) = token_q {
+            if !base_query.is_empty() {
+                s.push('&');
+            }
+            s.push_str("token=");
+            s.push_str(t.query_value());
+        }
+    }
+    forward::to_uri(&s).ok_or(ProxyError::BadRequest(PathError::MalformedTarget))
+}
+
+/// HTTP statuses meaning "invalid or expired token".
+fn is_token_rejection(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 498 | 499 | 401)
+}
+
+fn chain_has<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<E>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn preflight(headers: &HeaderMap) -> Response<ProxyBody> {
+    let mut resp = Response::new(body::empty());
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    let h = resp.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, HEAD, POST, OPTIONS"),
+    );
+    let requested = headers
+        .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .filter(|v| {
+            v.as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b',' | b' '))
+        })
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("Content-Type, X-Requested-With"));
+    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, requested);
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    h.insert(
+        header::VARY,
+        HeaderValue::from_static("Access-Control-Request-Method, Access-Control-Request-Headers"),
+    );
+    h.insert(
+        header::ALLOW,
+        HeaderValue::from_static("GET, HEAD, POST, OPTIONS"),
+    );
+    resp
+}
+
+/// Only the origin of the Referer (or the Origin) goes into logs: paths and
+/// queries of the embedding page are not the operator's business.
+fn referer_origin(headers: &HeaderMap) -> Option<String> {
+    let v = headers
+        .get(header::ORIGIN)
+        .or_else(|| headers.get(header::REFERER))?;
+    let url = Url::parse(v.to_str().ok()?).ok()?;
+    match url.origin() {
+        o @ url::Origin::Tuple(..) => Some(o.ascii_serialization()),
+        url::Origin::Opaque(_) => None,
+    }
+}
+
+/// The access log record, written once the response body is finished.
+struct AccessLog {
+    method: Method,
+    path: String,
+    route: Option<String>,
+    referer: Option<String>,
+    client: IpAddr,
+    status: u16,
+    started: Instant,
+    bytes: u64,
+    error: Option<String>,
+}
+
+impl AccessLog {
+    fn emit(&self, complete: bool) {
+        let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(
+            target: "access",
+            method = %self.method,
+            path = %self.path,
+            route = self.route.as_deref().unwrap_or("-"),
+            status = self.status,
+            latency_ms = (latency_ms * 1000.0).round() / 1000.0,
+            referer = self.referer.as_deref().unwrap_or("-"),
+            client = %self.client,
+            bytes = self.bytes,
+            complete,
+            error = self.error.as_deref(),
+            "request"
+        );
+    }
+}
+
+/// Counts bytes sent and writes the access log line when the body ends or is
+/// dropped (client gone).
+struct LoggedBody {
+    inner: ProxyBody,
+    log: Option<AccessLog>,
+}
+
+impl LoggedBody {
+    fn wrap(inner: ProxyBody, log: AccessLog) -> ProxyBody {
+        if inner.is_end_stream() {
+            log.emit(true);
+            return inner;
+        }
+        LoggedBody {
+            inner,
+            log: Some(log),
+        }
+        .boxed()
+    }
+}
+
+impl Body for LoggedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(d), Some(log)) = (frame.data_ref(), this.log.as_mut()) {
+                    log.bytes += d.len() as u64;
+                }
+                // hyper stops polling once the body says it has ended.
+                if this.inner.is_end_stream()
+                    && let Some(log) = this.log.take()
+                {
+                    log.emit(true);
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(log) = this.log.take() {
+                    log.emit(true);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(mut log) = this.log.take() {
+                    log.error = Some("upstream body error".into());
+                    log.emit(false);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        if let Some(log) = self.log.take() {
+            log.emit(false);
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Tokens: the secret types, and the per-credential source the forwarder asks.
+//!
+//! [`Secret`] and [`Token`] never print their value (`Debug`/`Display` show a
+//! redaction); the bytes are reachable only through explicit `expose` calls at
+//! the few places that must send them. [`TokenSource`] is the seam between
+//! forwarding and the token lifecycle: `token()` yields a usable token or a
+//! [`TokenError`], `invalidate()` drops one an upstream refused.
+
+mod cache;
+mod fetch;
+
+use std::fmt;
+use std::time::Duration;
+
+use http::HeaderValue;
+use tokio::time::Instant;
+
+pub use cache::{TokenSource, TokenState};
+
+/// A client secret or API key as loaded from config.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret; `None` if it holds bytes no header or form can carry.
+    pub fn new(value: String) -> Option<Secret> {
+        value
+            .bytes()
+            .all(|b| (0x21..0x7f).contains(&b))
+            .then_some(Secret(value))
+    }
+
+    /// The clear value, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// An access token (or API key) ready to inject, with its lifetime.
+pub struct Token {
+    value: String,
+    /// `Bearer <t>`, marked sensitive so hyper's own logging hides it.
+    header: HeaderValue,
+    /// The value percent-encoded for a query string.
+    query_value: String,
+    /// After this instant the token is not injected (expiry minus skew margin).
+    usable_until: Option<Instant>,
+    /// When a background refresh should replace it.
+    refresh_at: Option<Instant>,
+    /// When it was obtained.
+    issued_at: Instant,
+}
+
+/// Characters escaped in a `token=` query value: all but RFC 3986 unreserved.
+const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Tokens are not injected during the last `EXPIRY_MARGIN` of their life, to
+/// allow for clock skew and request latency.
+pub const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
+
+impl Token {
+    /// A token with a lifetime (`expires_in`) counted from `issued_at`.
+    pub fn new(value: String, issued_at: Instant, lifetime: Option<Duration>) -> Option<Token> {
+        let mut header = HeaderValue::from_str(&format!("Bearer {value}")).ok()?;
+        header.set_sensitive(true);
+        let query_value = percent_encoding::utf8_percent_encode(&value, QUERY_VALUE).to_string();
+        let (usable_until, refresh_at) = match lifetime {
+            None => (None, None),
+            Some(life) => (
+                Some(issued_at + life.saturating_sub(EXPIRY_MARGIN)),
+                Some(issued_at + refresh_offset(life)),
+            ),
+        };
+        Some(Token {
+            value,
+            header,
+            query_value,
+            usable_until,
+            refresh_at,
+            issued_at,
+        })
+    }
+
+    /// The clear value, for injection and scrubbing only.
+    pub fn expose(&self) -> &str {
+        &self.value
+    }
+
+    /// `X-Esri-Authorization` value.
+    pub fn header_value(&self) -> &HeaderValue {
+        &self.header
+    }
+
+    /// The value percent-encoded for `token=` in a query.
+    pub fn query_value(&self) -> &str {
+        &self.query_value
+    }
+
+    /// True while the token may still be injected.
+    pub fn usable_at(&self, now: Instant) -> bool {
+        self.usable_until.is_none_or(|u| now < u)
+    }
+
+    /// When a background refresh is due, if the token expires at all.
+    pub fn refresh_at(&self) -> Option<Instant> {
+        self.refresh_at
+    }
+
+    /// When the token stops being injected, if ever.
+    pub fn usable_until(&self) -> Option<Instant> {
+        self.usable_until
+    }
+
+    /// When the token was obtained.
+    pub fn issued_at(&self) -> Instant {
+        self.issued_at
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// `lifetime − min(5 min, lifetime/5)`: when to refresh after issue.
+pub fn refresh_offset(lifetime: Duration) -> Duration {
+    lifetime - (lifetime / 5).min(Duration::from_secs(300))
+}
+
+/// Why no token could be had.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenError {
+    /// The token endpoint answered with an error: the credential is refused.
+    #[error("token endpoint rejected the credential (code {code}): {message}")]
+    Rejected {
+        /// ArcGIS error code.
+        code: i64,
+        /// ArcGIS error message (never contains the secret).
+        message: String,
+    },
+    /// The endpoint could not be reached or answered nonsense; try later.
+    #[error("token endpoint unavailable: {reason}")]
+    Unavailable {
+        /// What went wrong.
+        reason: String,
+        /// How long until the next attempt.
+        retry_after: Duration,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_schedule() {
+        let m = Duration::from_secs(60);
+        assert_eq!(
+            refresh_offset(Duration::from_secs(7200)),
+            Duration::from_secs(6900)
+        );
+        assert_eq!(refresh_offset(10 * m), 8 * m);
+        assert_eq!(
+            refresh_offset(Duration::from_secs(100)),
+            Duration::from_secs(80)
+        );
+    }
+
+    #[test]
+    fn token_and_secret_never_print_their_value() {
+        let t = Token::new("tok-SECRET-123".into(), Instant::now(), None).unwrap();
+        assert!(!format!("{t:?}").contains("SECRET"));
+        assert!(t.header_value().is_sensitive());
+        let s = Secret::new("shh-SECRET".into()).unwrap();
+        assert!(!format!("{s:?} {s}").contains("SECRET"));
+        assert!(Secret::new("has space".into()).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expiry_margin_applies() {
+        let now = Instant::now();
+        let t = Token::new("t".into(), now, Some(Duration::from_secs(120))).unwrap();
+        assert!(t.usable_at(now));
+        assert!(t.usable_at(now + Duration::from_secs(89)));
+        assert!(!t.usable_at(now + Duration::from_secs(90)));
+        assert_eq!(t.refresh_at(), Some(now + Duration::from_secs(96)));
+    }
+}
