@@ -445,7 +445,7 @@ fn redact_quoted(msg: &str) -> String {
     for c in msg.chars() {
         match in_quote {
             Some(q) if c == q => {
-                out.push_str("…");
+                out.push('…');
                 out.push(c);
                 in_quote = None;
             }
@@ -662,6 +662,7 @@ fn validate(
     }
 
     // [credentials.*]
+    let declared: HashSet<String> = raw.credentials.keys().cloned().collect();
     let mut credentials = BTreeMap::new();
     for (name, c) in raw.credentials {
         let key = format!("credentials.{name}");
@@ -696,8 +697,9 @@ fn validate(
                 "{key}.upstream uses cleartext http: the token travels unencrypted"
             ));
         }
+        // A declared but invalid credential has its own message already.
         if let Some(cred) = &r.credential
-            && !credentials.contains_key(cred)
+            && !declared.contains(cred)
         {
             p.add(
                 format!("{key}.credential"),

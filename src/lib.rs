@@ -45,7 +45,6 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let proxy = Arc::new(Proxy::new(config));
-    proxy.warm_up();
     server::run(proxy, listeners, Arc::new(Status::default()), shutdown).await
 }
 

@@ -331,6 +331,7 @@ impl Proxy {
             proxy_path: &cfg.server.proxy_path,
             routes: &cfg.routes,
             upstream_url: &upstream_url,
+            route: Some(route),
         };
         let secrets: Vec<&str> = token
             .as_deref()

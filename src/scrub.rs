@@ -13,7 +13,7 @@ use http::header::{self, HeaderMap};
 use url::Url;
 
 use crate::policy::path::strip_params;
-use crate::policy::route::RouteTable;
+use crate::policy::route::{Route, RouteTable};
 
 /// How to write proxy URLs for one request.
 pub struct UrlRewriter<'a> {
@@ -25,6 +25,8 @@ pub struct UrlRewriter<'a> {
     pub routes: &'a RouteTable,
     /// The upstream URL of this request, for resolving relative references.
     pub upstream_url: &'a Url,
+    /// The route this request came through, preferred when it covers a URL.
+    pub route: Option<&'a Route>,
 }
 
 impl UrlRewriter<'_> {
@@ -36,7 +38,11 @@ impl UrlRewriter<'_> {
             let stripped = strip_params(q, &["token"]).into_owned();
             url.set_query((!stripped.is_empty()).then_some(stripped.as_str()));
         }
-        let Some(route) = self.routes.by_url(&url) else {
+        let found = match self.route {
+            Some(r) => self.routes.by_url_preferring(&url, r),
+            None => self.routes.by_url(&url),
+        };
+        let Some(route) = found else {
             return Some(url.to_string());
         };
         let mut out = String::with_capacity(self.public_base.len() + url.as_str().len() + 16);
@@ -148,7 +154,7 @@ pub fn remove_secrets(text: &str, secrets: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::route::{Route, TokenIn};
+    use crate::policy::route::TokenIn;
 
     fn routes() -> RouteTable {
         let r = |u: &str, m: Option<&str>| {
@@ -181,6 +187,7 @@ mod tests {
             proxy_path: "/proxy",
             routes: &t,
             upstream_url: &up,
+            route: None,
         };
         let cases = [
             (
@@ -216,6 +223,7 @@ mod tests {
             proxy_path: "/proxy",
             routes: &t,
             upstream_url: &up,
+            route: None,
         };
         let mut h = HeaderMap::new();
         h.insert(

@@ -104,6 +104,7 @@ pub async fn run(
             "HTTPS listener without TLS settings",
         ));
     }
+    proxy.warm_up();
     let (stop_tx, stop_rx) = watch::channel(false);
     if let Some(admin) = listeners.admin {
         tokio::spawn(admin::serve(

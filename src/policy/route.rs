@@ -154,13 +154,27 @@ impl RouteTable {
         })
     }
 
-    /// The route whose upstream covers a normalised URL, longest prefix first.
+    /// The route whose upstream covers a normalised URL: the longest
+    /// upstream prefix wins, and among equals the first in config order.
     pub fn by_url(&self, url: &Url) -> Option<&Route> {
         let origin = url.origin().ascii_serialization();
-        self.routes
-            .iter()
-            .filter(|r| r.covers(&origin, url))
-            .max_by_key(|r| r.base_path.len())
+        let mut best: Option<&Route> = None;
+        for r in self.routes.iter().filter(|r| r.covers(&origin, url)) {
+            if best.is_none_or(|b| r.base_path.len() > b.base_path.len()) {
+                best = Some(r);
+            }
+        }
+        best
+    }
+
+    /// Like [`RouteTable::by_url`], but `preferred` wins when it covers the
+    /// URL (a redirect stays on the route the client came through).
+    pub fn by_url_preferring<'a>(&'a self, url: &Url, preferred: &'a Route) -> Option<&'a Route> {
+        let origin = url.origin().ascii_serialization();
+        if preferred.covers(&origin, url) {
+            return Some(preferred);
+        }
+        self.by_url(url)
     }
 }
 

@@ -1,0 +1,390 @@
+//! The real binary: `--version`, `--help`, `check`, config errors (exit 78,
+//! no port bound, no secret shown), the shipped `proxy.toml`, logs of a full
+//! run, and `demo`.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_arcgis-app-proxy");
+
+fn run(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_remove("ARCGIS_CLIENT_SECRET")
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn version_and_help() {
+    let (code, out, _) = run(&["--version"], &[]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        out.trim(),
+        format!("arcgis-app-proxy {}", env!("CARGO_PKG_VERSION"))
+    );
+    let (code, out, _) = run(&["--help"], &[]);
+    assert_eq!(code, 0);
+    for word in ["check", "demo", "--config"] {
+        assert!(out.contains(word), "help lacks {word}: {out}");
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn check_reports_every_problem_with_exit_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "bad.toml",
+        r#"
+[server]
+listen = "127.0.0.1:0"
+tls_cert = "missing.crt"
+tls_key = "missing.key"
+[referers]
+allowed = ["https://ok.example.com", "nonsense"]
+[credentials.online]
+token_url = "https://www.arcgis.com/sharing/rest/oauth2/token"
+client_id = "x"
+client_secret = "INLINE-SECRET-VALUE"
+[[routes]]
+upstream = "https://a.example.com/x"
+credential = "online"
+mount = "/a"
+[[routes]]
+upstream = "https://b.example.com/y?q=1"
+credential = "other"
+mount = "/a"
+"#,
+    );
+    let (code, out, err) = run(&["check", "--config", &cfg], &[]);
+    assert_eq!(code, 78, "stdout {out} stderr {err}");
+    for key in [
+        "server.tls_cert",
+        "referers.allowed[1]",
+        "routes[1].upstream",
+        "routes[1].credential",
+        "routes[1].mount",
+    ] {
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with(&format!("{cfg}: {key}: "))),
+            "{key} missing from:\n{err}"
+        );
+    }
+    assert!(!err.contains("INLINE-SECRET-VALUE"));
+    assert!(!out.contains("INLINE-SECRET-VALUE"));
+
+    // Unknown keys are errors too.
+    let cfg2 = write(
+        dir.path(),
+        "unknown.toml",
+        "[server]\nplain_listen = \"127.0.0.1:0\"\nlisen = 1\n",
+    );
+    let (code, _, err) = run(&["check", "--config", &cfg2], &[]);
+    assert_eq!(code, 78);
+    assert!(
+        err.contains("server.lisen") && err.contains("unknown field"),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_with_bad_config_exits_78_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = write(
+        dir.path(),
+        "bad.toml",
+        &format!(
+            "[server]\nplain_listen = \"127.0.0.1:{port}\"\n[credentials.c]\ntoken_url = \"https://x.example/t\"\nclient_id = \"id\"\nclient_secret_env = \"NOT_SET_ANYWHERE\"\n[[routes]]\nupstream = \"https://x.example/a\"\ncredential = \"c\"\nmount = \"/a\"\n"
+        ),
+    );
+    let (code, _, err) = run(&["--config", &cfg], &[]);
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains("credentials.c.client_secret_env"), "{err}");
+    assert!(err.contains("NOT_SET_ANYWHERE is not set"), "{err}");
+    // The port is still free: nothing was bound.
+    std::net::TcpListener::bind(("127.0.0.1", port)).expect("port was bound by a failed start");
+}
+
+#[test]
+fn shipped_proxy_toml_is_valid() {
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml")).unwrap();
+    // Its certificate paths are relative to the file; give it a certs/ dir.
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("certs")).unwrap();
+    std::fs::copy(pki.path("proxy.crt"), dir.path().join("certs/proxy.crt")).unwrap();
+    std::fs::copy(pki.path("proxy.key"), dir.path().join("certs/proxy.key")).unwrap();
+    let cfg = write(dir.path(), "proxy.toml", &shipped);
+    let (code, out, err) = run(
+        &["check", "--config", &cfg],
+        &[("ARCGIS_CLIENT_SECRET", "from-env")],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("OK"));
+    // Without the secret it is a clear error.
+    let (code, _, err) = run(&["check", "--config", &cfg], &[]);
+    assert_eq!(code, 78);
+    assert!(err.contains("ARCGIS_CLIENT_SECRET is not set"), "{err}");
+}
+
+/// A child process whose stderr lines are collected on a thread.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Proc {
+    fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .envs(envs.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Proc {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line containing `needle` and returns it.
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("no line with {needle:?}; got:\n{}", self.seen.join("\n"));
+    }
+
+    /// SIGTERM, wait for exit, and return the exit code and all output.
+    fn terminate(mut self) -> (i32, String) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let status = self.child.wait().unwrap();
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(500)) {
+            self.seen.push(line);
+        }
+        (status.code().unwrap_or(-1), self.seen.join("\n"))
+    }
+}
+
+fn addr_in(line: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    v["addr"].as_str().unwrap().to_string()
+}
+
+// Multi-threaded: the fake runs on this runtime while the test thread blocks
+// reading the child's output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_of_a_full_run_hold_neither_token_nor_secret() {
+    let pki = Pki::new();
+    let fake = FakeArcGis::start().await;
+    let toml = standard_config(&fake, "")
+        .replace("{CERT}", pki.path("proxy.crt").to_str().unwrap())
+        .replace("{KEY}", pki.path("proxy.key").to_str().unwrap())
+        .replace("{CA}", pki.path("ca.pem").to_str().unwrap());
+    let cfg = write(pki.dir.path(), "run.toml", &toml);
+    let mut p = Proc::spawn(
+        &["--config", &cfg],
+        &[("SECRET", SECRET), ("RUST_LOG", "trace")],
+    );
+    let https = addr_in(&p.wait_for(r#""listener":"https""#));
+    let addr: std::net::SocketAddr = https.parse().unwrap();
+    p.wait_for("obtained token");
+    let client = TestClient::new(&pki, addr);
+    assert_eq!(
+        client
+            .get("/svc/echo/a?token=CLIENT-SIDE-TOKEN&f=json")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(client.get("/q/features?f=json").await.status, 200);
+    assert_eq!(client.get("/svc/redirect").await.status, 302);
+    client
+        .get_with("/svc/x", &[("referer", "https://evil.example/")])
+        .await
+        .assert_error(403);
+    fake.revoke_all();
+    assert_eq!(client.get("/svc/http498").await.status, 200);
+    let line = p.wait_for(r#""path":"/svc/http498""#);
+    let access: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(access["method"], "GET");
+    assert_eq!(access["route"], "/svc");
+    assert_eq!(access["status"], 200);
+    assert_eq!(access["referer"], "https://app.example.com");
+    assert!(access["latency_ms"].is_number());
+    assert!(access["bytes"].as_u64().unwrap() > 0);
+    let (code, logs) = p.terminate();
+    assert_eq!(code, 0, "{logs}");
+    assert_eq!(fake.issued().len(), 2);
+    for t in fake.issued() {
+        assert!(!logs.contains(&t), "token in logs:\n{logs}");
+    }
+    assert!(!logs.contains(SECRET), "secret in logs");
+    assert!(
+        !logs.contains("CLIENT-SIDE-TOKEN"),
+        "client token value in logs"
+    );
+    for line in logs.lines().filter(|l| l.starts_with('{')) {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_serves_features_without_a_client_token() {
+    let mut p = Proc::spawn(&["demo", "--listen", "127.0.0.1:0"], &[]);
+    let line = p.wait_for("proxy (self-signed certificate");
+    let base = line.split_whitespace().last().unwrap().to_string();
+    let fake_line = p.wait_for("fake ArcGIS");
+    let fake = fake_line.split_whitespace().last().unwrap().to_string();
+    let curl_line = p.wait_for("/features/Parks/FeatureServer/0/query");
+    assert!(curl_line.contains("curl -k -H 'Referer: http://localhost:8080/'"));
+
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAny))
+    .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let client: hyper_util::client::legacy::Client<_, TestBody> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(connector);
+    let get = |url: String| {
+        let client = client.clone();
+        async move {
+            let req = http::Request::get(url)
+                .header("referer", "http://localhost:8080/")
+                .body(full(""))
+                .unwrap();
+            let resp = client.request(req).await.unwrap();
+            let status = resp.status();
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    let (status, body) = get(format!(
+        "{base}/features/Parks/FeatureServer/0/query?where=1%3D1&outFields=*&f=json"
+    ))
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let j: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(j["features"].as_array().unwrap().len(), 6);
+    let (status, body) = get(format!(
+        "{base}/proxy?{fake}/arcgis/rest/services/Parks/FeatureServer/0/query?where=1=1&f=json"
+    ))
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = get(format!("{base}/basemaps/styles/arcgis/navigation")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"sprite\""), "{body}");
+    assert!(!body.contains("token"), "style leaked a token: {body}");
+    // Directly, without the proxy, the fake insists on a token.
+    let (_, body) = get(format!(
+        "{fake}/arcgis/rest/services/Parks/FeatureServer/0/query?f=json"
+    ))
+    .await;
+    assert!(body.contains("499"), "{body}");
+    let (code, out) = p.terminate();
+    assert_eq!(code, 0, "{out}");
+}
+
+#[derive(Debug)]
+struct AcceptAny;
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

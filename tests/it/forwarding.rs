@@ -1,0 +1,325 @@
+//! Forwarding: header hygiene both ways, redirects, streaming, body limits,
+//! timeouts, upstream TLS verification, Basemap Styles `echoToken=false`.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+
+use crate::support::*;
+
+async fn setup_with(extra: &str) -> (Pki, std::sync::Arc<FakeArcGis>, TestProxy, TestClient) {
+    let pki = Pki::new();
+    let fake = FakeArcGis::start().await;
+    let proxy = TestProxy::start(&pki, &standard_config(&fake, extra)).await;
+    let client = TestClient::new(&pki, proxy.addr);
+    (pki, fake, proxy, client)
+}
+
+#[tokio::test]
+async fn request_and_response_header_hygiene() {
+    let (_pki, fake, proxy, client) = setup_with("").await;
+    let a = client
+        .get_with(
+            "/svc/echo/x?f=json&token=CLIENT-TOKEN&Token=T2&%74oken=T3",
+            &[
+                ("referer", "https://app.example.com/page?secret=1"),
+                ("cookie", "session=browser"),
+                ("authorization", "Bearer client-supplied"),
+                ("x-esri-authorization", "Bearer client-supplied"),
+                ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+                ("forwarded", "for=6.6.6.6"),
+                ("x-forwarded-for", "6.6.6.6"),
+                ("x-forwarded-host", "evil.example"),
+                ("x-real-ip", "6.6.6.6"),
+                ("connection", "x-secret-hop"),
+                ("x-secret-hop", "1"),
+                ("accept", "application/json"),
+                ("accept-language", "de"),
+            ],
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    let rec = fake.last();
+    for gone in [
+        "cookie",
+        "authorization",
+        "proxy-authorization",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-real-ip",
+        "x-secret-hop",
+    ] {
+        assert!(rec.headers.get(gone).is_none(), "{gone} reached upstream");
+    }
+    assert_eq!(
+        rec.headers["x-esri-authorization"],
+        format!("Bearer {}", fake.issued()[0]).as_str()
+    );
+    assert_eq!(
+        rec.headers.get_all("x-esri-authorization").iter().count(),
+        1
+    );
+    assert_eq!(rec.headers["accept-language"], "de");
+    assert_eq!(
+        rec.headers["referer"],
+        "https://app.example.com/page?secret=1"
+    );
+    assert_eq!(rec.headers["host"], fake.addr.to_string().as_str());
+    assert_eq!(a.json()["query"], "f=json");
+
+    // Response side.
+    assert!(a.headers.get("set-cookie").is_none());
+    assert!(a.headers.get("x-hop-by-hop").is_none());
+    assert!(a.headers.get("access-control-allow-origin").is_none());
+    assert_eq!(a.headers["x-upstream"], "yes");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_referer_replaces_the_clients() {
+    let pki = Pki::new();
+    let fake = FakeArcGis::start().await;
+    let toml = standard_config(&fake, "").replace(
+        "client_secret_env = \"SECRET\"",
+        "client_secret_env = \"SECRET\"\nupstream_referer = \"https://registered.example.com/\"",
+    );
+    let proxy = TestProxy::start(&pki, &toml).await;
+    let client = TestClient::new(&pki, proxy.addr);
+    let a = client
+        .get_with("/svc/echo/x", &[("origin", "https://app.example.com")])
+        .await;
+    assert_eq!(a.status, 200);
+    let rec = fake.last();
+    assert_eq!(rec.headers["referer"], "https://registered.example.com/");
+    assert!(rec.headers.get("origin").is_none());
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn redirects_pass_through_rewritten_and_without_token() {
+    let (_pki, fake, proxy, client) = setup_with("").await;
+    // Under a mounted route → mounted proxy URL.
+    let a = client.get("/svc/redirect").await;
+    assert_eq!(a.status, 302);
+    let loc = a.headers["location"].to_str().unwrap();
+    assert_eq!(loc, format!("{}/svc/echo/next?f=json", client.base));
+    let token = &fake.issued()[0];
+    for v in a.headers.values() {
+        assert!(!v.to_str().unwrap_or("").contains(token.as_str()), "{v:?}");
+    }
+    assert_eq!(a.headers["x-debug"].to_str().unwrap().trim(), "issued to");
+    assert_eq!(fake.requests().len(), 1, "redirect must not be followed");
+
+    // Off-route redirect: left absolute, minus the token.
+    let a = client
+        .get("/svc/redirect?to=https://elsewhere.example/x")
+        .await;
+    assert_eq!(a.status, 302);
+    assert_eq!(a.headers["location"], "https://elsewhere.example/x?f=json");
+
+    // Through the proxy form, an unmounted route's URL becomes proxy?<url>.
+    let a = client
+        .get(&format!(
+            "/proxy?{}/svc/redirect?to={}/open/page",
+            fake.url(),
+            fake.url()
+        ))
+        .await;
+    assert_eq!(a.status, 302);
+    assert_eq!(
+        a.headers["location"],
+        format!("{}/open/page?f=json", client.base).as_str()
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn public_url_is_used_for_rewritten_urls() {
+    let pki = Pki::new();
+    let fake = FakeArcGis::start().await;
+    let toml = standard_config(&fake, "").replace(
+        "admin_listen = \"127.0.0.1:0\"",
+        "admin_listen = \"127.0.0.1:0\"\npublic_url = \"https://maps.example.com/\"",
+    );
+    let proxy = TestProxy::start(&pki, &toml).await;
+    let client = TestClient::new(&pki, proxy.addr);
+    let a = client.get("/svc/redirect").await;
+    assert_eq!(
+        a.headers["location"],
+        "https://maps.example.com/svc/echo/next?f=json"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn large_responses_stream() {
+    let (_pki, _fake, proxy, client) = setup_with("").await;
+    let a = client.get("/svc/big").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body.len(), 16 * 1024 * 1024);
+    assert!(a.body.iter().all(|b| *b == b'x'));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn request_bodies_stream_and_limits_hold() {
+    let (_pki, fake, proxy, client) = setup_with("").await;
+    // 900 KiB, chunked (no Content-Length): streams through, not kept.
+    let chunks: Vec<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>> = (0..90)
+        .map(|_| Ok(Frame::data(Bytes::from(vec![b'a'; 10 * 1024]))))
+        .collect();
+    let body = StreamBody::new(futures_util::stream::iter(chunks)).boxed();
+    let a = client
+        .send(
+            client
+                .req("POST", "/svc/upload-stream")
+                .header("referer", "https://app.example.com/")
+                .header("content-type", "application/octet-stream")
+                .body(body)
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["received"], (90 * 10 * 1024).to_string());
+
+    // Announced too large: refused before reading, upstream never sees it.
+    let before = fake.requests().len();
+    let a = client
+        .send(
+            client
+                .req("POST", "/svc/upload-stream")
+                .header("referer", "https://app.example.com/")
+                .header("content-type", "application/octet-stream")
+                .body(full(vec![b'b'; 2 * 1024 * 1024]))
+                .unwrap(),
+        )
+        .await;
+    a.assert_error(413);
+    assert_eq!(fake.requests().len(), before);
+
+    // Chunked and too large: discovered while streaming → 413.
+    let chunks: Vec<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>> = (0..40)
+        .map(|_| Ok(Frame::data(Bytes::from(vec![b'c'; 64 * 1024]))))
+        .collect();
+    let body = StreamBody::new(futures_util::stream::iter(chunks)).boxed();
+    let a = client
+        .send(
+            client
+                .req("POST", "/svc/upload-stream")
+                .header("referer", "https://app.example.com/")
+                .header("content-type", "application/octet-stream")
+                .body(body)
+                .unwrap(),
+        )
+        .await;
+    a.assert_error(413);
+
+    // A form body over the limit is refused too.
+    let chunks: Vec<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>> = (0..40)
+        .map(|_| Ok(Frame::data(Bytes::from(vec![b'd'; 64 * 1024]))))
+        .collect();
+    let body = StreamBody::new(futures_util::stream::iter(chunks)).boxed();
+    let a = client
+        .send(
+            client
+                .req("POST", "/svc/echo/form")
+                .header("referer", "https://app.example.com/")
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(body)
+                .unwrap(),
+        )
+        .await;
+    a.assert_error(413);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_timeout_is_504_and_unreachable_is_502() {
+    let (pki, _fake, proxy, client) = setup_with("").await;
+    let started = Instant::now();
+    let a = client.get("/svc/slow").await;
+    a.assert_error(504);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    proxy.stop().await;
+
+    // An upstream nobody listens on.
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let fake = FakeArcGis::start().await;
+    let toml = standard_config(
+        &fake,
+        &format!(
+            "[[routes]]\nname = \"dead\"\nupstream = \"http://{dead_addr}/x\"\nmount = \"/dead\"\n"
+        ),
+    );
+    let proxy = TestProxy::start(&pki, &toml).await;
+    let client = TestClient::new(&pki, proxy.addr);
+    let a = client.get("/dead/y").await;
+    a.assert_error(502);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_tls_is_verified() {
+    let pki = Pki::new();
+    let trusted = FakeArcGis::start_tls(pki.server_config(&[b"h2", b"http/1.1"])).await;
+    let other_pki = Pki::new();
+    let untrusted = FakeArcGis::start_tls(other_pki.server_config(&[b"http/1.1"])).await;
+    let toml = standard_config(&trusted, &format!(
+        "[[routes]]\nname = \"untrusted\"\nupstream = \"https://localhost:{}/open\"\nmount = \"/untrusted\"\n",
+        untrusted.addr.port()
+    ))
+    .replace(&trusted.url(), &format!("https://localhost:{}", trusted.addr.port()));
+    let proxy = TestProxy::start(&pki, &toml).await;
+    let client = TestClient::new(&pki, proxy.addr);
+    // The trusted upstream (CA from extra_ca), token endpoint included.
+    let a = client.get("/svc/echo/tls").await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["token_ok"], true);
+    // A certificate from an unknown CA is refused, never ignored.
+    let a = client.get("/untrusted/echo").await;
+    a.assert_error(502);
+    assert!(untrusted.requests().is_empty());
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn basemap_styles_get_echo_token_false() {
+    let pki = Pki::new();
+    let fake = FakeArcGis::start().await;
+    let toml = standard_config(
+        &fake,
+        &format!(
+            "[[routes]]\nupstream = \"{}/svc/echo/arcgis/rest/services/styles/v2\"\ncredential = \"online\"\nmount = \"/basemaps\"\n",
+            fake.url()
+        ),
+    );
+    let proxy = TestProxy::start(&pki, &toml).await;
+    let client = TestClient::new(&pki, proxy.addr);
+    let a = client
+        .get("/basemaps/styles/arcgis/navigation?echoToken=true&language=de")
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["query"], "language=de&echoToken=false");
+    let a = client.get("/basemaps/styles/arcgis/navigation").await;
+    assert_eq!(a.json()["query"], "echoToken=false");
+    // Other routes are left alone.
+    let a = client.get("/svc/echo/x?echoToken=true").await;
+    assert_eq!(a.json()["query"], "echoToken=true");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn routes_without_credential_get_no_token() {
+    let (_pki, fake, proxy, client) = setup_with("").await;
+    let a = client.get("/open/thing?token=CLIENT&f=json").await;
+    assert_eq!(a.status, 200);
+    let rec = fake.last();
+    assert!(rec.headers.get("x-esri-authorization").is_none());
+    assert_eq!(rec.uri, "/open/thing?f=json");
+    proxy.stop().await;
+}

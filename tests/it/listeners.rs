@@ -1,0 +1,273 @@
+//! Listeners: TLS versions and ALPN, the cleartext listener, head size and
+//! read-time limits, the connection limit, admin endpoints, graceful shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+async fn setup_with(extra_server: &str, limits: &str) -> (Pki, Arc<FakeArcGis>, TestProxy) {
+    let pki = Pki::new();
+    let fake = FakeArcGis::start().await;
+    let mut toml = standard_config(&fake, "");
+    if !extra_server.is_empty() {
+        toml = set_key(&toml, "server", extra_server);
+    }
+    if !limits.is_empty() {
+        toml = set_key(&toml, "limits", limits);
+    }
+    let proxy = TestProxy::start(&pki, &toml).await;
+    (pki, fake, proxy)
+}
+
+async fn handshake(
+    pki: &Pki,
+    addr: std::net::SocketAddr,
+    version: &'static rustls::SupportedProtocolVersion,
+    alpn: &[&[u8]],
+) -> (rustls::ProtocolVersion, Option<Vec<u8>>) {
+    let cfg = pki.client_config(&[version], alpn);
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("handshake");
+    let (_, conn) = tls.get_ref();
+    (
+        conn.protocol_version().unwrap(),
+        conn.alpn_protocol().map(|a| a.to_vec()),
+    )
+}
+
+#[tokio::test]
+async fn tls_versions_and_alpn() {
+    let (pki, _fake, proxy) = setup_with("", "").await;
+    let (v, alpn) = handshake(
+        &pki,
+        proxy.addr,
+        &rustls::version::TLS13,
+        &[b"h2", b"http/1.1"],
+    )
+    .await;
+    assert_eq!(v, rustls::ProtocolVersion::TLSv1_3);
+    assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+    let (v, alpn) = handshake(&pki, proxy.addr, &rustls::version::TLS12, &[b"http/1.1"]).await;
+    assert_eq!(v, rustls::ProtocolVersion::TLSv1_2);
+    assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+    // No ALPN at all still works (HTTP/1.1).
+    let (_, alpn) = handshake(&pki, proxy.addr, &rustls::version::TLS13, &[]).await;
+    assert_eq!(alpn, None);
+
+    let h2 = TestClient::h2(&pki, proxy.addr);
+    let a = h2.get("/svc/echo/h2").await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.version, http::Version::HTTP_2);
+    let h1 = TestClient::new(&pki, proxy.addr);
+    let a = h1.get("/svc/echo/h1").await;
+    assert_eq!(a.version, http::Version::HTTP_11);
+    assert_eq!(a.status, 200);
+
+    // Plain TCP bytes on the TLS port are not served.
+    let mut tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    assert!(!String::from_utf8_lossy(&buf).contains("HTTP/1.1 200"));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn cleartext_listener_serves_too() {
+    let (_pki, _fake, proxy) = setup_with("plain_listen = \"127.0.0.1:0\"", "").await;
+    let client = TestClient::plain(proxy.plain_addr.unwrap());
+    let a = client.get("/svc/echo/plain").await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["token_ok"], true);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_heads_get_431() {
+    let (pki, fake, proxy) = setup_with("", "max_header_bytes = 8192").await;
+    let big = "a".repeat(20_000);
+    let raw = format!(
+        "GET /svc/echo/x HTTP/1.1\r\nHost: localhost\r\nReferer: https://app.example.com/\r\nX-Big: {big}\r\n\r\n"
+    );
+    let out = raw_tls(&pki, proxy.addr, raw.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(raw_status(&out), Some(431), "{out}");
+    let long_url = format!("GET /svc/echo/{big} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let out = raw_tls(
+        &pki,
+        proxy.addr,
+        long_url.as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(raw_status(&out), Some(431), "{out}");
+    assert!(fake.requests().is_empty());
+
+    // HTTP/2: a header list over the limit is refused, the server survives.
+    let h2 = TestClient::h2(&pki, proxy.addr);
+    let req = h2
+        .req("GET", "/svc/echo/x")
+        .header("referer", "https://app.example.com/")
+        .header("x-big", big.as_str())
+        .body(full(""))
+        .unwrap();
+    let refused = h2.try_send(req).await;
+    assert!(
+        refused.as_ref().is_none_or(|a| a.status == 431),
+        "oversized h2 headers were served"
+    );
+    let a = h2.get("/svc/echo/after").await;
+    assert_eq!(a.status, 200);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn slow_headers_are_cut_off() {
+    // header_read_timeout_secs = 2 in the standard config.
+    let (pki, fake, proxy) = setup_with("", "").await;
+    let cfg = pki.client_config(&[&rustls::version::TLS13], &[b"http/1.1"]);
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"GET /svc/echo/x HTTP/1.1\r\nHost: localhost\r\n")
+        .await
+        .unwrap();
+    // Never finish the head: the server must give up and close.
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(8), tls.read_to_end(&mut buf)).await;
+    assert!(
+        r.is_ok(),
+        "connection still open after the header read timeout"
+    );
+    assert!(fake.requests().is_empty());
+
+    // A client that never even starts TLS is dropped too.
+    let mut tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(8), tcp.read(&mut buf)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "idle TLS connection kept open: {r:?}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn connection_limit_holds_new_connections() {
+    let (pki, _fake, proxy) = setup_with("", "max_connections = 2").await;
+    let cfg = Arc::new(pki.client_config(&[&rustls::version::TLS13], &[b"http/1.1"]));
+    let connect = || {
+        let cfg = Arc::clone(&cfg);
+        let addr = proxy.addr;
+        async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            tokio_rustls::TlsConnector::from(cfg)
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+        }
+    };
+    let c1 = connect().await.unwrap();
+    let c2 = connect().await.unwrap();
+    // The third TCP connect succeeds (kernel backlog) but nobody accepts it,
+    // so its TLS handshake cannot complete while two are open.
+    let third = tokio::spawn(connect());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !third.is_finished(),
+        "third connection was served beyond the limit"
+    );
+    drop(c1);
+    let c3 = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("third connection never accepted after one closed")
+        .unwrap();
+    assert!(c3.is_ok());
+    drop(c2);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn admin_endpoints() {
+    let (pki, _fake, proxy) = setup_with("", "").await;
+    // The public listener does not serve admin paths.
+    let public = TestClient::new(&pki, proxy.addr);
+    public.get("/healthz").await.assert_error(404);
+    let admin = TestClient::plain(proxy.admin_addr.unwrap());
+    let a = admin.get_with("/healthz", &[]).await;
+    assert_eq!(a.status, 200);
+    // Ready once the warm-up token arrives.
+    let mut ready = false;
+    for _ in 0..50 {
+        let a = admin.get_with("/readyz", &[]).await;
+        if a.status == 200 {
+            assert_eq!(a.json()["credentials"]["online"], "ok");
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "never became ready");
+    let a = admin
+        .send(admin.req("POST", "/healthz").body(full("")).unwrap())
+        .await;
+    a.assert_error(405);
+    let a = admin.get_with("/nothing", &[]).await;
+    assert_eq!(a.status, 404);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn not_ready_while_token_endpoint_fails() {
+    let pki = Pki::new();
+    let fake = FakeArcGis::start().await;
+    fake.set_mode(TokenMode::Reject);
+    let proxy = TestProxy::start(&pki, &standard_config(&fake, "")).await;
+    let admin = TestClient::plain(proxy.admin_addr.unwrap());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = admin.get_with("/readyz", &[]).await;
+    assert_eq!(a.status, 503);
+    assert_eq!(a.json()["credentials"]["online"], "failing");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_requests() {
+    let (pki, _fake, proxy) = setup_with("", "upstream_timeout_secs = 10").await;
+    let client = TestClient::new(&pki, proxy.addr);
+    let admin = TestClient::plain(proxy.admin_addr.unwrap());
+    // Warm the token so the slow request is only slow upstream.
+    assert_eq!(client.get("/svc/echo/warm").await.status, 200);
+    let addr = proxy.addr;
+    let in_flight = tokio::spawn(async move { client.get("/svc/slow").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = Arc::clone(&proxy.status);
+    let stopping = tokio::spawn(proxy.stop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        status
+            .shutting_down
+            .load(std::sync::atomic::Ordering::SeqCst)
+    );
+    let a = admin.get_with("/readyz", &[]).await;
+    assert_eq!(a.status, 503, "readyz must fail while draining");
+    // New connections are refused while the old request finishes.
+    assert!(TcpStream::connect(addr).await.is_err());
+    let a = in_flight.await.unwrap();
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["slow"], true);
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("shutdown did not complete")
+        .unwrap();
+}

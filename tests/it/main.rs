@@ -1,0 +1,9 @@
+//! The one integration-test binary: the real TLS listener and pipeline,
+//! driven by real clients, in front of in-process fake ArcGIS servers.
+
+mod cli;
+mod forwarding;
+mod listeners;
+mod routing;
+mod support;
+mod tokens;

@@ -1,0 +1,750 @@
+//! Test support: a throwaway PKI, a fake ArcGIS that records what it
+//! receives, the proxy started in-process on port 0, and clients that speak to
+//! it over real TLS (hyper for normal requests, raw bytes for hostile ones).
+
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arcgis_app_proxy::config::{Config, Env};
+use arcgis_app_proxy::{Listeners, Proxy, Status};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+pub fn full(b: impl Into<Bytes>) -> TestBody {
+    Full::new(b.into()).map_err(|e| match e {}).boxed()
+}
+
+// ------------------------------------------------------------------ PKI
+
+/// A CA and a leaf for localhost/127.0.0.1, written to a temp dir.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca_der: CertificateDer<'static>,
+    pub leaf_chain: Vec<CertificateDer<'static>>,
+    pub leaf_key_der: Vec<u8>,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "arcgis-app-proxy test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf_params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
+        std::fs::write(
+            dir.path().join("proxy.crt"),
+            format!("{}{}", leaf.pem(), ca_cert.pem()),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("proxy.key"), leaf_key.serialize_pem()).unwrap();
+        Pki {
+            ca_der: ca_cert.der().clone(),
+            leaf_chain: vec![leaf.der().clone(), ca_cert.der().clone()],
+            leaf_key_der: leaf_key.serialize_der(),
+            dir,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn server_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            self.leaf_chain.clone(),
+            PrivateKeyDer::Pkcs8(self.leaf_key_der.clone().into()),
+        )
+        .unwrap();
+        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        Arc::new(cfg)
+    }
+
+    pub fn client_config(
+        &self,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        alpn: &[&[u8]],
+    ) -> rustls::ClientConfig {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_der.clone()).unwrap();
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        cfg
+    }
+}
+
+// ------------------------------------------------------------ fake ArcGIS
+
+/// What the fake received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: Method,
+    pub uri: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Recorded {
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        let q = self.uri.split_once('?').map(|(_, q)| q)?;
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    }
+}
+
+/// How the token endpoint behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenMode {
+    Ok,
+    Reject,
+    Down,
+    Slow(Duration),
+}
+
+/// A fake ArcGIS: token endpoint plus services, recording every request.
+pub struct FakeArcGis {
+    pub addr: SocketAddr,
+    pub scheme: &'static str,
+    pub token_requests: AtomicUsize,
+    pub token_forms: Mutex<Vec<String>>,
+    pub mode: Mutex<TokenMode>,
+    pub issued: Mutex<Vec<String>>,
+    pub revoked: Mutex<HashSet<String>>,
+    pub requests: Mutex<Vec<Recorded>>,
+    pub lifetime_secs: AtomicUsize,
+    /// When set, every token is treated as revoked.
+    pub reject_all_tokens: std::sync::atomic::AtomicBool,
+}
+
+impl FakeArcGis {
+    pub async fn start() -> Arc<FakeArcGis> {
+        Self::start_with(None).await
+    }
+
+    pub async fn start_tls(tls: Arc<rustls::ServerConfig>) -> Arc<FakeArcGis> {
+        Self::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<Arc<rustls::ServerConfig>>) -> Arc<FakeArcGis> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let fake = Arc::new(FakeArcGis {
+            addr: listener.local_addr().unwrap(),
+            scheme: if tls.is_some() { "https" } else { "http" },
+            token_requests: AtomicUsize::new(0),
+            token_forms: Mutex::new(Vec::new()),
+            mode: Mutex::new(TokenMode::Ok),
+            issued: Mutex::new(Vec::new()),
+            revoked: Mutex::new(HashSet::new()),
+            requests: Mutex::new(Vec::new()),
+            lifetime_secs: AtomicUsize::new(7200),
+            reject_all_tokens: std::sync::atomic::AtomicBool::new(false),
+        });
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        let f = Arc::clone(&fake);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let f = Arc::clone(&f);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let f = Arc::clone(&f);
+                        async move { Ok::<_, Infallible>(f.handle(req).await) }
+                    });
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match acceptor {
+                        Some(a) => {
+                            if let Ok(s) = a.accept(stream).await {
+                                let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                            }
+                        }
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                    }
+                });
+            }
+        });
+        fake
+    }
+
+    /// Base URL, e.g. `http://127.0.0.1:1234`.
+    pub fn url(&self) -> String {
+        format!("{}://{}", self.scheme, self.addr)
+    }
+
+    pub fn set_mode(&self, m: TokenMode) {
+        *self.mode.lock().unwrap() = m;
+    }
+
+    pub fn token_count(&self) -> usize {
+        self.token_requests.load(Ordering::SeqCst)
+    }
+
+    pub fn issued(&self) -> Vec<String> {
+        self.issued.lock().unwrap().clone()
+    }
+
+    pub fn revoke_all(&self) {
+        let issued = self.issued();
+        self.revoked.lock().unwrap().extend(issued);
+    }
+
+    /// Requests to services (not the token endpoint).
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    pub fn last(&self) -> Recorded {
+        self.requests()
+            .last()
+            .cloned()
+            .expect("fake received no request")
+    }
+
+    fn presented_token(&self, r: &Recorded) -> Option<String> {
+        r.headers
+            .get("x-esri-authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(String::from)
+            .or_else(|| r.query_param("token"))
+    }
+
+    fn token_ok(&self, r: &Recorded) -> bool {
+        if self.reject_all_tokens.load(Ordering::SeqCst) {
+            return false;
+        }
+        match self.presented_token(r) {
+            Some(t) => {
+                self.issued.lock().unwrap().contains(&t)
+                    && !self.revoked.lock().unwrap().contains(&t)
+            }
+            None => false,
+        }
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<TestBody> {
+        let (parts, body) = req.into_parts();
+        let path = parts.uri.path().to_string();
+        if path == "/sharing/rest/oauth2/token" {
+            let body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            return self.token(body).await;
+        }
+        // The streaming endpoint answers before the request body ends.
+        let body = if path.starts_with("/svc/upload-stream") {
+            let mut total = 0usize;
+            let mut body = body;
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Some(d) = frame.data_ref() {
+                    total += d.len();
+                }
+            }
+            Bytes::from(total.to_string())
+        } else {
+            body.collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default()
+        };
+        let rec = Recorded {
+            method: parts.method.clone(),
+            uri: parts.uri.to_string(),
+            headers: parts.headers.clone(),
+            body,
+        };
+        self.requests.lock().unwrap().push(rec.clone());
+        let token = self.presented_token(&rec);
+        let token_ok = self.token_ok(&rec);
+        let query = parts.uri.query().unwrap_or("").to_string();
+
+        if path.starts_with("/svc/echo") || path.starts_with("/open/") {
+            let headers: serde_json::Map<String, serde_json::Value> = rec
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    let v = if k == "x-esri-authorization" {
+                        "<present>".into()
+                    } else {
+                        String::from_utf8_lossy(v.as_bytes()).into_owned()
+                    };
+                    (k.to_string(), v.into())
+                })
+                .collect();
+            let mut resp = json(
+                StatusCode::OK,
+                serde_json::json!({
+                    "method": rec.method.as_str(),
+                    "path": path,
+                    "query": query,
+                    "headers": headers,
+                    "body": String::from_utf8_lossy(&rec.body),
+                    "token_ok": token_ok,
+                }),
+            );
+            let h = resp.headers_mut();
+            h.insert("set-cookie", HeaderValue::from_static("session=abc"));
+            h.insert("x-upstream", HeaderValue::from_static("yes"));
+            h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
+            h.insert("connection", HeaderValue::from_static("x-hop-by-hop"));
+            h.insert("x-hop-by-hop", HeaderValue::from_static("1"));
+            return resp;
+        }
+        if !token_ok {
+            if path.starts_with("/svc/http498") {
+                return json(
+                    StatusCode::from_u16(498).unwrap(),
+                    serde_json::json!({"error":{"code":498,"message":"Invalid token.","details":[]}}),
+                );
+            }
+            return json(
+                StatusCode::OK,
+                serde_json::json!({"error":{"code":499,"message":"Token Required","messageCode":"GWM_0003","details":[]}}),
+            );
+        }
+        let token = token.unwrap_or_default();
+        if path.starts_with("/svc/redirect") {
+            let mut resp = Response::new(full(""));
+            *resp.status_mut() = StatusCode::FOUND;
+            let target = query
+                .split('&')
+                .find_map(|p| p.strip_prefix("to="))
+                .unwrap_or("/svc/echo/next");
+            let loc = format!("{target}?f=json&token={token}");
+            resp.headers_mut()
+                .insert("location", HeaderValue::from_str(&loc).unwrap());
+            resp.headers_mut().insert(
+                "x-debug",
+                HeaderValue::from_str(&format!("issued to {token}")).unwrap(),
+            );
+            return resp;
+        }
+        if path.starts_with("/svc/slow") {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            return json(StatusCode::OK, serde_json::json!({"slow": true}));
+        }
+        if path.starts_with("/svc/big") {
+            // 16 MiB in 64 KiB chunks, produced lazily.
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            let stream = futures_util::stream::iter((0..256).map(move |_| {
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(chunk.clone()))
+            }));
+            let mut resp = Response::new(StreamBody::new(stream).boxed());
+            resp.headers_mut().insert(
+                "content-type",
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            return resp;
+        }
+        if path.starts_with("/svc/upload-stream") {
+            return json(
+                StatusCode::OK,
+                serde_json::json!({"received": String::from_utf8_lossy(&rec.body)}),
+            );
+        }
+        if path.starts_with("/svc/features") {
+            return json(
+                StatusCode::OK,
+                serde_json::json!({"features":[{"attributes":{"OBJECTID":1}},{"attributes":{"OBJECTID":2}}]}),
+            );
+        }
+        if path.starts_with("/svc/http498") {
+            return json(StatusCode::OK, serde_json::json!({"ok": true}));
+        }
+        json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error":{"code":404}}),
+        )
+    }
+
+    async fn token(&self, body: Bytes) -> Response<TestBody> {
+        self.token_requests.fetch_add(1, Ordering::SeqCst);
+        let form = String::from_utf8_lossy(&body).to_string();
+        self.token_forms.lock().unwrap().push(form);
+        let mode = *self.mode.lock().unwrap();
+        match mode {
+            TokenMode::Down => {
+                let mut r = Response::new(full("<html>503 Service Unavailable</html>"));
+                *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                return r;
+            }
+            TokenMode::Reject => {
+                return json(
+                    StatusCode::OK,
+                    serde_json::json!({"error":{"code":400,"error":"invalid_client_id",
+                        "error_description":"Invalid client_id","message":"Invalid client_id","details":[]}}),
+                );
+            }
+            TokenMode::Slow(d) => tokio::time::sleep(d).await,
+            TokenMode::Ok => {}
+        }
+        let n = self.issued.lock().unwrap().len();
+        let token = format!("TOKEN{n}x{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff);
+        self.issued.lock().unwrap().push(token.clone());
+        json(
+            StatusCode::OK,
+            serde_json::json!({"access_token": token,
+                "expires_in": self.lifetime_secs.load(Ordering::SeqCst)}),
+        )
+    }
+}
+
+pub fn json(status: StatusCode, v: serde_json::Value) -> Response<TestBody> {
+    let mut r = Response::new(full(v.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    r
+}
+
+// ---------------------------------------------------------------- proxy
+
+pub struct MapEnv(pub Vec<(&'static str, String)>);
+
+impl Env for MapEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        self.0
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.clone())
+    }
+}
+
+pub const SECRET: &str = "client-secret-Zq9";
+
+/// A proxy running in-process on 127.0.0.1:0.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub plain_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    pub proxy: Arc<Proxy>,
+    pub status: Arc<Status>,
+    shutdown: Option<oneshot::Sender<()>>,
+    pub done: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl TestProxy {
+    /// Starts a proxy from TOML; `{CERT}`, `{KEY}`, `{CA}` are replaced with
+    /// the PKI's files.
+    pub async fn start(pki: &Pki, toml: &str) -> TestProxy {
+        let text = toml
+            .replace("{CERT}", pki.path("proxy.crt").to_str().unwrap())
+            .replace("{KEY}", pki.path("proxy.key").to_str().unwrap())
+            .replace("{CA}", pki.path("ca.pem").to_str().unwrap());
+        let env = MapEnv(vec![
+            ("SECRET", SECRET.to_string()),
+            ("APIKEY", "API-KEY-123".into()),
+        ]);
+        let config = Config::from_toml(&text, Path::new("test.toml"), pki.dir.path(), &env)
+            .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+        let config = Arc::new(config);
+        let listeners = Listeners::bind(&config).await.unwrap();
+        let addr = listeners
+            .tls
+            .as_ref()
+            .or(listeners.plain.as_ref())
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let plain_addr = listeners.plain.as_ref().map(|l| l.local_addr().unwrap());
+        let admin_addr = listeners.admin.as_ref().map(|l| l.local_addr().unwrap());
+        let proxy = Arc::new(Proxy::new(config));
+        let status = Arc::new(Status::default());
+        let (tx, rx) = oneshot::channel::<()>();
+        let done = tokio::spawn(arcgis_app_proxy::server::run(
+            Arc::clone(&proxy),
+            listeners,
+            Arc::clone(&status),
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        TestProxy {
+            addr,
+            plain_addr,
+            admin_addr,
+            proxy,
+            status,
+            shutdown: Some(tx),
+            done,
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.done).await;
+    }
+}
+
+/// Sets `key = value` in a config text, replacing an existing line for the
+/// key or adding it under `[section]`.
+pub fn set_key(toml: &str, section: &str, line: &str) -> String {
+    let key = line.split('=').next().unwrap().trim();
+    if let Some(existing) = toml
+        .lines()
+        .find(|l| l.split('=').next().unwrap().trim() == key)
+    {
+        return toml.replacen(existing, line, 1);
+    }
+    toml.replacen(
+        &format!("[{section}]\n"),
+        &format!("[{section}]\n{line}\n"),
+        1,
+    )
+}
+
+/// A standard config: HTTPS listener, a client-credentials credential against
+/// `fake`, routes `/svc` (header) and `/q` (query) and an unmounted one.
+pub fn standard_config(fake: &FakeArcGis, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+tls_cert = "{{CERT}}"
+tls_key = "{{KEY}}"
+admin_listen = "127.0.0.1:0"
+[limits]
+max_request_body_bytes = 1048576
+retry_body_bytes = 65536
+upstream_timeout_secs = 2
+header_read_timeout_secs = 2
+[referers]
+allowed = ["https://app.example.com", "https://*.example.org", "http://localhost:*"]
+[upstream]
+extra_ca = "{{CA}}"
+[credentials.online]
+token_url = "{base}/sharing/rest/oauth2/token"
+client_id = "the-client-id"
+client_secret_env = "SECRET"
+[[routes]]
+upstream = "{base}/svc"
+credential = "online"
+mount = "/svc"
+[[routes]]
+name = "query-route"
+upstream = "{base}/svc"
+credential = "online"
+mount = "/q"
+token_in = "query"
+[[routes]]
+name = "open"
+upstream = "{base}/open"
+mount = "/open"
+{extra}
+"#,
+        base = fake.url()
+    )
+}
+
+// ---------------------------------------------------------------- client
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub version: http::Version,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    /// Asserts an ArcGIS-shaped error with this status.
+    pub fn assert_error(&self, status: u16) {
+        assert_eq!(self.status.as_u16(), status, "body: {}", self.text());
+        assert_eq!(self.headers["content-type"], "application/json");
+        let j = self.json();
+        assert_eq!(j["error"]["code"], status, "{j}");
+        assert!(j["error"]["message"].is_string(), "{j}");
+        assert!(j["error"]["details"].is_array(), "{j}");
+    }
+}
+
+/// An HTTPS client trusting the test CA.
+pub struct TestClient {
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, TestBody>,
+    pub base: String,
+}
+
+impl TestClient {
+    pub fn new(pki: &Pki, addr: SocketAddr) -> TestClient {
+        Self::with(pki, addr, false)
+    }
+
+    pub fn h2(pki: &Pki, addr: SocketAddr) -> TestClient {
+        Self::with(pki, addr, true)
+    }
+
+    fn with(pki: &Pki, addr: SocketAddr, h2: bool) -> TestClient {
+        let tls = pki.client_config(&[&rustls::version::TLS13, &rustls::version::TLS12], &[]);
+        let b = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http();
+        let connector = if h2 {
+            b.enable_http2().build()
+        } else {
+            b.enable_http1().build()
+        };
+        let mut builder = Client::builder(TokioExecutor::new());
+        if h2 {
+            builder.http2_only(true);
+        }
+        TestClient {
+            client: builder.build(connector),
+            base: format!("https://localhost:{}", addr.port()),
+        }
+    }
+
+    pub fn plain(addr: SocketAddr) -> TestClient {
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .build();
+        TestClient {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            base: format!("http://127.0.0.1:{}", addr.port()),
+        }
+    }
+
+    pub async fn send(&self, req: Request<TestBody>) -> Answer {
+        let resp = tokio::time::timeout(Duration::from_secs(20), self.client.request(req))
+            .await
+            .expect("request timed out")
+            .expect("request failed");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body failed").to_bytes();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            version: parts.version,
+        }
+    }
+
+    /// Like `send`, but `None` when the exchange fails.
+    pub async fn try_send(&self, req: Request<TestBody>) -> Option<Answer> {
+        let resp = tokio::time::timeout(Duration::from_secs(20), self.client.request(req))
+            .await
+            .ok()?
+            .ok()?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.ok()?.to_bytes();
+        Some(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            version: parts.version,
+        })
+    }
+
+    pub fn req(&self, method: &str, path: &str) -> http::request::Builder {
+        Request::builder()
+            .method(method)
+            .uri(format!("{}{}", self.base, path))
+    }
+
+    /// GET with an allowed Referer.
+    pub async fn get(&self, path: &str) -> Answer {
+        self.send(
+            self.req("GET", path)
+                .header("referer", "https://app.example.com/map.html")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+    }
+
+    pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Answer {
+        let mut b = self.req("GET", path);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        self.send(b.body(full("")).unwrap()).await
+    }
+}
+
+/// Sends raw bytes over TLS and returns everything read until the server
+/// closes or `wait` passes.
+pub async fn raw_tls(pki: &Pki, addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let cfg = pki.client_config(&[&rustls::version::TLS13], &[b"http/1.1"]);
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), stream)
+        .await
+        .unwrap();
+    tls.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, tls.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The status code of the first response in raw HTTP/1 output.
+pub fn raw_status(out: &str) -> Option<u16> {
+    out.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
