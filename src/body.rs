@@ -24,3 +24,56 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
 pub fn empty() -> ProxyBody {
     Empty::new().map_err(|never| match never {}).boxed()
 }
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use hyper::body::{Body, Frame, SizeHint};
+
+/// A body that first replays chunks already read, then continues with the
+/// rest of the original stream (used after peeking at an upstream answer).
+pub struct Prefixed {
+    prefix: VecDeque<Bytes>,
+    rest: ProxyBody,
+}
+
+impl Prefixed {
+    /// Replays `prefix`, then streams `rest`.
+    pub fn new(prefix: Vec<Bytes>, rest: ProxyBody) -> Prefixed {
+        Prefixed {
+            prefix: prefix.into(),
+            rest,
+        }
+    }
+}
+
+impl Body for Prefixed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(b) = self.prefix.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_empty() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let queued: u64 = self.prefix.iter().map(|b| b.len() as u64).sum();
+        let rest = self.rest.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + queued);
+        if let Some(u) = rest.upper() {
+            hint.set_upper(u + queued);
+        }
+        hint
+    }
+}

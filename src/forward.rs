@@ -17,7 +17,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::body::ProxyBody;
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Incoming};
+
+use crate::body::{self, BoxError, Prefixed, ProxyBody};
+use crate::codec::{self, Coding};
 use crate::config::Config;
 use crate::tls;
 
@@ -99,6 +105,30 @@ fn strip_from_request(name: &HeaderName) -> bool {
         || n.starts_with("x-forwarded-")
 }
 
+/// Keeps only the codings the proxy can decode in an `Accept-Encoding`
+/// value (with their q-values); `None` when nothing usable is left.
+pub fn supported_encodings(value: &HeaderValue) -> Option<HeaderValue> {
+    let text = value.to_str().ok()?;
+    let kept: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|item| {
+            let coding = item
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            crate::codec::SUPPORTED.contains(&coding.as_str())
+        })
+        .collect();
+    if kept.is_empty() {
+        None
+    } else {
+        HeaderValue::from_str(&kept.join(", ")).ok()
+    }
+}
+
 /// What the forwarder needs to build one upstream request.
 pub struct Outgoing<'a> {
     /// Full upstream URI (scheme, authority, path, query with token if any).
@@ -114,6 +144,9 @@ pub struct Outgoing<'a> {
     /// Exact body length when known (kept or rewritten bodies, or the client's
     /// announced length).
     pub content_length: Option<u64>,
+    /// Ask only for content codings the proxy can decode (the answer will be
+    /// scrubbed).
+    pub decodable_only: bool,
 }
 
 /// Builds the upstream request.
@@ -140,6 +173,12 @@ pub fn build_request(out: Outgoing<'_>, body: ProxyBody) -> Request<ProxyBody> {
     }
     if let Some(len) = out.content_length {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    if out.decodable_only
+        && let Some(ae) = headers.remove(header::ACCEPT_ENCODING)
+        && let Some(kept) = supported_encodings(&ae)
+    {
+        headers.insert(header::ACCEPT_ENCODING, kept);
     }
     let mut req = Request::new(body);
     *req.method_mut() = out.method.clone();
@@ -171,6 +210,105 @@ pub fn clean_response_headers(headers: &mut HeaderMap) {
     for n in drop {
         headers.remove(n);
     }
+}
+
+/// Largest `200` answer whose body is read to look for ArcGIS's
+/// `{"error":{"code":498|499}}`; larger ones cannot be that error and stream
+/// untouched.
+pub const PEEK_LIMIT: usize = 16 * 1024;
+
+/// What an upstream answer means for the token that was sent.
+pub enum Verdict {
+    /// The upstream refused the token (HTTP 401/498/499, or HTTP 200 with a
+    /// JSON error 498/499, also when compressed).
+    Rejected,
+    /// Anything else, with its body intact.
+    Pass(Response<ProxyBody>),
+}
+
+/// Classifies an upstream answer to a request that carried the proxy's token,
+/// reading at most [`PEEK_LIMIT`] bytes of candidate bodies.
+pub async fn inspect(resp: Response<Incoming>) -> Result<Verdict, BoxError> {
+    if matches!(resp.status().as_u16(), 401 | 498 | 499) {
+        return Ok(Verdict::Rejected);
+    }
+    let (parts, body) = resp.into_parts();
+    let mut body: ProxyBody = body.map_err(BoxError::from).boxed();
+    if parts.status != StatusCode::OK || !may_be_json_error(&parts.headers) || body.is_end_stream()
+    {
+        return Ok(Verdict::Pass(Response::from_parts(parts, body)));
+    }
+    let mut read: Vec<Bytes> = Vec::new();
+    let mut size = 0;
+    let mut ended = false;
+    while size <= PEEK_LIMIT {
+        match body.frame().await {
+            None => {
+                ended = true;
+                break;
+            }
+            Some(Err(e)) => return Err(e),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(d) => {
+                    size += d.len();
+                    read.push(d);
+                }
+                // Trailers after a small body: the body is complete.
+                Err(_) => {
+                    ended = true;
+                    break;
+                }
+            },
+        }
+    }
+    if !ended {
+        return Ok(Verdict::Pass(Response::from_parts(
+            parts,
+            Prefixed::new(read, body).boxed(),
+        )));
+    }
+    let whole: Bytes = if read.len() == 1 {
+        read.pop().unwrap_or_default()
+    } else {
+        read.concat().into()
+    };
+    let decoded =
+        Coding::of(&parts.headers).and_then(|c| codec::decode_all(c, &whole, 4 * PEEK_LIMIT).ok());
+    if decoded.as_deref().is_some_and(is_token_error) {
+        return Ok(Verdict::Rejected);
+    }
+    Ok(Verdict::Pass(Response::from_parts(
+        parts,
+        body::full(whole),
+    )))
+}
+
+fn may_be_json_error(headers: &HeaderMap) -> bool {
+    let small = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_none_or(|n| n <= PEEK_LIMIT);
+    let texty = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|ct| {
+            let ct = ct.to_ascii_lowercase();
+            ct.contains("json") || ct.contains("javascript") || ct.starts_with("text/")
+        });
+    small && texty
+}
+
+/// True for `{"error":{"code":498|499,…}}`.
+pub fn is_token_error(body: &[u8]) -> bool {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return false;
+    };
+    let code = &v["error"]["code"];
+    let code = code
+        .as_i64()
+        .or_else(|| code.as_str().and_then(|s| s.parse().ok()));
+    matches!(code, Some(498 | 499))
 }
 
 /// Percent-encodes anything `http::Uri` would refuse, leaving valid URI
@@ -227,6 +365,7 @@ mod tests {
                 auth_header: Some(&auth),
                 upstream_referer: None,
                 content_length: None,
+                decodable_only: false,
             },
             crate::body::empty(),
         );
@@ -246,6 +385,7 @@ mod tests {
                 auth_header: None,
                 upstream_referer: Some(&referer),
                 content_length: Some(0),
+                decodable_only: false,
             },
             crate::body::empty(),
         );
@@ -273,6 +413,34 @@ mod tests {
         let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         names.sort();
         assert_eq!(names, ["cache-control", "content-type"]);
+    }
+
+    #[test]
+    fn accept_encoding_keeps_only_decodable_codings() {
+        let v = |s: &'static str| HeaderValue::from_static(s);
+        assert_eq!(
+            supported_encodings(&v("zstd, br;q=0.9, gzip, compress")).unwrap(),
+            "br;q=0.9, gzip"
+        );
+        assert!(supported_encodings(&v("zstd")).is_none());
+    }
+
+    #[test]
+    fn token_errors_are_recognised() {
+        assert!(is_token_error(
+            br#"{"error":{"code":498,"message":"Invalid token.","details":[]}}"#
+        ));
+        assert!(is_token_error(
+            br#" {"error":{"code":499,"message":"Token Required"}}"#
+        ));
+        assert!(is_token_error(br#"{"error":{"code":"498"}}"#));
+        assert!(!is_token_error(
+            br#"{"error":{"code":400,"message":"Invalid URL"}}"#
+        ));
+        assert!(!is_token_error(
+            br#"{"features":[{"attributes":{"code":498}}]}"#
+        ));
+        assert!(!is_token_error(b"not json"));
     }
 
     #[test]

@@ -12,12 +12,14 @@
 //! - [`error`]: every failure → one ArcGIS-shaped JSON response.
 //! - [`admin`]: `/healthz`, `/readyz` on a separate listener.
 //! - [`demo`]: an embedded fake ArcGIS for `arcgis-app-proxy demo`.
+//! - [`codec`]: streaming gzip/deflate/br, so bodies can be scrubbed.
 //! - [`body`]: the boxed body type shared by all of the above.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod body;
+pub mod codec;
 pub mod config;
 pub mod demo;
 pub mod error;

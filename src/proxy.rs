@@ -21,12 +21,13 @@ use tokio::time::Instant;
 use url::Url;
 
 use crate::body::{self, BoxError, ProxyBody};
+use crate::codec::Coding;
 use crate::config::Config;
 use crate::error::ProxyError;
-use crate::forward::{self, HttpClient, Outgoing};
+use crate::forward::{self, HttpClient, Outgoing, Verdict};
 use crate::policy::path::{self, PathError};
 use crate::policy::route::{Route, TokenIn};
-use crate::scrub::{self, UrlRewriter};
+use crate::scrub::{self, ScrubBody, Scrubber, UrlRewriter};
 use crate::token::{Token, TokenSource, TokenState};
 
 /// What the service knows about the connection a request came on.
@@ -92,17 +93,15 @@ impl Proxy {
         })
     }
 
-    /// Starts fetching a token for every credential in use, so the proxy
-    /// becomes ready without waiting for a first request.
-    pub fn warm_up(&self) {
-        for name in self.config.credentials_in_use() {
-            if let Some(src) = self.tokens.get(name) {
-                let src = src.clone();
-                tokio::spawn(async move {
-                    let _ = src.token().await;
-                });
-            }
-        }
+    /// Starts the background refresh of every credential in use: the first
+    /// token is fetched at once, so the proxy becomes ready without waiting
+    /// for a first request, and each is replaced before it expires.
+    pub fn start_refreshers(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        self.config
+            .credentials_in_use()
+            .filter_map(|name| self.tokens.get(name))
+            .filter_map(TokenSource::spawn_refresher)
+            .collect()
     }
 
     /// Serves one request; never fails.
@@ -276,6 +275,7 @@ impl Proxy {
 
         // Phase: forward, retrying once with a fresh token if the upstream
         // refuses ours and the body was kept.
+        let scrubbing = route.credential.is_some() || route.rewrite_urls;
         let mut attempt = 0;
         let resp = loop {
             attempt += 1;
@@ -291,33 +291,38 @@ impl Proxy {
                     .map(Token::header_value),
                 upstream_referer,
                 content_length,
+                decodable_only: scrubbing,
             };
             let resp = self.send(forward::build_request(out, body)).await?;
-            let rejected = token.is_some() && is_token_rejection(resp.status());
-            if !rejected {
+            let (Some(src), Some(sent)) = (source, token.as_ref()) else {
+                break resp.map(|b| b.map_err(BoxError::from).boxed());
+            };
+            let verdict = tokio::time::timeout(limits.upstream_timeout, forward::inspect(resp))
+                .await
+                .map_err(|_| ProxyError::UpstreamTimeout)?
+                .map_err(|e| {
+                    tracing::warn!(error = %crate::error::describe(&*e), "upstream answer unreadable");
+                    ProxyError::UpstreamUnreachable
+                })?;
+            if let Verdict::Pass(resp) = verdict {
                 break resp;
             }
-            let (Some(src), Some(old)) = (source, token.as_ref()) else {
-                break resp;
-            };
-            src.invalidate(old);
+            src.invalidate(sent);
             if attempt >= 2 || !request_body.is_kept() {
                 tracing::warn!(
                     credential = src.name(),
-                    status = resp.status().as_u16(),
                     "upstream refused the token{}",
                     if attempt >= 2 {
-                        " again after refresh"
+                        " again after a refresh"
                     } else {
-                        "; body not kept for a retry"
+                        "; body too large to have been kept for a retry"
                     }
                 );
                 return Err(ProxyError::TokenRejected);
             }
             tracing::info!(
                 credential = src.name(),
-                status = resp.status().as_u16(),
-                "upstream refused the token; retrying with a new one"
+                "upstream refused the token; retrying once with a new one"
             );
             token = Some(src.token().await?);
         };
@@ -333,15 +338,63 @@ impl Proxy {
             upstream_url: &upstream_url,
             route: Some(route),
         };
-        let secrets: Vec<&str> = token
-            .as_deref()
-            .map(|t| vec![t.expose(), t.query_value()])
-            .unwrap_or_default();
+        let held = source.map(TokenSource::held).unwrap_or_default();
+        let mut secrets: Vec<&str> = Vec::with_capacity(6);
+        for t in token.iter().chain(held.iter()) {
+            secrets.push(t.expose());
+            secrets.push(t.query_value());
+        }
         scrub::scrub_headers(&mut parts_out.headers, &rewriter, &secrets);
-        Ok(Response::from_parts(
-            parts_out,
-            upstream_body.map_err(BoxError::from).boxed(),
-        ))
+        let rewrites = if route.rewrite_urls {
+            self.rewrites(&public_base)
+        } else {
+            Vec::new()
+        };
+        let content_type = parts_out
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        let body = if upstream_body.is_end_stream() || scrub::is_binary_type(content_type) {
+            upstream_body
+        } else {
+            match (
+                Scrubber::new(&secrets, &rewrites),
+                Coding::of(&parts_out.headers),
+            ) {
+                (None, _) => upstream_body,
+                (Some(scrubber), Some(coding)) => {
+                    parts_out.headers.remove(header::CONTENT_LENGTH);
+                    ScrubBody::new(upstream_body, coding, scrubber).boxed()
+                }
+                (Some(_), None) if secrets.is_empty() => upstream_body,
+                (Some(_), None) => {
+                    // A coding the proxy cannot look inside may hide the token.
+                    tracing::warn!(
+                        route = %route.name,
+                        "upstream answered in a content coding the proxy cannot scrub"
+                    );
+                    return Err(ProxyError::UpstreamUnreachable);
+                }
+            }
+        };
+        Ok(Response::from_parts(parts_out, body))
+    }
+
+    /// Upstream URL prefix → proxy URL prefix, for every route.
+    fn rewrites(&self, public_base: &str) -> Vec<(String, String)> {
+        let cfg = &self.config;
+        cfg.routes
+            .iter()
+            .map(|r| {
+                let from = r.upstream.as_str().trim_end_matches('/').to_string();
+                let to = match r.mount.as_deref() {
+                    Some("/") => public_base.to_string(),
+                    Some(m) => format!("{public_base}{m}"),
+                    None => format!("{public_base}{}?{from}", cfg.server.proxy_path),
+                };
+                (from, to)
+            })
+            .collect()
     }
 
     async fn send(
@@ -528,11 +581,6 @@ fn compose_uri(
         }
     }
     forward::to_uri(&s).ok_or(ProxyError::BadRequest(PathError::MalformedTarget))
-}
-
-/// HTTP statuses meaning "invalid or expired token".
-fn is_token_rejection(status: StatusCode) -> bool {
-    matches!(status.as_u16(), 498 | 499 | 401)
 }
 
 fn chain_has<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {

@@ -104,7 +104,7 @@ pub async fn run(
             "HTTPS listener without TLS settings",
         ));
     }
-    proxy.warm_up();
+    let refreshers = proxy.start_refreshers();
     let (stop_tx, stop_rx) = watch::channel(false);
     if let Some(admin) = listeners.admin {
         tokio::spawn(admin::serve(
@@ -191,6 +191,9 @@ pub async fn run(
         Err(_) => tracing::warn!("grace period over; closing remaining connections"),
     }
     let _ = stop_tx.send(true);
+    for r in refreshers {
+        r.abort();
+    }
     Ok(())
 }
 

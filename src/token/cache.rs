@@ -7,6 +7,11 @@
 //! failure is remembered until its backoff ends (exponential, jittered,
 //! capped), so an outage never turns into a hot loop against the endpoint.
 //!
+//! A background task ([`TokenSource::spawn_refresher`]) replaces the token at
+//! `lifetime − min(5 min, lifetime/5)` after issue, so requests never wait for
+//! a refresh while the token is valid; on failure it retries on the same
+//! backoff schedule, and the old token stays in use until it expires.
+//!
 //! `arc-swap` rather than moka: there is exactly one entry per credential, and
 //! what matters is a wait-free read and an atomic replace, not eviction.
 
@@ -50,6 +55,19 @@ impl TokenState {
     }
 }
 
+/// A snapshot of a credential's token, without the token.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenInfo {
+    /// Ok, fetching or failing.
+    pub state: TokenState,
+    /// Time since the current token was obtained.
+    pub age: Option<Duration>,
+    /// Time the current token may still be injected (`None`: never expires).
+    pub usable_for: Option<Duration>,
+    /// Time until the background refresh (`None`: never).
+    pub refresh_in: Option<Duration>,
+}
+
 const FETCHING: u8 = 0;
 const FAILING: u8 = 1;
 const OK: u8 = 2;
@@ -64,6 +82,9 @@ struct Inner {
     name: String,
     fetcher: Option<Box<dyn Fetcher>>,
     current: ArcSwapOption<Token>,
+    /// The token `current` replaced; responses to requests that carried it
+    /// may still be in flight, so it is scrubbed too.
+    previous: ArcSwapOption<Token>,
     flight: Mutex<Flight>,
     state: AtomicU8,
     wait_timeout: Duration,
@@ -113,6 +134,7 @@ impl TokenSource {
                 name: name.to_string(),
                 fetcher: None,
                 current: ArcSwapOption::from_pointee(token),
+                previous: ArcSwapOption::empty(),
                 flight: Mutex::new(Flight::default()),
                 state: AtomicU8::new(OK),
                 wait_timeout: Duration::ZERO,
@@ -128,6 +150,7 @@ impl TokenSource {
                 name: name.to_string(),
                 fetcher: Some(fetcher),
                 current: ArcSwapOption::empty(),
+                previous: ArcSwapOption::empty(),
                 flight: Mutex::new(Flight::default()),
                 state: AtomicU8::new(FETCHING),
                 wait_timeout,
@@ -180,12 +203,22 @@ impl TokenSource {
         if let Some(t) = self.usable() {
             return Ok(t);
         }
-        let now = Instant::now();
-        if let Some((until, err)) = &flight.failed
-            && now < *until
-        {
-            return Err(with_retry_after(err.clone(), *until - now));
+        if let Some(err) = Self::backing_off(&flight) {
+            return Err(err);
         }
+        self.fetch_locked(&mut flight).await
+    }
+
+    /// The remembered failure, while its backoff lasts.
+    fn backing_off(flight: &Flight) -> Option<TokenError> {
+        let now = Instant::now();
+        match &flight.failed {
+            Some((until, err)) if now < *until => Some(with_retry_after(err.clone(), *until - now)),
+            _ => None,
+        }
+    }
+
+    async fn fetch_locked(&self, flight: &mut Flight) -> Result<Arc<Token>, TokenError> {
         let Some(fetcher) = &self.inner.fetcher else {
             // A fixed token never becomes unusable; unreachable in practice.
             return Err(TokenError::Unavailable {
@@ -199,7 +232,10 @@ impl TokenSource {
             Ok((value, lifetime)) => match Token::new(value, started, lifetime) {
                 Some(token) => {
                     let token = Arc::new(token);
-                    self.inner.current.store(Some(Arc::clone(&token)));
+                    let old = self.inner.current.swap(Some(Arc::clone(&token)));
+                    if old.is_some() {
+                        self.inner.previous.store(old);
+                    }
                     flight.failures = 0;
                     flight.failed = None;
                     self.inner.state.store(OK, Ordering::Relaxed);
@@ -211,14 +247,105 @@ impl TokenSource {
                     Ok(token)
                 }
                 None => self.fail(
-                    &mut flight,
+                    flight,
                     TokenError::Unavailable {
                         reason: "token endpoint returned a token with invalid characters".into(),
                         retry_after: Duration::ZERO,
                     },
                 ),
             },
-            Err(e) => self.fail(&mut flight, e),
+            Err(e) => self.fail(flight, e),
+        }
+    }
+
+    /// Starts the background refresh task (client-credentials sources only).
+    /// It ends when the last clone of this source is dropped.
+    pub fn spawn_refresher(&self) -> Option<tokio::task::JoinHandle<()>> {
+        self.inner.fetcher.as_ref()?;
+        let weak = Arc::downgrade(&self.inner);
+        Some(tokio::spawn(async move {
+            loop {
+                let wake = match weak.upgrade() {
+                    Some(inner) => TokenSource { inner }.next_wake().await,
+                    None => return,
+                };
+                tokio::time::sleep_until(wake).await;
+                match weak.upgrade() {
+                    Some(inner) => TokenSource { inner }.refresh().await,
+                    None => return,
+                }
+            }
+        }))
+    }
+
+    /// When the refresher should act next: at the end of a backoff, at the
+    /// current token's refresh time, or now when there is no token.
+    async fn next_wake(&self) -> Instant {
+        let flight = self.inner.flight.lock().await;
+        let now = Instant::now();
+        if let Some((until, _)) = &flight.failed
+            && *until > now
+        {
+            return *until;
+        }
+        match self.inner.current.load().as_ref() {
+            // Never sooner than a second after issue, whatever the lifetime.
+            Some(t) => t
+                .refresh_at()
+                .map_or(now + Duration::from_secs(3600), |at| {
+                    at.max(t.issued_at() + Duration::from_secs(1))
+                }),
+            None => now,
+        }
+    }
+
+    /// Fetches a replacement if the current token is due (or missing) and no
+    /// backoff is running.
+    async fn refresh(&self) {
+        let mut flight = self.inner.flight.lock().await;
+        if Self::backing_off(&flight).is_some() {
+            return;
+        }
+        let now = Instant::now();
+        let due = match self.inner.current.load().as_ref() {
+            Some(t) => t.refresh_at().is_some_and(|at| at <= now) || !t.usable_at(now),
+            None => true,
+        };
+        if due {
+            let _ = self.fetch_locked(&mut flight).await;
+        }
+    }
+
+    /// Tokens that may appear in answers: the current one and the one it
+    /// replaced.
+    pub fn held(&self) -> Vec<Arc<Token>> {
+        [
+            self.inner.current.load_full(),
+            self.inner.previous.load_full(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    /// Age, remaining life and next refresh of the current token, for
+    /// readiness and metrics.
+    pub fn info(&self) -> TokenInfo {
+        let now = Instant::now();
+        let current = self.inner.current.load_full();
+        TokenInfo {
+            state: self.state(),
+            age: current
+                .as_ref()
+                .map(|t| now.saturating_duration_since(t.issued_at())),
+            usable_for: current
+                .as_ref()
+                .and_then(|t| t.usable_until())
+                .map(|u| u.saturating_duration_since(now)),
+            refresh_in: current
+                .as_ref()
+                .and_then(|t| t.refresh_at())
+                .map(|r| r.saturating_duration_since(now)),
         }
     }
 
@@ -399,6 +526,81 @@ mod tests {
         src.invalidate(&t0);
         assert_eq!(src.token().await.unwrap().expose(), "tok1");
         assert_eq!(s.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refresher_replaces_the_token_before_expiry_without_blocking() {
+        let (s, src) = scripted(Duration::from_secs(2), |n| {
+            Ok((format!("tok{n}"), Some(Duration::from_secs(7200))))
+        });
+        let task = src.spawn_refresher().unwrap();
+        // The first fetch starts at once (2 s of simulated latency).
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(s.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(src.state(), TokenState::Ok);
+        let info = src.info();
+        assert_eq!(info.refresh_in, Some(Duration::from_secs(6900 - 3)));
+        // Just before the refresh point: still the first token.
+        tokio::time::sleep(Duration::from_secs(6900 - 3 - 1)).await;
+        assert_eq!(s.calls.load(Ordering::SeqCst), 1);
+        // At 6900 s the refresh starts; while it runs, requests are answered
+        // at once with the old, still valid token.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(s.calls.load(Ordering::SeqCst), 2);
+        let before = Instant::now();
+        assert_eq!(src.token().await.unwrap().expose(), "tok0");
+        assert_eq!(Instant::now(), before, "a request waited for the refresh");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(src.token().await.unwrap().expose(), "tok1");
+        // The replaced token is still scrubbed from answers.
+        let held: Vec<String> = src.held().iter().map(|t| t.expose().to_string()).collect();
+        assert_eq!(held, ["tok1", "tok0"]);
+        task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refresher_backs_off_and_keeps_the_old_token_meanwhile() {
+        // Call 0 succeeds with a 1000 s token; calls 1-3 fail; call 4 works.
+        let (s, src) = scripted(Duration::ZERO, |n| match n {
+            0 => Ok(("first".into(), Some(Duration::from_secs(1000)))),
+            1..=3 => Err(TokenError::Unavailable {
+                reason: "down".into(),
+                retry_after: Duration::ZERO,
+            }),
+            _ => Ok(("second".into(), Some(Duration::from_secs(1000)))),
+        });
+        let task = src.spawn_refresher().unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(s.calls.load(Ordering::SeqCst), 1);
+        // Refresh is due at 800 s; failures back off 1 s, 2 s, 4 s (−20 %).
+        tokio::time::sleep(Duration::from_secs(800)).await;
+        assert_eq!(s.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(src.token().await.unwrap().expose(), "first");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(s.calls.load(Ordering::SeqCst), 3);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(s.calls.load(Ordering::SeqCst), 4);
+        assert_eq!(src.token().await.unwrap().expose(), "first");
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(s.calls.load(Ordering::SeqCst), 5);
+        assert_eq!(src.token().await.unwrap().expose(), "second");
+        // No hot loop afterwards: nothing happens until the next refresh.
+        tokio::time::sleep(Duration::from_secs(700)).await;
+        assert_eq!(s.calls.load(Ordering::SeqCst), 5);
+        task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refresher_stops_when_the_source_is_dropped() {
+        let (s, src) = scripted(Duration::ZERO, |n| {
+            Ok((format!("tok{n}"), Some(Duration::from_secs(100))))
+        });
+        let task = src.spawn_refresher().unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(src);
+        tokio::time::sleep(Duration::from_secs(1000)).await;
+        assert!(task.is_finished());
+        assert_eq!(s.calls.load(Ordering::SeqCst), 1);
     }
 
     #[test]

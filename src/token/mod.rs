@@ -15,7 +15,7 @@ use std::time::Duration;
 use http::HeaderValue;
 use tokio::time::Instant;
 
-pub use cache::{TokenSource, TokenState};
+pub use cache::{TokenInfo, TokenSource, TokenState};
 
 /// A client secret or API key as loaded from config.
 #[derive(Clone, PartialEq, Eq)]

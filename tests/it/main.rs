@@ -3,6 +3,7 @@
 
 mod cli;
 mod forwarding;
+mod leaks;
 mod listeners;
 mod routing;
 mod support;

@@ -272,6 +272,20 @@ impl FakeArcGis {
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<TestBody> {
+        let enc = req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("enc=")))
+            .filter(|e| !e.is_empty())
+            .map(String::from);
+        let resp = self.handle_plain(req).await;
+        match enc {
+            Some(enc) => encode_response(resp, &enc).await,
+            None => resp,
+        }
+    }
+
+    async fn handle_plain(self: Arc<Self>, req: Request<Incoming>) -> Response<TestBody> {
         let (parts, body) = req.into_parts();
         let path = parts.uri.path().to_string();
         if path == "/sharing/rest/oauth2/token" {
@@ -342,6 +356,12 @@ impl FakeArcGis {
             return resp;
         }
         if !token_ok {
+            if path.starts_with("/svc/json498") {
+                return json(
+                    StatusCode::OK,
+                    serde_json::json!({"error":{"code":498,"message":"Invalid token.","details":[]}}),
+                );
+            }
             if path.starts_with("/svc/http498") {
                 return json(
                     StatusCode::from_u16(498).unwrap(),
@@ -354,6 +374,70 @@ impl FakeArcGis {
             );
         }
         let token = token.unwrap_or_default();
+        let me = self.url();
+        if path.starts_with("/svc/leak/style") {
+            return json(
+                StatusCode::OK,
+                serde_json::json!({
+                    "version": 8,
+                    "sprite": format!("{me}/svc/styles/x/sprite?token={token}"),
+                    "glyphs": format!("{me}/svc/fonts/{{fontstack}}/{{range}}.pbf?token={token}"),
+                    "sources": {"esri": {"type": "vector",
+                        "tiles": [format!("{me}/svc/tiles/{{z}}/{{y}}/{{x}}.pbf?token={token}&x=1")],
+                        "attribution": format!("token {token} and an encoded copy {}", encoded(&token))}},
+                    "next": format!("{me}/open/page?token={token}"),
+                    "elsewhere": format!("https://elsewhere.example/a?token={token}"),
+                }),
+            );
+        }
+        if path.starts_with("/svc/leak/error") {
+            return json(
+                StatusCode::OK,
+                serde_json::json!({"error":{"code":400,
+                    "message": format!("Unable to complete operation for {me}{path}?{query}"),
+                    "details":[format!("token={token}")]}}),
+            );
+        }
+        if path.starts_with("/svc/leak/chunks") {
+            let text = format!(
+                "<html><a href=\"{me}/svc/a?token={token}\">next</a> {token} <script>var t='{token}';</script>{}</html>",
+                "x".repeat(5000)
+            );
+            let pieces: Vec<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>> = text
+                .into_bytes()
+                .chunks(3)
+                .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+                .collect();
+            let mut resp =
+                Response::new(StreamBody::new(futures_util::stream::iter(pieces)).boxed());
+            resp.headers_mut()
+                .insert("content-type", HeaderValue::from_static("text/html"));
+            return resp;
+        }
+        if path.starts_with("/svc/leak/headers") {
+            let mut resp = json(StatusCode::OK, serde_json::json!({"ok": true}));
+            let h = resp.headers_mut();
+            let v = |s: String| HeaderValue::from_str(&s).unwrap();
+            h.insert(
+                "link",
+                v(format!(
+                    "<{me}/svc/page2?token={token}&f=json>; rel=\"next\""
+                )),
+            );
+            h.insert("refresh", v(format!("0; url={me}/svc/x?token={token}")));
+            h.insert(
+                "content-location",
+                v(format!("{me}/svc/leak/headers?token={token}")),
+            );
+            h.insert("x-echo-token", v(token.clone()));
+            return resp;
+        }
+        if path.starts_with("/svc/leak/image") {
+            let mut resp = Response::new(full(format!("PNG...{token}...")));
+            resp.headers_mut()
+                .insert("content-type", HeaderValue::from_static("image/png"));
+            return resp;
+        }
         if path.starts_with("/svc/redirect") {
             let mut resp = Response::new(full(""));
             *resp.status_mut() = StatusCode::FOUND;
@@ -399,7 +483,7 @@ impl FakeArcGis {
                 serde_json::json!({"features":[{"attributes":{"OBJECTID":1}},{"attributes":{"OBJECTID":2}}]}),
             );
         }
-        if path.starts_with("/svc/http498") {
+        if path.starts_with("/svc/http498") || path.starts_with("/svc/json498") {
             return json(StatusCode::OK, serde_json::json!({"ok": true}));
         }
         json(
@@ -430,7 +514,12 @@ impl FakeArcGis {
             TokenMode::Ok => {}
         }
         let n = self.issued.lock().unwrap().len();
-        let token = format!("TOKEN{n}x{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff);
+        // Realistic token alphabet, including a `=` that must be
+        // percent-encoded in a query.
+        let token = format!(
+            "TOKEN{n}x{:012x}.a-b_c=",
+            fastrand::u64(..) & 0xffff_ffff_ffff
+        );
         self.issued.lock().unwrap().push(token.clone());
         json(
             StatusCode::OK,
@@ -438,6 +527,75 @@ impl FakeArcGis {
                 "expires_in": self.lifetime_secs.load(Ordering::SeqCst)}),
         )
     }
+}
+
+/// Re-encodes a response body with `enc` (gzip, deflate, br, or a coding
+/// the proxy cannot read, like zstd, which is sent unchanged but labelled).
+async fn encode_response(resp: Response<TestBody>, enc: &str) -> Response<TestBody> {
+    use std::io::Write;
+    let (mut parts, body) = resp.into_parts();
+    let plain = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let encoded: Vec<u8> = match enc {
+        "gzip" => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(&plain).unwrap();
+            e.finish().unwrap()
+        }
+        "deflate" => {
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(&plain).unwrap();
+            e.finish().unwrap()
+        }
+        "br" => {
+            let mut out = Vec::new();
+            {
+                let mut w = brotli::CompressorWriter::new(&mut out, 4096, 5, 22);
+                w.write_all(&plain).unwrap();
+            }
+            out
+        }
+        _ => plain.to_vec(),
+    };
+    parts
+        .headers
+        .insert("content-encoding", HeaderValue::from_str(enc).unwrap());
+    parts.headers.remove("content-length");
+    Response::from_parts(parts, full(encoded))
+}
+
+/// Decodes a body by its `content-encoding` (test side).
+pub fn decode(headers: &HeaderMap, body: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    match headers.get("content-encoding").map(|v| v.to_str().unwrap()) {
+        None => out.extend_from_slice(body),
+        Some("gzip") => {
+            flate2::read::GzDecoder::new(body)
+                .read_to_end(&mut out)
+                .unwrap();
+        }
+        Some("deflate") => {
+            flate2::read::ZlibDecoder::new(body)
+                .read_to_end(&mut out)
+                .unwrap();
+        }
+        Some("br") => {
+            brotli::Decompressor::new(body, 4096)
+                .read_to_end(&mut out)
+                .unwrap();
+        }
+        Some(other) => panic!("unexpected coding {other}"),
+    }
+    out
+}
+
+/// A token as a URL encoder would write it in a query.
+pub fn encoded(token: &str) -> String {
+    url::form_urlencoded::byte_serialize(token.as_bytes()).collect()
 }
 
 pub fn json(status: StatusCode, v: serde_json::Value) -> Response<TestBody> {

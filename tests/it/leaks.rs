@@ -1,0 +1,229 @@
+//! Token confidentiality end to end: upstreams that echo the token in every
+//! way ArcGIS does (style JSON, error messages, HTML, headers, redirects;
+//! plain, gzip, deflate, br; tiny chunks) — and a client that must never see
+//! it. Also the JSON-body 498/499 retry, compressed or not.
+
+use crate::support::*;
+
+async fn setup(extra_route_opts: &str) -> (Pki, std::sync::Arc<FakeArcGis>, TestProxy, TestClient) {
+    let pki = Pki::new();
+    let fake = FakeArcGis::start().await;
+    let mut toml = standard_config(&fake, "");
+    if !extra_route_opts.is_empty() {
+        toml = toml.replacen(
+            "credential = \"online\"\nmount = \"/svc\"",
+            &format!("credential = \"online\"\nmount = \"/svc\"\n{extra_route_opts}"),
+            1,
+        );
+    }
+    let proxy = TestProxy::start(&pki, &toml).await;
+    let client = TestClient::new(&pki, proxy.addr);
+    (pki, fake, proxy, client)
+}
+
+/// Asserts that no token the fake ever issued appears in the answer, raw or
+/// decoded, in headers or body.
+fn assert_no_token(fake: &FakeArcGis, a: &Answer) -> String {
+    let decoded = decode(&a.headers, &a.body);
+    let text = String::from_utf8_lossy(&decoded).into_owned();
+    let issued = fake.issued();
+    assert!(!issued.is_empty());
+    for t in &issued {
+        let encoded = encoded(t);
+        assert_ne!(&encoded, t, "the test token should need encoding");
+        for hay in [&text, &String::from_utf8_lossy(&a.body).into_owned()] {
+            assert!(!hay.contains(t.as_str()), "token in body: {hay}");
+            assert!(!hay.contains(&encoded), "encoded token in body: {hay}");
+        }
+        for (name, v) in &a.headers {
+            let v = String::from_utf8_lossy(v.as_bytes());
+            assert!(!v.contains(t.as_str()), "token in header {name}: {v}");
+        }
+    }
+    text
+}
+
+async fn get_enc(client: &TestClient, path: &str, accept: &str) -> Answer {
+    client
+        .get_with(
+            path,
+            &[
+                ("referer", "https://app.example.com/"),
+                ("accept-encoding", accept),
+            ],
+        )
+        .await
+}
+
+#[tokio::test]
+async fn style_json_is_scrubbed_in_every_coding() {
+    let (_pki, fake, proxy, client) = setup("").await;
+    for enc in ["", "gzip", "deflate", "br"] {
+        let path = if enc.is_empty() {
+            "/svc/leak/style".to_string()
+        } else {
+            format!("/svc/leak/style?enc={enc}")
+        };
+        let a = get_enc(&client, &path, "gzip, deflate, br").await;
+        assert_eq!(a.status, 200);
+        if !enc.is_empty() {
+            assert_eq!(
+                a.headers["content-encoding"], enc,
+                "client lost compression"
+            );
+        }
+        let text = assert_no_token(&fake, &a);
+        let j: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{enc}: {e}: {text}"));
+        // Without rewrite_urls the URLs stay upstream URLs, minus the token.
+        assert_eq!(j["sprite"], format!("{}/svc/styles/x/sprite", fake.url()));
+        assert_eq!(
+            j["sources"]["esri"]["tiles"][0],
+            format!("{}/svc/tiles/{{z}}/{{y}}/{{x}}.pbf?x=1", fake.url())
+        );
+        assert_eq!(j["elsewhere"], "https://elsewhere.example/a");
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn rewrite_urls_points_style_urls_at_the_proxy() {
+    let (_pki, fake, proxy, client) = setup("rewrite_urls = true").await;
+    for enc in ["", "gzip", "br"] {
+        let a = get_enc(&client, &format!("/svc/leak/style?enc={enc}"), "gzip, br").await;
+        let text = assert_no_token(&fake, &a);
+        let j: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let base = &client.base;
+        assert_eq!(j["sprite"], format!("{base}/svc/styles/x/sprite"));
+        assert_eq!(
+            j["glyphs"],
+            format!("{base}/svc/fonts/{{fontstack}}/{{range}}.pbf")
+        );
+        assert_eq!(
+            j["sources"]["esri"]["tiles"][0],
+            format!("{base}/svc/tiles/{{z}}/{{y}}/{{x}}.pbf?x=1")
+        );
+        // /open is its own mounted route.
+        assert_eq!(j["next"], format!("{base}/open/page"));
+        assert_eq!(j["elsewhere"], "https://elsewhere.example/a");
+    }
+    // The rewritten glyph URL works through the proxy (the template expanded).
+    let a = client.get("/svc/echo/fonts/Arial/0-255.pbf").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(fake.last().uri, "/svc/echo/fonts/Arial/0-255.pbf");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn error_messages_html_and_tiny_chunks_are_scrubbed() {
+    let (_pki, fake, proxy, client) = setup("").await;
+    let a = client.get("/svc/leak/error?f=json").await;
+    let text = assert_no_token(&fake, &a);
+    assert!(text.contains("Unable to complete operation"), "{text}");
+    // The error arrives as ArcGIS sent it (a 400 in a 200), not as 502.
+    assert_eq!(a.status, 200);
+
+    let a = client.get("/q/leak/error?f=json").await;
+    assert_no_token(&fake, &a);
+
+    let a = client.get("/svc/leak/chunks").await;
+    let text = assert_no_token(&fake, &a);
+    assert!(text.starts_with("<html><a href=\""), "{text}");
+    assert!(text.ends_with("</html>"));
+    assert!(text.contains(&format!("{}/svc/a\"", fake.url())), "{text}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn headers_and_redirects_are_scrubbed() {
+    let (_pki, fake, proxy, client) = setup("").await;
+    let a = client.get("/svc/leak/headers").await;
+    assert_no_token(&fake, &a);
+    assert_eq!(
+        a.headers["link"],
+        format!("<{}/svc/page2?f=json>; rel=\"next\"", fake.url()).as_str()
+    );
+    assert_eq!(
+        a.headers["content-location"],
+        format!("{}/svc/leak/headers", client.base).as_str()
+    );
+    let a = client.get("/q/redirect").await;
+    assert_eq!(a.status, 302);
+    assert_no_token(&fake, &a);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn binary_types_pass_unscanned_by_rule() {
+    // Deliberate, tested rule: image/* is not scanned (it cannot carry a URL
+    // in text). The fake puts the token into a "PNG" to prove the rule is
+    // what lets it through.
+    let (_pki, fake, proxy, client) = setup("").await;
+    let a = client.get("/svc/leak/image").await;
+    assert_eq!(a.status, 200);
+    assert!(a.text().contains(&fake.issued()[0]));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_codings_are_not_requested_and_fail_closed() {
+    let (_pki, fake, proxy, client) = setup("").await;
+    let a = get_enc(&client, "/svc/echo/x", "zstd, gzip;q=0.5, compress").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(fake.last().headers["accept-encoding"], "gzip;q=0.5");
+    // An upstream that answers in a coding the proxy cannot read anyway.
+    let a = get_enc(&client, "/svc/leak/style?enc=zstd", "gzip").await;
+    a.assert_error(502);
+    // A route without a token to protect passes it through.
+    let a = get_enc(&client, "/open/x?enc=zstd", "zstd").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.headers["content-encoding"], "zstd");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn json_498_in_http_200_is_retried_also_compressed() {
+    let (_pki, fake, proxy, client) = setup("").await;
+    assert_eq!(client.get("/svc/json498").await.status, 200);
+    for (i, enc) in ["", "gzip", "deflate", "br"].iter().enumerate() {
+        fake.revoke_all();
+        let before = fake.requests().len();
+        let a = get_enc(
+            &client,
+            &format!("/svc/json498?enc={enc}"),
+            "gzip, deflate, br",
+        )
+        .await;
+        assert_eq!(a.status, 200, "{enc}");
+        let body = decode(&a.headers, &a.body);
+        assert_eq!(body, br#"{"ok":true}"#, "{enc}");
+        assert_eq!(
+            fake.token_count(),
+            i + 2,
+            "{enc}: one new token per revocation"
+        );
+        assert_eq!(
+            fake.requests().len(),
+            before + 2,
+            "{enc}: two upstream attempts"
+        );
+    }
+    // ArcGIS's 499 "Token Required" in a 200 counts too.
+    fake.revoke_all();
+    let a = client.get("/svc/features").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.json()["features"].as_array().unwrap().len(), 2);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn large_answers_are_not_held_back_by_the_json_check() {
+    let (_pki, fake, proxy, client) = setup("").await;
+    // 16 MiB chunked octet-stream: streamed (the check reads at most its
+    // first 16 KiB), scanned, and complete.
+    let a = client.get("/svc/big").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body.len(), 16 * 1024 * 1024);
+    assert_eq!(fake.token_count(), 1);
+    proxy.stop().await;
+}
