@@ -10,6 +10,7 @@
 //!   path safety ([`policy`]), body, token ([`token`]), forward ([`forward`]),
 //!   response hygiene ([`scrub`]), access log.
 //! - [`error`]: every failure → one ArcGIS-shaped JSON response.
+//! - [`redact`]: every log line is scrubbed of token-like values on write.
 //! - [`admin`]: `/healthz`, `/readyz` on a separate listener.
 //! - [`demo`]: an embedded fake ArcGIS for `arcgis-app-proxy demo`.
 //! - [`codec`]: streaming gzip/deflate/br, so bodies can be scrubbed.
@@ -26,6 +27,7 @@ pub mod error;
 pub mod forward;
 pub mod policy;
 pub mod proxy;
+pub mod redact;
 pub mod scrub;
 pub mod server;
 pub mod tls;
@@ -57,7 +59,7 @@ pub fn init_logging(format: config::LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(io::stderr)
+        .with_writer(redact::Redacting(io::stderr))
         .with_ansi(io::IsTerminal::is_terminal(&io::stderr()));
     let _ = match format {
         config::LogFormat::Json => builder

@@ -27,7 +27,7 @@ use crate::error::ProxyError;
 use crate::forward::{self, HttpClient, Outgoing, Verdict};
 use crate::policy::path::{self, PathError};
 use crate::policy::route::{Route, TokenIn};
-use crate::scrub::{self, ScrubBody, Scrubber, UrlRewriter};
+use crate::scrub::{self, ScrubBody, ScrubPatterns, Scrubber, UrlRewriter};
 use crate::token::{Token, TokenSource, TokenState};
 
 /// What the service knows about the connection a request came on.
@@ -44,6 +44,11 @@ pub struct Proxy {
     config: Arc<Config>,
     client: HttpClient,
     tokens: BTreeMap<String, TokenSource>,
+    /// Every route's upstream URL prefix, for `rewrite_urls`.
+    rewrite_from: Vec<String>,
+    /// Compiled body patterns by (token ids, rewriting?): built once per
+    /// token, not per request.
+    scrub_cache: moka::sync::Cache<(Vec<u64>, bool), Arc<ScrubPatterns>>,
 }
 
 impl Proxy {
@@ -67,10 +72,20 @@ impl Proxy {
                 )
             })
             .collect();
+        let rewrite_from = config
+            .routes
+            .iter()
+            .map(|r| r.upstream.as_str().trim_end_matches('/').to_string())
+            .collect();
         Proxy {
             config,
             client,
             tokens,
+            rewrite_from,
+            scrub_cache: moka::sync::Cache::builder()
+                .max_capacity(256)
+                .time_to_idle(std::time::Duration::from_secs(3600))
+                .build(),
         }
     }
 
@@ -345,11 +360,6 @@ impl Proxy {
             secrets.push(t.query_value());
         }
         scrub::scrub_headers(&mut parts_out.headers, &rewriter, &secrets);
-        let rewrites = if route.rewrite_urls {
-            self.rewrites(&public_base)
-        } else {
-            Vec::new()
-        };
         let content_type = parts_out
             .headers
             .get(header::CONTENT_TYPE)
@@ -357,10 +367,8 @@ impl Proxy {
         let body = if upstream_body.is_end_stream() || scrub::is_binary_type(content_type) {
             upstream_body
         } else {
-            match (
-                Scrubber::new(&secrets, &rewrites),
-                Coding::of(&parts_out.headers),
-            ) {
+            let scrubber = self.scrubber(&token, &held, &secrets, route, &public_base);
+            match (scrubber, Coding::of(&parts_out.headers)) {
                 (None, _) => upstream_body,
                 (Some(scrubber), Some(coding)) => {
                     parts_out.headers.remove(header::CONTENT_LENGTH);
@@ -380,21 +388,54 @@ impl Proxy {
         Ok(Response::from_parts(parts_out, body))
     }
 
-    /// Upstream URL prefix → proxy URL prefix, for every route.
-    fn rewrites(&self, public_base: &str) -> Vec<(String, String)> {
-        let cfg = &self.config;
-        cfg.routes
-            .iter()
-            .map(|r| {
-                let from = r.upstream.as_str().trim_end_matches('/').to_string();
-                let to = match r.mount.as_deref() {
-                    Some("/") => public_base.to_string(),
-                    Some(m) => format!("{public_base}{m}"),
-                    None => format!("{public_base}{}?{from}", cfg.server.proxy_path),
+    /// The body scrubber for one answer: the tokens' patterns from the cache,
+    /// and this request's proxy URL prefixes when the route rewrites URLs.
+    fn scrubber(
+        &self,
+        token: &Option<Arc<Token>>,
+        held: &[Arc<Token>],
+        secrets: &[&str],
+        route: &Route,
+        public_base: &str,
+    ) -> Option<Scrubber> {
+        if secrets.is_empty() && !route.rewrite_urls {
+            return None;
+        }
+        let mut ids: Vec<u64> = token.iter().chain(held).map(|t| t.id()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let key = (ids, route.rewrite_urls);
+        let pats = match self.scrub_cache.get(&key) {
+            Some(p) => p,
+            None => {
+                let prefixes: Vec<&str> = if route.rewrite_urls {
+                    self.rewrite_from.iter().map(String::as_str).collect()
+                } else {
+                    Vec::new()
                 };
-                (from, to)
-            })
-            .collect()
+                let p = ScrubPatterns::new(secrets, &prefixes)?;
+                self.scrub_cache.insert(key, Arc::clone(&p));
+                p
+            }
+        };
+        let replacements = if route.rewrite_urls {
+            let cfg = &self.config;
+            cfg.routes
+                .iter()
+                .zip(&self.rewrite_from)
+                .map(|(r, from)| {
+                    match r.mount.as_deref() {
+                        Some("/") => public_base.to_string(),
+                        Some(m) => format!("{public_base}{m}"),
+                        None => format!("{public_base}{}?{from}", cfg.server.proxy_path),
+                    }
+                    .into_bytes()
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Some(Scrubber::with_patterns(pats, replacements))
     }
 
     async fn send(

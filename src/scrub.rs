@@ -268,6 +268,8 @@ mod tests {
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::sync::Arc;
+
 use aho_corasick::{AhoCorasick, Input, MatchKind};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
@@ -276,22 +278,64 @@ use crate::body::{BoxError, ProxyBody};
 use crate::codec::{Coding, Decoder, Encoder};
 
 /// What a body pattern does when found.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 enum Pattern {
     /// A token: removed, with its `token=` parameter and separator.
     Secret,
-    /// An upstream URL prefix: replaced by the proxy URL prefix.
-    Prefix(Vec<u8>),
+    /// An upstream URL prefix: replaced by the proxy URL prefix of the same
+    /// index in the scrubber's replacements.
+    Prefix(usize),
 }
 
-/// Streaming secret remover and URL-prefix rewriter.
-pub struct Scrubber {
+/// The compiled search for one set of secrets and URL prefixes; immutable and
+/// shared, so it is built once per token rather than once per request.
+pub struct ScrubPatterns {
     ac: AhoCorasick,
     patterns: Vec<(Vec<u8>, Pattern)>,
-    carry: Vec<u8>,
+    prefixes: usize,
     /// Bytes that must stay in the carry so no match, with its context
     /// (`?token=` before, one byte after), is cut.
     keep: usize,
+}
+
+impl ScrubPatterns {
+    /// Compiles `secrets` (each removed) and URL `prefixes` (each replaced by
+    /// the replacement of the same index); `None` when both are empty.
+    pub fn new(secrets: &[&str], prefixes: &[&str]) -> Option<Arc<ScrubPatterns>> {
+        let mut patterns: Vec<(Vec<u8>, Pattern)> = Vec::new();
+        for s in secrets.iter().filter(|s| !s.is_empty()) {
+            if !patterns.iter().any(|(p, _)| p == s.as_bytes()) {
+                patterns.push((s.as_bytes().to_vec(), Pattern::Secret));
+            }
+        }
+        for (i, from) in prefixes.iter().enumerate().filter(|(_, f)| !f.is_empty()) {
+            if !patterns.iter().any(|(p, _)| p == from.as_bytes()) {
+                patterns.push((from.as_bytes().to_vec(), Pattern::Prefix(i)));
+            }
+        }
+        if patterns.is_empty() {
+            return None;
+        }
+        let ac = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(patterns.iter().map(|(p, _)| p))
+            .ok()?;
+        let longest = patterns.iter().map(|(p, _)| p.len()).max().unwrap_or(0);
+        Some(Arc::new(ScrubPatterns {
+            ac,
+            patterns,
+            prefixes: prefixes.len(),
+            // pattern + "?token=" before it + one byte of lookahead after it
+            keep: longest + 8,
+        }))
+    }
+}
+
+/// Streaming secret remover and URL-prefix rewriter for one body.
+pub struct Scrubber {
+    pats: Arc<ScrubPatterns>,
+    replacements: Vec<Vec<u8>>,
+    carry: Vec<u8>,
 }
 
 /// Bytes that end a URL path segment (or the URL) in JSON, HTML and text.
@@ -306,35 +350,26 @@ impl Scrubber {
     /// A scrubber for `secrets` (each removed) and `rewrites` (`from` URL
     /// prefix → `to`); `None` when there is nothing to look for.
     pub fn new(secrets: &[&str], rewrites: &[(String, String)]) -> Option<Scrubber> {
-        let mut patterns: Vec<(Vec<u8>, Pattern)> = Vec::new();
-        for s in secrets.iter().filter(|s| !s.is_empty()) {
-            if !patterns.iter().any(|(p, _)| p == s.as_bytes()) {
-                patterns.push((s.as_bytes().to_vec(), Pattern::Secret));
-            }
-        }
-        for (from, to) in rewrites.iter().filter(|(f, _)| !f.is_empty()) {
-            if !patterns.iter().any(|(p, _)| p == from.as_bytes()) {
-                patterns.push((
-                    from.as_bytes().to_vec(),
-                    Pattern::Prefix(to.as_bytes().to_vec()),
-                ));
-            }
-        }
-        if patterns.is_empty() {
-            return None;
-        }
-        let ac = AhoCorasick::builder()
-            .match_kind(MatchKind::LeftmostLongest)
-            .build(patterns.iter().map(|(p, _)| p))
-            .ok()?;
-        let longest = patterns.iter().map(|(p, _)| p.len()).max().unwrap_or(0);
-        Some(Scrubber {
-            ac,
-            patterns,
+        let from: Vec<&str> = rewrites.iter().map(|(f, _)| f.as_str()).collect();
+        let pats = ScrubPatterns::new(secrets, &from)?;
+        Some(Scrubber::with_patterns(
+            pats,
+            rewrites
+                .iter()
+                .map(|(_, t)| t.as_bytes().to_vec())
+                .collect(),
+        ))
+    }
+
+    /// A scrubber over precompiled patterns; `replacements[i]` replaces
+    /// prefix `i`.
+    pub fn with_patterns(pats: Arc<ScrubPatterns>, mut replacements: Vec<Vec<u8>>) -> Scrubber {
+        replacements.resize(pats.prefixes, Vec::new());
+        Scrubber {
+            pats,
+            replacements,
             carry: Vec::new(),
-            // pattern + "?token=" before it + one byte of lookahead after it
-            keep: longest + 8,
-        })
+        }
     }
 
     /// Feeds a chunk; returns the output that is final.
@@ -363,20 +398,20 @@ impl Scrubber {
         let (decide, emit) = if end {
             (len, len)
         } else {
-            let decide = len.saturating_sub(self.keep);
+            let decide = len.saturating_sub(self.pats.keep);
             (decide, decide.saturating_sub(7))
         };
         let mut out = Vec::with_capacity(len);
         let mut i = 0;
         while i < decide {
-            let Some(m) = self.ac.find(Input::new(&buf).range(i..)) else {
+            let Some(m) = self.pats.ac.find(Input::new(&buf).range(i..)) else {
                 break;
             };
             if m.start() >= decide {
                 break;
             }
             let (start, stop, replacement): (usize, usize, &[u8]) =
-                match &self.patterns[m.pattern().as_usize()].1 {
+                match self.pats.patterns[m.pattern().as_usize()].1 {
                     Pattern::Secret => {
                         let (s, e) = secret_extent(&buf, i, m.start(), m.end());
                         (s, e, b"")
@@ -409,15 +444,16 @@ impl Scrubber {
 
     /// The longest URL prefix at `at` that ends on a boundary.
     fn best_prefix(&self, buf: &[u8], at: usize, end: bool) -> Option<(usize, &[u8])> {
-        self.patterns
+        self.pats
+            .patterns
             .iter()
             .filter_map(|(p, kind)| match kind {
-                Pattern::Prefix(to) if buf[at..].starts_with(p) => {
+                Pattern::Prefix(idx) if buf[at..].starts_with(p) => {
                     let ok = match buf.get(at + p.len()) {
                         Some(b) => is_url_boundary(*b),
                         None => end,
                     };
-                    ok.then_some((p.len(), to.as_slice()))
+                    ok.then_some((p.len(), self.replacements[*idx].as_slice()))
                 }
                 _ => None,
             })

@@ -356,8 +356,8 @@ impl TokenSource {
         match &err {
             TokenError::Rejected { code, message } => tracing::error!(
                 credential = %self.inner.name,
-                code,
-                message = %message,
+                arcgis_code = code,
+                arcgis_message = %message,
                 retry_in_secs = delay.as_secs_f32(),
                 "token endpoint rejected the credential"
             ),

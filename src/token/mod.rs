@@ -50,6 +50,8 @@ impl fmt::Display for Secret {
 
 /// An access token (or API key) ready to inject, with its lifetime.
 pub struct Token {
+    /// Process-unique id, for caches keyed by token without holding its value.
+    id: u64,
     value: String,
     /// `Bearer <t>`, marked sensitive so hyper's own logging hides it.
     header: HeaderValue,
@@ -87,7 +89,9 @@ impl Token {
                 Some(issued_at + refresh_offset(life)),
             ),
         };
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Some(Token {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             value,
             header,
             query_value,
@@ -95,6 +99,11 @@ impl Token {
             refresh_at,
             issued_at,
         })
+    }
+
+    /// Process-unique id of this token.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The clear value, for injection and scrubbing only.

@@ -285,6 +285,36 @@ async fn logs_of_a_full_run_hold_neither_token_nor_secret() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_credential_logs_the_arcgis_error_not_the_secret() {
+    let pki = Pki::new();
+    let fake = FakeArcGis::start().await;
+    fake.set_mode(TokenMode::Reject);
+    let toml = standard_config(&fake, "")
+        .replace("{CERT}", pki.path("proxy.crt").to_str().unwrap())
+        .replace("{KEY}", pki.path("proxy.key").to_str().unwrap())
+        .replace("{CA}", pki.path("ca.pem").to_str().unwrap());
+    let cfg = write(pki.dir.path(), "reject.toml", &toml);
+    let mut p = Proc::spawn(
+        &["--config", &cfg],
+        &[("SECRET", SECRET), ("RUST_LOG", "debug")],
+    );
+    let https = addr_in(&p.wait_for(r#""listener":"https""#));
+    let line = p.wait_for("token endpoint rejected the credential");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["level"], "ERROR");
+    assert_eq!(v["credential"], "online");
+    assert_eq!(v["arcgis_code"], 400);
+    assert_eq!(v["arcgis_message"], "Invalid client_id");
+    assert_eq!(v["message"], "token endpoint rejected the credential");
+    let client = TestClient::new(&pki, https.parse().unwrap());
+    client.get("/svc/features").await.assert_error(502);
+    let (code, logs) = p.terminate();
+    assert_eq!(code, 0);
+    assert!(!logs.contains(SECRET), "secret in logs:\n{logs}");
+    assert!(fake.token_count() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_features_without_a_client_token() {
     let mut p = Proc::spawn(&["demo", "--listen", "127.0.0.1:0"], &[]);
     let line = p.wait_for("proxy (self-signed certificate");
