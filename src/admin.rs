@@ -1,9 +1,10 @@
-//! The admin listener: `/healthz`, `/readyz` (plain HTTP, never on the public
-//! listeners).
+//! The admin listener: `/healthz`, `/readyz`, `/metrics` (plain HTTP, never
+//! on the public listeners).
 //!
 //! `/healthz` answers 200 while the process runs. `/readyz` answers 200 once
 //! the listeners accept and every credential in use holds a usable token, and
 //! 503 from the moment shutdown begins so load balancers drain first.
+//! `/metrics` is the Prometheus (OpenMetrics) text exposition.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,18 +17,14 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::app::App;
 use crate::body::{self, ProxyBody};
 use crate::error::{ProxyError, json_error};
+use crate::metrics::CredentialLabel;
 use crate::proxy::Proxy;
-use crate::server::Status;
 
 /// Serves admin requests until `stop` turns true.
-pub async fn serve(
-    listener: TcpListener,
-    proxy: Arc<Proxy>,
-    status: Arc<Status>,
-    mut stop: watch::Receiver<bool>,
-) {
+pub async fn serve(listener: TcpListener, app: Arc<App>, mut stop: watch::Receiver<bool>) {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -41,11 +38,10 @@ pub async fn serve(
                 continue;
             }
         };
-        let proxy = Arc::clone(&proxy);
-        let status = Arc::clone(&status);
+        let app = Arc::clone(&app);
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let resp = handle(&req, &proxy, &status);
+                let resp = handle(&req, &app);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
@@ -58,9 +54,9 @@ pub async fn serve(
 }
 
 /// Answers one admin request.
-pub fn handle(req: &Request<Incoming>, proxy: &Proxy, status: &Status) -> Response<ProxyBody> {
+pub fn handle(req: &Request<Incoming>, app: &App) -> Response<ProxyBody> {
     let path = req.uri().path();
-    if !matches!(path, "/healthz" | "/readyz") {
+    if !matches!(path, "/healthz" | "/readyz" | "/metrics") {
         return json_error(StatusCode::NOT_FOUND, "Not found.");
     }
     if !matches!(*req.method(), Method::GET | Method::HEAD) {
@@ -69,8 +65,11 @@ pub fn handle(req: &Request<Incoming>, proxy: &Proxy, status: &Status) -> Respon
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return resp;
     }
+    let status = &app.status;
+    let proxy = app.proxy();
     match path {
         "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/metrics" => metrics(app, &proxy),
         _ => {
             let shutting_down = status.shutting_down.load(Ordering::SeqCst);
             let listening = status.listening.load(Ordering::SeqCst);
@@ -101,6 +100,36 @@ pub fn handle(req: &Request<Incoming>, proxy: &Proxy, status: &Status) -> Respon
             resp
         }
     }
+}
+
+fn metrics(app: &App, proxy: &Proxy) -> Response<ProxyBody> {
+    let m = app.metrics();
+    m.open_connections
+        .set(app.status.open_connections.load(Ordering::Relaxed) as i64);
+    for name in proxy.config().credentials_in_use() {
+        let Some(src) = proxy.tokens().get(name) else {
+            continue;
+        };
+        let info = src.info();
+        let label = CredentialLabel {
+            credential: name.to_string(),
+        };
+        // A never-expiring API key reports no expiry.
+        if let Some(left) = info.usable_for {
+            m.token_expires_in
+                .get_or_create(&label)
+                .set(left.as_secs_f64());
+        }
+        if let Some(age) = info.age {
+            m.token_age.get_or_create(&label).set(age.as_secs_f64());
+        }
+    }
+    let mut resp = Response::new(body::full(m.encode()));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    resp
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {

@@ -247,7 +247,7 @@ pub struct Limits {
 }
 
 /// A credential, with its secret already loaded.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct CredentialConfig {
     /// Name used in routes, logs and metrics.
     pub name: String,
@@ -258,7 +258,7 @@ pub struct CredentialConfig {
 }
 
 /// How a credential yields tokens.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub enum CredentialKind {
     /// OAuth 2.0 client credentials (app authentication).
     ClientCredentials {

@@ -4,6 +4,8 @@
 //! Map of the crate, in the order a request meets it:
 //!
 //! - [`config`]: `proxy.toml` → validated, precompiled [`config::Config`].
+//! - [`app`]: the current config generation (swapped on SIGHUP), metrics,
+//!   status.
 //! - [`server`]: listeners, TLS accept ([`tls`]), connection limits, graceful
 //!   shutdown; hands each request to [`proxy::Proxy::handle`].
 //! - [`proxy`]: the pipeline of phases — ping, referer/origin, CORS, route and
@@ -11,7 +13,8 @@
 //!   response hygiene ([`scrub`]), access log.
 //! - [`error`]: every failure → one ArcGIS-shaped JSON response.
 //! - [`redact`]: every log line is scrubbed of token-like values on write.
-//! - [`admin`]: `/healthz`, `/readyz` on a separate listener.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics` ([`metrics`]) on a separate
+//!   listener.
 //! - [`demo`]: an embedded fake ArcGIS for `arcgis-app-proxy demo`.
 //! - [`codec`]: streaming gzip/deflate/br, so bodies can be scrubbed.
 //! - [`body`]: the boxed body type shared by all of the above.
@@ -19,12 +22,14 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod app;
 pub mod body;
 pub mod codec;
 pub mod config;
 pub mod demo;
 pub mod error;
 pub mod forward;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod redact;
@@ -37,9 +42,10 @@ use std::future::Future;
 use std::io;
 use std::sync::Arc;
 
+pub use app::{App, Status};
 pub use config::Config;
 pub use proxy::Proxy;
-pub use server::{Listeners, Status};
+pub use server::Listeners;
 
 /// Runs the proxy for `config` on bound `listeners` until `shutdown`
 /// completes, then drains connections for up to `shutdown_grace_secs`.
@@ -48,8 +54,29 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let proxy = Arc::new(Proxy::new(config));
-    server::run(proxy, listeners, Arc::new(Status::default()), shutdown).await
+    server::run(App::new(config), listeners, shutdown).await
+}
+
+/// Reloads `path` into `app` on every SIGHUP; a config that fails
+/// validation is logged and the running one stays.
+pub async fn reload_on_sighup(app: Arc<App>, path: std::path::PathBuf) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot install the SIGHUP handler; reload disabled");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!(config = %path.display(), "SIGHUP received: reloading");
+            app.reload_from(&path, &config::ProcessEnv);
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (app, path);
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Installs the global tracing subscriber: JSON or text lines on stderr,

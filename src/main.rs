@@ -90,7 +90,9 @@ async fn serve(path: PathBuf) -> ExitCode {
             tracing::info!(listener = what, %addr, "listening");
         }
     }
-    match arcgis_app_proxy::run(config, listeners, arcgis_app_proxy::shutdown_signal()).await {
+    let app = arcgis_app_proxy::App::new(config);
+    tokio::spawn(arcgis_app_proxy::reload_on_sighup(app.clone(), path));
+    match arcgis_app_proxy::server::run(app, listeners, arcgis_app_proxy::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

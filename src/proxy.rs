@@ -25,7 +25,10 @@ use crate::codec::Coding;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::forward::{self, HttpClient, Outgoing, Verdict};
+use crate::metrics::{CredentialLabel, Metrics, RequestLabels, RouteLabel};
+use crate::policy::client;
 use crate::policy::path::{self, PathError};
+use crate::policy::rate::RateLimiter;
 use crate::policy::route::{Route, TokenIn};
 use crate::scrub::{self, ScrubBody, ScrubPatterns, Scrubber, UrlRewriter};
 use crate::token::{Token, TokenSource, TokenState};
@@ -44,6 +47,8 @@ pub struct Proxy {
     config: Arc<Config>,
     client: HttpClient,
     tokens: BTreeMap<String, TokenSource>,
+    metrics: Arc<Metrics>,
+    limiter: RateLimiter,
     /// Every route's upstream URL prefix, for `rewrite_urls`.
     rewrite_from: Vec<String>,
     /// Compiled body patterns by (token ids, rewriting?): built once per
@@ -52,24 +57,30 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Builds the proxy for a validated config.
+    /// Builds the proxy for a validated config, with its own metrics.
     pub fn new(config: Arc<Config>) -> Proxy {
         let client = forward::build_client(&config);
-        Proxy::with_client(config, client)
+        Proxy::assemble(config, client, BTreeMap::new(), Arc::new(Metrics::new()))
     }
 
-    /// Builds the proxy with a given upstream client (tests use one that
-    /// trusts their own CA).
-    pub fn with_client(config: Arc<Config>, client: HttpClient) -> Proxy {
+    /// Builds the proxy from parts: `reuse` holds token sources to keep (a
+    /// reload keeps the sources of unchanged credentials, tokens and all);
+    /// every other credential gets a new source.
+    pub fn assemble(
+        config: Arc<Config>,
+        client: HttpClient,
+        mut reuse: BTreeMap<String, TokenSource>,
+        metrics: Arc<Metrics>,
+    ) -> Proxy {
         let timeout = config.limits.upstream_timeout;
         let tokens = config
             .credentials
             .values()
             .map(|c| {
-                (
-                    c.name.clone(),
-                    TokenSource::from_config(c, client.clone(), timeout),
-                )
+                let src = reuse.remove(&c.name).unwrap_or_else(|| {
+                    TokenSource::from_config(c, client.clone(), timeout, Some(Arc::clone(&metrics)))
+                });
+                (c.name.clone(), src)
             })
             .collect();
         let rewrite_from = config
@@ -78,15 +89,27 @@ impl Proxy {
             .map(|r| r.upstream.as_str().trim_end_matches('/').to_string())
             .collect();
         Proxy {
+            limiter: RateLimiter::new(&config.routes),
             config,
             client,
             tokens,
+            metrics,
             rewrite_from,
             scrub_cache: moka::sync::Cache::builder()
                 .max_capacity(256)
                 .time_to_idle(std::time::Duration::from_secs(3600))
                 .build(),
         }
+    }
+
+    /// The upstream client (shared with token fetches).
+    pub fn client(&self) -> &HttpClient {
+        &self.client
+    }
+
+    /// The metrics this proxy records into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The config in use.
@@ -111,12 +134,12 @@ impl Proxy {
     /// Starts the background refresh of every credential in use: the first
     /// token is fetched at once, so the proxy becomes ready without waiting
     /// for a first request, and each is replaced before it expires.
-    pub fn start_refreshers(&self) -> Vec<tokio::task::JoinHandle<()>> {
-        self.config
-            .credentials_in_use()
-            .filter_map(|name| self.tokens.get(name))
-            .filter_map(TokenSource::spawn_refresher)
-            .collect()
+    pub fn start_refreshers(&self) {
+        for name in self.config.credentials_in_use() {
+            if let Some(src) = self.tokens.get(name) {
+                src.spawn_refresher();
+            }
+        }
     }
 
     /// Serves one request; never fails.
@@ -149,6 +172,13 @@ impl Proxy {
             h.append(header::VARY, HeaderValue::from_static("Origin"));
         }
         log.status = resp.status().as_u16();
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                route: log.route.clone().unwrap_or_else(|| "none".into()),
+                status: log.status,
+            })
+            .inc();
         resp.map(|b| LoggedBody::wrap(b, log))
     }
 
@@ -183,6 +213,7 @@ impl Proxy {
             .chain(parts.headers.get_all(header::ORIGIN).iter());
         if let Err(e) = cfg.referers.check_all(values) {
             tracing::debug!(reason = %e, "referer check failed");
+            self.metrics.referer_rejections.inc();
             return Err(ProxyError::RefererNotAllowed);
         }
         *cors_origin = parts.headers.get(header::ORIGIN).cloned();
@@ -215,6 +246,17 @@ impl Proxy {
             (route, url)
         };
         log.route = Some(route.name.clone());
+
+        // Phase: rate limit, per client IP per route.
+        if let Err(wait) = self.limiter.check(route.index, log.client) {
+            self.metrics
+                .rate_limited
+                .get_or_create(&RouteLabel {
+                    route: route.name.clone(),
+                })
+                .inc();
+            return Err(ProxyError::RateLimited { retry_after: wait });
+        }
 
         // Phase: method and body.
         if !matches!(parts.method, Method::GET | Method::HEAD | Method::POST) {
@@ -308,7 +350,14 @@ impl Proxy {
                 content_length,
                 decodable_only: scrubbing,
             };
+            let sent_at = Instant::now();
             let resp = self.send(forward::build_request(out, body)).await?;
+            self.metrics
+                .upstream_duration
+                .get_or_create(&RouteLabel {
+                    route: route.name.clone(),
+                })
+                .observe(sent_at.elapsed().as_secs_f64());
             let (Some(src), Some(sent)) = (source, token.as_ref()) else {
                 break resp.map(|b| b.map_err(BoxError::from).boxed());
             };
@@ -339,6 +388,12 @@ impl Proxy {
                 credential = src.name(),
                 "upstream refused the token; retrying once with a new one"
             );
+            self.metrics
+                .token_retries
+                .get_or_create(&CredentialLabel {
+                    credential: src.name().to_string(),
+                })
+                .inc();
             token = Some(src.token().await?);
         };
 
@@ -480,27 +535,9 @@ impl Proxy {
         resp
     }
 
-    /// The client's address: the TCP peer, or — when the peer is a trusted
-    /// proxy — the right-most `X-Forwarded-For` hop that is not.
+    /// The client's address (see [`crate::policy::client`]).
     pub fn client_ip(&self, headers: &HeaderMap, conn: &ConnInfo) -> IpAddr {
-        let trusted = &self.config.server.trusted_proxies;
-        let peer = conn.peer.ip();
-        if !trusted.iter().any(|n| n.contains(&peer)) {
-            return peer;
-        }
-        let hops: Vec<IpAddr> = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|h| h.trim().parse::<IpAddr>().ok())
-            .collect();
-        hops.iter()
-            .rev()
-            .find(|ip| !trusted.iter().any(|n| n.contains(*ip)))
-            .or(hops.first())
-            .copied()
-            .unwrap_or(peer)
+        client::client_ip(conn.peer.ip(), headers, &self.config.server.trusted_proxies)
     }
 
     /// `scheme://host[:port]` for proxy URLs sent back to this client.

@@ -14,20 +14,19 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::admin;
+use crate::app::App;
+use crate::config::{Config, Limits};
+use crate::proxy::ConnInfo;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
-use tokio_rustls::TlsAcceptor;
-
-use crate::admin;
-use crate::config::{Config, Limits};
-use crate::proxy::{ConnInfo, Proxy};
 
 /// Bound sockets for the proxy's listeners.
 #[derive(Debug, Default)]
@@ -59,18 +58,8 @@ impl Listeners {
     }
 }
 
-/// Process-wide state the admin endpoints report on.
-#[derive(Debug, Default)]
-pub struct Status {
-    /// Set once shutdown begins; `/readyz` turns 503.
-    pub shutting_down: AtomicBool,
-    /// Set once the listeners accept.
-    pub listening: AtomicBool,
-    /// Connections currently open on the public listeners.
-    pub open_connections: AtomicUsize,
-}
-
-fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+/// HTTP/1.1 + HTTP/2 connection settings from `[limits]`.
+pub(crate) fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
@@ -88,37 +77,30 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Serves the proxy on `listeners` until `shutdown` completes, then drains.
+/// Serves `app` on `listeners` until `shutdown` completes, then drains.
 pub async fn run(
-    proxy: Arc<Proxy>,
+    app: Arc<App>,
     listeners: Listeners,
-    status: Arc<Status>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let config = Arc::clone(proxy.config());
-    let limits = config.limits.clone();
-    let acceptor = config.server.tls.clone().map(TlsAcceptor::from);
-    if listeners.tls.is_some() && acceptor.is_none() {
+    let first = app.current();
+    if listeners.tls.is_some() && first.tls.is_none() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "HTTPS listener without TLS settings",
         ));
     }
-    let refreshers = proxy.start_refreshers();
+    first.proxy.start_refreshers();
+    let max_connections = first.proxy.config().limits.max_connections;
+    drop(first);
     let (stop_tx, stop_rx) = watch::channel(false);
     if let Some(admin) = listeners.admin {
-        tokio::spawn(admin::serve(
-            admin,
-            Arc::clone(&proxy),
-            Arc::clone(&status),
-            stop_rx.clone(),
-        ));
+        tokio::spawn(admin::serve(admin, Arc::clone(&app), stop_rx.clone()));
     }
 
     let graceful = GracefulShutdown::new();
-    let builder = Arc::new(http_builder(&limits));
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    status.listening.store(true, Ordering::SeqCst);
+    let permits = Arc::new(Semaphore::new(max_connections));
+    app.status.listening.store(true, Ordering::SeqCst);
 
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -139,23 +121,29 @@ pub async fn run(
         };
         let _ = stream.set_nodelay(true);
         let watcher = graceful.watcher();
-        let proxy = Arc::clone(&proxy);
-        let builder = Arc::clone(&builder);
-        let acceptor = acceptor.clone();
-        let status = Arc::clone(&status);
-        let handshake_timeout = limits.header_read_timeout;
+        let app = Arc::clone(&app);
         tokio::spawn(async move {
-            status.open_connections.fetch_add(1, Ordering::Relaxed);
+            app.status.open_connections.fetch_add(1, Ordering::Relaxed);
+            // The connection's settings and certificate come from the
+            // generation current when it was accepted; each request then
+            // runs on the generation current when it arrives.
+            let generation = app.current();
+            let handshake_timeout = generation.proxy.config().limits.header_read_timeout;
             let info = ConnInfo { peer, tls };
+            let svc_app = Arc::clone(&app);
             let svc = service_fn(move |req| {
-                let proxy = Arc::clone(&proxy);
+                let proxy = svc_app.proxy();
                 async move { Ok::<_, Infallible>(proxy.handle(req, &info).await) }
             });
             let result = if tls {
-                let acceptor = acceptor.expect("checked above");
+                let Some(acceptor) = generation.tls.clone() else {
+                    app.status.open_connections.fetch_sub(1, Ordering::Relaxed);
+                    return;
+                };
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(tls_stream)) => {
-                        let conn = builder
+                        let conn = generation
+                            .http
                             .serve_connection(TokioIo::new(tls_stream), svc)
                             .into_owned();
                         watcher.watch(conn).await
@@ -164,7 +152,8 @@ pub async fn run(
                     Err(_) => Err("TLS handshake timed out".into()),
                 }
             } else {
-                let conn = builder
+                let conn = generation
+                    .http
                     .serve_connection(TokioIo::new(stream), svc)
                     .into_owned();
                 watcher.watch(conn).await
@@ -172,28 +161,25 @@ pub async fn run(
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %crate::error::describe(&*e), "connection ended with an error");
             }
-            status.open_connections.fetch_sub(1, Ordering::Relaxed);
+            app.status.open_connections.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
     }
 
-    status.shutting_down.store(true, Ordering::SeqCst);
+    app.status.shutting_down.store(true, Ordering::SeqCst);
     drop(listeners.tls);
     drop(listeners.plain);
-    let open = graceful.count();
+    let grace = app.proxy().config().server.shutdown_grace;
     tracing::info!(
-        open_connections = open,
-        grace_secs = config.server.shutdown_grace.as_secs(),
+        open_connections = graceful.count(),
+        grace_secs = grace.as_secs(),
         "shutting down: no longer accepting, draining connections"
     );
-    match tokio::time::timeout(config.server.shutdown_grace, graceful.shutdown()).await {
+    match tokio::time::timeout(grace, graceful.shutdown()).await {
         Ok(()) => tracing::info!("all connections closed"),
         Err(_) => tracing::warn!("grace period over; closing remaining connections"),
     }
     let _ = stop_tx.send(true);
-    for r in refreshers {
-        r.abort();
-    }
     Ok(())
 }
 

@@ -42,6 +42,8 @@ pub struct Route {
     pub rate_limit: Option<(u32, Duration)>,
     /// ArcGIS Basemap Styles service: send `echoToken=false`.
     pub basemap_styles: bool,
+    /// Position in the route table (config order).
+    pub index: usize,
     /// `scheme://host[:port]`, default port omitted.
     origin: String,
     /// Upstream path without trailing slash; empty for the root.
@@ -72,6 +74,7 @@ impl Route {
             rewrite_urls,
             rate_limit,
             basemap_styles,
+            index: 0,
             origin,
             base_path,
         }
@@ -116,7 +119,10 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Builds the table.
-    pub fn new(routes: Vec<Route>) -> RouteTable {
+    pub fn new(mut routes: Vec<Route>) -> RouteTable {
+        for (i, r) in routes.iter_mut().enumerate() {
+            r.index = i;
+        }
         let mut by_mount: Vec<usize> = (0..routes.len())
             .filter(|&i| routes[i].mount.is_some())
             .collect();

@@ -16,7 +16,7 @@
 //! what matters is a wait-free read and an atomic replace, not eviction.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -27,6 +27,7 @@ use super::fetch::{Fetcher, OAuthFetcher};
 use super::{Token, TokenError};
 use crate::config::{CredentialConfig, CredentialKind};
 use crate::forward::HttpClient;
+use crate::metrics::Metrics;
 
 /// First backoff step after a failed fetch.
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
@@ -81,6 +82,8 @@ pub struct TokenSource {
 struct Inner {
     name: String,
     fetcher: Option<Box<dyn Fetcher>>,
+    metrics: Option<Arc<Metrics>>,
+    refresher_started: AtomicBool,
     current: ArcSwapOption<Token>,
     /// The token `current` replaced; responses to requests that carried it
     /// may still be in flight, so it is scrubbed too.
@@ -99,8 +102,13 @@ struct Flight {
 
 impl TokenSource {
     /// Builds the source for a configured credential.
-    pub fn from_config(cfg: &CredentialConfig, client: HttpClient, timeout: Duration) -> Self {
-        match &cfg.kind {
+    pub fn from_config(
+        cfg: &CredentialConfig,
+        client: HttpClient,
+        timeout: Duration,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Self {
+        let mut src = match &cfg.kind {
             CredentialKind::ApiKey(key) => {
                 let token = Token::new(key.expose().to_string(), Instant::now(), None)
                     .expect("API key characters are checked at config load");
@@ -124,7 +132,11 @@ impl TokenSource {
                 }),
                 timeout * 2,
             ),
+        };
+        if let Some(inner) = Arc::get_mut(&mut src.inner) {
+            inner.metrics = metrics;
         }
+        src
     }
 
     /// A source that always yields the same never-expiring token (API keys).
@@ -133,6 +145,8 @@ impl TokenSource {
             inner: Arc::new(Inner {
                 name: name.to_string(),
                 fetcher: None,
+                metrics: None,
+                refresher_started: AtomicBool::new(true),
                 current: ArcSwapOption::from_pointee(token),
                 previous: ArcSwapOption::empty(),
                 flight: Mutex::new(Flight::default()),
@@ -149,6 +163,8 @@ impl TokenSource {
             inner: Arc::new(Inner {
                 name: name.to_string(),
                 fetcher: Some(fetcher),
+                metrics: None,
+                refresher_started: AtomicBool::new(false),
                 current: ArcSwapOption::empty(),
                 previous: ArcSwapOption::empty(),
                 flight: Mutex::new(Flight::default()),
@@ -239,6 +255,7 @@ impl TokenSource {
                     flight.failures = 0;
                     flight.failed = None;
                     self.inner.state.store(OK, Ordering::Relaxed);
+                    self.count("ok");
                     tracing::info!(
                         credential = %self.inner.name,
                         expires_in_secs = lifetime.map(|l| l.as_secs()),
@@ -258,10 +275,14 @@ impl TokenSource {
         }
     }
 
-    /// Starts the background refresh task (client-credentials sources only).
-    /// It ends when the last clone of this source is dropped.
+    /// Starts the background refresh task (client-credentials sources only,
+    /// once per source). It ends when the last clone of this source is
+    /// dropped.
     pub fn spawn_refresher(&self) -> Option<tokio::task::JoinHandle<()>> {
         self.inner.fetcher.as_ref()?;
+        if self.inner.refresher_started.swap(true, Ordering::SeqCst) {
+            return None;
+        }
         let weak = Arc::downgrade(&self.inner);
         Some(tokio::spawn(async move {
             loop {
@@ -349,8 +370,18 @@ impl TokenSource {
         }
     }
 
+    fn count(&self, outcome: &'static str) {
+        if let Some(m) = &self.inner.metrics {
+            m.token_fetch(&self.inner.name, outcome);
+        }
+    }
+
     fn fail(&self, flight: &mut Flight, err: TokenError) -> Result<Arc<Token>, TokenError> {
         flight.failures = flight.failures.saturating_add(1);
+        self.count(match err {
+            TokenError::Rejected { .. } => "rejected",
+            TokenError::Unavailable { .. } => "error",
+        });
         let delay = backoff(flight.failures);
         self.inner.state.store(FAILING, Ordering::Relaxed);
         match &err {

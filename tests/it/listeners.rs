@@ -251,11 +251,11 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     let addr = proxy.addr;
     let in_flight = tokio::spawn(async move { client.get("/svc/slow").await });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let status = Arc::clone(&proxy.status);
+    let app = Arc::clone(&proxy.app);
     let stopping = tokio::spawn(proxy.stop());
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
-        status
+        app.status
             .shutting_down
             .load(std::sync::atomic::Ordering::SeqCst)
     );

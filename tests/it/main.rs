@@ -5,6 +5,7 @@ mod cli;
 mod forwarding;
 mod leaks;
 mod listeners;
+mod ops;
 mod routing;
 mod support;
 mod tokens;

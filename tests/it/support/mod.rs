@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arcgis_app_proxy::config::{Config, Env};
-use arcgis_app_proxy::{Listeners, Proxy, Status};
+use arcgis_app_proxy::{App, Listeners};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
@@ -23,6 +23,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -626,8 +629,7 @@ pub struct TestProxy {
     pub addr: SocketAddr,
     pub plain_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
-    pub proxy: Arc<Proxy>,
-    pub status: Arc<Status>,
+    pub app: Arc<App>,
     shutdown: Option<oneshot::Sender<()>>,
     pub done: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -657,13 +659,11 @@ impl TestProxy {
             .unwrap();
         let plain_addr = listeners.plain.as_ref().map(|l| l.local_addr().unwrap());
         let admin_addr = listeners.admin.as_ref().map(|l| l.local_addr().unwrap());
-        let proxy = Arc::new(Proxy::new(config));
-        let status = Arc::new(Status::default());
+        let app = App::new(config);
         let (tx, rx) = oneshot::channel::<()>();
         let done = tokio::spawn(arcgis_app_proxy::server::run(
-            Arc::clone(&proxy),
+            Arc::clone(&app),
             listeners,
-            Arc::clone(&status),
             async move {
                 let _ = rx.await;
             },
@@ -672,8 +672,7 @@ impl TestProxy {
             addr,
             plain_addr,
             admin_addr,
-            proxy,
-            status,
+            app,
             shutdown: Some(tx),
             done,
         }
@@ -702,6 +701,20 @@ pub fn set_key(toml: &str, section: &str, line: &str) -> String {
         &format!("[{section}]\n{line}\n"),
         1,
     )
+}
+
+/// Validates a test config (see [`TestProxy::start`] for the placeholders).
+pub fn test_config(pki: &Pki, toml: &str) -> Config {
+    let text = toml
+        .replace("{CERT}", pki.path("proxy.crt").to_str().unwrap())
+        .replace("{KEY}", pki.path("proxy.key").to_str().unwrap())
+        .replace("{CA}", pki.path("ca.pem").to_str().unwrap());
+    let env = MapEnv(vec![
+        ("SECRET", SECRET.to_string()),
+        ("APIKEY", "API-KEY-123".into()),
+    ]);
+    Config::from_toml(&text, Path::new("test.toml"), pki.dir.path(), &env)
+        .unwrap_or_else(|e| panic!("test config invalid:\n{e}"))
 }
 
 /// A standard config: HTTPS listener, a client-credentials credential against
@@ -905,4 +918,105 @@ pub async fn raw_tls(pki: &Pki, addr: SocketAddr, bytes: &[u8], wait: Duration) 
 /// The status code of the first response in raw HTTP/1 output.
 pub fn raw_status(out: &str) -> Option<u16> {
     out.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+// ------------------------------------------------------------ real binary
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_arcgis-app-proxy");
+
+/// Writes a file and returns its path as a string.
+pub fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+/// A config file for the real binary, placeholders filled in.
+pub fn write_config(pki: &Pki, name: &str, toml: &str) -> String {
+    let text = toml
+        .replace("{CERT}", pki.path("proxy.crt").to_str().unwrap())
+        .replace("{KEY}", pki.path("proxy.key").to_str().unwrap())
+        .replace("{CA}", pki.path("ca.pem").to_str().unwrap());
+    write(pki.dir.path(), name, &text)
+}
+
+/// A child process whose stderr lines are collected on a thread.
+pub struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Proc {
+    pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .envs(envs.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Proc {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line containing `needle` and returns it.
+    pub fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("no line with {needle:?}; got:\n{}", self.seen.join("\n"));
+    }
+
+    /// Sends a signal by name (`HUP`, `TERM`).
+    pub fn signal(&self, sig: &str) {
+        let _ = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status();
+    }
+
+    /// SIGTERM, wait for exit, and return the exit code and all output.
+    pub fn terminate(mut self) -> (i32, String) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let status = self.child.wait().unwrap();
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(500)) {
+            self.seen.push(line);
+        }
+        (status.code().unwrap_or(-1), self.seen.join("\n"))
+    }
+}
+
+/// The `addr` field of a JSON log line.
+pub fn addr_in(line: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    v["addr"].as_str().unwrap().to_string()
 }

@@ -1,0 +1,178 @@
+//! The running process: the current configuration generation, swapped
+//! atomically on reload, plus what outlives generations (metrics, status).
+//!
+//! A [`Generation`] bundles everything derived from one config: the
+//! [`Proxy`] pipeline, the HTTP connection builder (limits) and the TLS
+//! acceptor (certificate). Each request loads the current generation once
+//! and keeps it to the end, so in-flight requests finish on the config they
+//! started with; each new TLS connection uses the current certificate, so a
+//! renewed certificate is picked up without dropping anything. A reload keeps
+//! the token source — and so the token — of every credential whose settings
+//! did not change.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Config, Env};
+use crate::forward;
+use crate::metrics::{Metrics, OutcomeLabel};
+use crate::proxy::Proxy;
+use crate::server;
+
+/// Process-wide state the admin endpoints report on.
+#[derive(Debug, Default)]
+pub struct Status {
+    /// Set once shutdown begins; `/readyz` turns 503.
+    pub shutting_down: AtomicBool,
+    /// Set once the listeners accept.
+    pub listening: AtomicBool,
+    /// Connections currently open on the public listeners.
+    pub open_connections: AtomicUsize,
+}
+
+/// Everything built from one config.
+pub struct Generation {
+    /// The request pipeline.
+    pub proxy: Arc<Proxy>,
+    /// HTTP/1 + HTTP/2 connection settings from `[limits]`.
+    pub(crate) http: auto::Builder<TokioExecutor>,
+    /// TLS acceptor for the HTTPS listener.
+    pub(crate) tls: Option<TlsAcceptor>,
+}
+
+impl Generation {
+    fn new(proxy: Arc<Proxy>) -> Generation {
+        let config = proxy.config();
+        Generation {
+            http: server::http_builder(&config.limits),
+            tls: config.server.tls.clone().map(TlsAcceptor::from),
+            proxy,
+        }
+    }
+}
+
+/// The running proxy.
+pub struct App {
+    current: ArcSwap<Generation>,
+    metrics: Arc<Metrics>,
+    /// Listener and shutdown state.
+    pub status: Status,
+}
+
+impl App {
+    /// The app for a validated config.
+    pub fn new(config: Arc<Config>) -> Arc<App> {
+        let metrics = Arc::new(Metrics::new());
+        let client = forward::build_client(&config);
+        let proxy = Proxy::assemble(config, client, BTreeMap::new(), Arc::clone(&metrics));
+        Arc::new(App {
+            current: ArcSwap::from_pointee(Generation::new(Arc::new(proxy))),
+            metrics,
+            status: Status::default(),
+        })
+    }
+
+    /// The current generation.
+    pub fn current(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    /// The current proxy pipeline.
+    pub fn proxy(&self) -> Arc<Proxy> {
+        Arc::clone(&self.current.load().proxy)
+    }
+
+    /// Process metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Replaces the running config with `config`, already validated.
+    /// Returns notes about settings that only take effect on restart.
+    pub fn reload(&self, config: Config) -> Vec<String> {
+        let old = self.current();
+        let old_cfg = old.proxy.config();
+        let mut notes = Vec::new();
+        if config.server.listen != old_cfg.server.listen
+            || config.server.plain_listen != old_cfg.server.plain_listen
+            || config.server.admin_listen != old_cfg.server.admin_listen
+        {
+            notes.push("listener addresses change only on restart; the old ones stay".to_string());
+        }
+        if config.limits.max_connections != old_cfg.limits.max_connections {
+            notes.push("limits.max_connections changes only on restart".to_string());
+        }
+        let same_client = config.extra_ca == old_cfg.extra_ca
+            && config.limits.upstream_connect_timeout == old_cfg.limits.upstream_connect_timeout
+            && config.limits.upstream_timeout == old_cfg.limits.upstream_timeout;
+        let client = if same_client {
+            old.proxy.client().clone()
+        } else {
+            forward::build_client(&config)
+        };
+        let mut reuse = BTreeMap::new();
+        if same_client {
+            for (name, cred) in &config.credentials {
+                if old_cfg.credentials.get(name) == Some(cred)
+                    && let Some(src) = old.proxy.tokens().get(name)
+                {
+                    reuse.insert(name.clone(), src.clone());
+                }
+            }
+        }
+        let kept: Vec<String> = reuse.keys().cloned().collect();
+        let proxy = Arc::new(Proxy::assemble(
+            Arc::new(config),
+            client,
+            reuse,
+            Arc::clone(&self.metrics),
+        ));
+        proxy.start_refreshers();
+        self.current.store(Arc::new(Generation::new(proxy)));
+        tracing::info!(tokens_kept = ?kept, "configuration reloaded");
+        notes
+    }
+
+    /// Reads, validates and applies the config file; on any problem the
+    /// running config stays and every problem is logged.
+    pub fn reload_from(&self, path: &Path, env: &dyn Env) -> bool {
+        match Config::load(path, env) {
+            Ok(config) => {
+                for w in &config.warnings {
+                    tracing::warn!(config = %path.display(), "{w}");
+                }
+                for note in self.reload(config) {
+                    tracing::warn!(config = %path.display(), "{note}");
+                }
+                self.count_reload("ok");
+                true
+            }
+            Err(e) => {
+                for p in &e.problems {
+                    tracing::error!(
+                        config = %path.display(),
+                        key = %p.key,
+                        problem = %p.message,
+                        "configuration rejected; keeping the running one"
+                    );
+                }
+                self.count_reload("error");
+                false
+            }
+        }
+    }
+
+    fn count_reload(&self, outcome: &'static str) {
+        self.metrics
+            .reloads
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+    }
+}

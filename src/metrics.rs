@@ -1,0 +1,225 @@
+//! Prometheus metrics (`/metrics` on the admin listener), via
+//! `prometheus-client`.
+//!
+//! One [`Metrics`] lives for the whole process and survives config reloads,
+//! so counters never reset on SIGHUP. Gauges that describe state (token
+//! expiry and age, open connections) are set at scrape time from the source
+//! of truth rather than maintained on the hot path.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+/// `route`, `status` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Route name, or `none` before routing.
+    pub route: String,
+    /// HTTP status code.
+    pub status: u16,
+}
+
+/// `route` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    /// Route name.
+    pub route: String,
+}
+
+/// `credential` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CredentialLabel {
+    /// Credential name.
+    pub credential: String,
+}
+
+/// `credential`, `outcome` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FetchLabels {
+    /// Credential name.
+    pub credential: String,
+    /// `ok`, `error` or `rejected`.
+    pub outcome: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms … ~16 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+/// Every metric the proxy exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests answered, by route and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Time to the upstream response head, by route.
+    pub upstream_duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    /// Token endpoint calls by outcome.
+    pub token_fetches: Family<FetchLabels, Counter>,
+    /// Retries after an upstream refused the proxy's token.
+    pub token_retries: Family<CredentialLabel, Counter>,
+    /// Seconds the current token may still be injected.
+    pub token_expires_in: Family<CredentialLabel, Gauge<f64, AtomicU64>>,
+    /// Seconds since the current token was obtained.
+    pub token_age: Family<CredentialLabel, Gauge<f64, AtomicU64>>,
+    /// Requests refused by the Referer/Origin policy.
+    pub referer_rejections: Counter,
+    /// Requests refused by a rate limit, by route.
+    pub rate_limited: Family<RouteLabel, Counter>,
+    /// Connections open on the public listeners.
+    pub open_connections: Gauge,
+    /// Config reloads by outcome.
+    pub reloads: Family<OutcomeLabel, Counter>,
+}
+
+/// `outcome` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// `ok` or `error`.
+    pub outcome: &'static str,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let upstream_duration =
+            Family::<RouteLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram as fn() -> Histogram,
+            );
+        let token_fetches = Family::<FetchLabels, Counter>::default();
+        let token_retries = Family::<CredentialLabel, Counter>::default();
+        let token_expires_in = Family::<CredentialLabel, Gauge<f64, AtomicU64>>::default();
+        let token_age = Family::<CredentialLabel, Gauge<f64, AtomicU64>>::default();
+        let referer_rejections = Counter::default();
+        let rate_limited = Family::<RouteLabel, Counter>::default();
+        let open_connections = Gauge::default();
+        let reloads = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "arcgis_proxy_requests",
+            "Requests answered, by route and HTTP status",
+            requests.clone(),
+        );
+        registry.register(
+            "arcgis_proxy_upstream_duration_seconds",
+            "Time from sending a request upstream to its response head",
+            upstream_duration.clone(),
+        );
+        registry.register(
+            "arcgis_proxy_token_fetches",
+            "Token endpoint requests by outcome (ok, error, rejected)",
+            token_fetches.clone(),
+        );
+        registry.register(
+            "arcgis_proxy_token_retries",
+            "Requests retried with a new token after the upstream refused the old one",
+            token_retries.clone(),
+        );
+        registry.register(
+            "arcgis_proxy_token_expires_in_seconds",
+            "Seconds the current token may still be injected",
+            token_expires_in.clone(),
+        );
+        registry.register(
+            "arcgis_proxy_token_age_seconds",
+            "Seconds since the current token was obtained",
+            token_age.clone(),
+        );
+        registry.register(
+            "arcgis_proxy_referer_rejections",
+            "Requests refused by the Referer/Origin allowlist",
+            referer_rejections.clone(),
+        );
+        registry.register(
+            "arcgis_proxy_rate_limited",
+            "Requests refused by a per-client rate limit, by route",
+            rate_limited.clone(),
+        );
+        registry.register(
+            "arcgis_proxy_open_connections",
+            "Connections open on the public listeners",
+            open_connections.clone(),
+        );
+        registry.register(
+            "arcgis_proxy_config_reloads",
+            "Configuration reloads by outcome",
+            reloads.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            upstream_duration,
+            token_fetches,
+            token_retries,
+            token_expires_in,
+            token_age,
+            referer_rejections,
+            rate_limited,
+            open_connections,
+            reloads,
+        }
+    }
+
+    /// Counts one token fetch.
+    pub fn token_fetch(&self, credential: &str, outcome: &'static str) {
+        self.token_fetches
+            .get_or_create(&FetchLabels {
+                credential: credential.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_match_the_contract() {
+        let m = Metrics::new();
+        m.requests
+            .get_or_create(&RequestLabels {
+                route: "basemaps".into(),
+                status: 200,
+            })
+            .inc();
+        m.token_fetch("online", "ok");
+        m.upstream_duration
+            .get_or_create(&RouteLabel {
+                route: "basemaps".into(),
+            })
+            .observe(0.02);
+        m.referer_rejections.inc();
+        let text = m.encode();
+        for needle in [
+            "arcgis_proxy_requests_total{route=\"basemaps\",status=\"200\"} 1",
+            "arcgis_proxy_token_fetches_total{credential=\"online\",outcome=\"ok\"} 1",
+            "arcgis_proxy_upstream_duration_seconds_bucket{le=\"0.032\",route=\"basemaps\"} 1",
+            "arcgis_proxy_referer_rejections_total 1",
+            "# TYPE arcgis_proxy_open_connections gauge",
+            "# EOF",
+        ] {
+            assert!(text.contains(needle), "{needle} missing in\n{text}");
+        }
+    }
+}
