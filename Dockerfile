@@ -1,0 +1,28 @@
+# Multi-stage build: a static-ish release binary on a distroless runtime that
+# runs as a non-root user. Config and certificates are mounted, never baked in.
+#
+#   docker build -t arcgis-app-proxy .
+#   docker run --rm -p 8443:8443 -p 127.0.0.1:9090:9090 \
+#     -v "$PWD/proxy.toml:/etc/arcgis-app-proxy/proxy.toml:ro" \
+#     -v "$PWD/certs:/etc/arcgis-app-proxy/certs:ro" \
+#     -e ARCGIS_CLIENT_SECRET \
+#     arcgis-app-proxy
+#
+# In the container, set admin_listen = "0.0.0.0:9090" so probes can reach it,
+# and publish that port only to the orchestrator, never to the internet.
+
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY benches ./benches
+RUN cargo build --release --locked --bin arcgis-app-proxy \
+ && strip target/release/arcgis-app-proxy
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/arcgis-app-proxy /usr/local/bin/arcgis-app-proxy
+USER nonroot:nonroot
+EXPOSE 8443 9090
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/arcgis-app-proxy"]
+CMD ["--config", "/etc/arcgis-app-proxy/proxy.toml"]
