@@ -21,7 +21,7 @@ use hyper_util::server::conn::auto;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, Env};
-use crate::forward;
+use crate::forward::Clients;
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::proxy::Proxy;
 use crate::server;
@@ -67,11 +67,16 @@ pub struct App {
 }
 
 impl App {
-    /// The app for a validated config.
+    /// The app for a validated config, served from one thread's runtime.
     pub fn new(config: Arc<Config>) -> Arc<App> {
+        App::with_shards(config, 1)
+    }
+
+    /// The app for `shards` serving threads (one upstream pool each).
+    pub fn with_shards(config: Arc<Config>, shards: usize) -> Arc<App> {
         let metrics = Arc::new(Metrics::new());
-        let client = forward::build_client(&config);
-        let proxy = Proxy::assemble(config, client, BTreeMap::new(), Arc::clone(&metrics));
+        let clients = Clients::new(&config, shards);
+        let proxy = Proxy::assemble(config, clients, BTreeMap::new(), Arc::clone(&metrics));
         Arc::new(App {
             current: ArcSwap::from_pointee(Generation::new(Arc::new(proxy))),
             metrics,
@@ -112,10 +117,10 @@ impl App {
         let same_client = config.extra_ca == old_cfg.extra_ca
             && config.limits.upstream_connect_timeout == old_cfg.limits.upstream_connect_timeout
             && config.limits.upstream_timeout == old_cfg.limits.upstream_timeout;
-        let client = if same_client {
-            old.proxy.client().clone()
+        let clients = if same_client {
+            old.proxy.clients().clone()
         } else {
-            forward::build_client(&config)
+            Clients::new(&config, old.proxy.clients().shards())
         };
         let mut reuse = BTreeMap::new();
         if same_client {
@@ -130,7 +135,7 @@ impl App {
         let kept: Vec<String> = reuse.keys().cloned().collect();
         let proxy = Arc::new(Proxy::assemble(
             Arc::new(config),
-            client,
+            clients,
             reuse,
             Arc::clone(&self.metrics),
         ));

@@ -8,6 +8,7 @@
 //! `Forwarded`/`X-Forwarded-*` and `Proxy-*` never cross in either direction
 //! where SPEC forbids it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -22,7 +23,7 @@ use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 
-use crate::body::{self, BoxError, Prefixed, ProxyBody};
+use crate::body::{BoxError, Prefixed, ProxyBody};
 use crate::codec::{self, Coding};
 use crate::config::Config;
 use crate::tls;
@@ -39,6 +40,40 @@ pub fn build_client(config: &Config) -> HttpClient {
         tls::client_config(&config.extra_ca),
         config.limits.upstream_connect_timeout,
     )
+}
+
+/// Upstream clients: one per serving thread, so a request and the pooled
+/// upstream connection it uses live on the same thread and never wake each
+/// other across cores, plus one for token fetches and background work.
+#[derive(Clone)]
+pub struct Clients {
+    control: HttpClient,
+    shards: Arc<[HttpClient]>,
+}
+
+impl Clients {
+    /// Clients for `shards` serving threads (at least one).
+    pub fn new(config: &Config, shards: usize) -> Clients {
+        Clients {
+            control: build_client(config),
+            shards: (0..shards.max(1)).map(|_| build_client(config)).collect(),
+        }
+    }
+
+    /// The client for background work (token fetches).
+    pub fn control(&self) -> &HttpClient {
+        &self.control
+    }
+
+    /// The client for serving thread `shard`.
+    pub fn shard(&self, shard: usize) -> &HttpClient {
+        &self.shards[shard % self.shards.len()]
+    }
+
+    /// Number of serving-thread clients.
+    pub fn shards(&self) -> usize {
+        self.shards.len()
+    }
 }
 
 /// Builds an upstream client with the given TLS config.
@@ -223,7 +258,26 @@ pub enum Verdict {
     /// JSON error 498/499, also when compressed).
     Rejected,
     /// Anything else, with its body intact.
-    Pass(Response<ProxyBody>),
+    Pass(http::response::Parts, Answer),
+}
+
+/// An upstream answer's body: already complete in memory (small answers
+/// read by [`inspect`]), or still streaming.
+pub enum Answer {
+    /// The whole body.
+    Whole(Bytes),
+    /// The body as it arrives.
+    Stream(ProxyBody),
+}
+
+impl Answer {
+    /// The body to send as it is.
+    pub fn into_body(self) -> ProxyBody {
+        match self {
+            Answer::Whole(b) => crate::body::full(b),
+            Answer::Stream(b) => b,
+        }
+    }
 }
 
 /// Classifies an upstream answer to a request that carried the proxy's token,
@@ -234,9 +288,11 @@ pub async fn inspect(resp: Response<Incoming>) -> Result<Verdict, BoxError> {
     }
     let (parts, body) = resp.into_parts();
     let mut body: ProxyBody = body.map_err(BoxError::from).boxed();
-    if parts.status != StatusCode::OK || !may_be_json_error(&parts.headers) || body.is_end_stream()
-    {
-        return Ok(Verdict::Pass(Response::from_parts(parts, body)));
+    if body.is_end_stream() {
+        return Ok(Verdict::Pass(parts, Answer::Whole(Bytes::new())));
+    }
+    if parts.status != StatusCode::OK || !may_be_json_error(&parts.headers) {
+        return Ok(Verdict::Pass(parts, Answer::Stream(body)));
     }
     let mut read: Vec<Bytes> = Vec::new();
     let mut size = 0;
@@ -262,10 +318,10 @@ pub async fn inspect(resp: Response<Incoming>) -> Result<Verdict, BoxError> {
         }
     }
     if !ended {
-        return Ok(Verdict::Pass(Response::from_parts(
+        return Ok(Verdict::Pass(
             parts,
-            Prefixed::new(read, body).boxed(),
-        )));
+            Answer::Stream(Prefixed::new(read, body).boxed()),
+        ));
     }
     let whole: Bytes = if read.len() == 1 {
         read.pop().unwrap_or_default()
@@ -277,10 +333,7 @@ pub async fn inspect(resp: Response<Incoming>) -> Result<Verdict, BoxError> {
     if decoded.as_deref().is_some_and(is_token_error) {
         return Ok(Verdict::Rejected);
     }
-    Ok(Verdict::Pass(Response::from_parts(
-        parts,
-        body::full(whole),
-    )))
+    Ok(Verdict::Pass(parts, Answer::Whole(whole)))
 }
 
 fn may_be_json_error(headers: &HeaderMap) -> bool {
@@ -301,6 +354,16 @@ fn may_be_json_error(headers: &HeaderMap) -> bool {
 
 /// True for `{"error":{"code":498|499,…}}`.
 pub fn is_token_error(body: &[u8]) -> bool {
+    // Cheap pre-check so ordinary answers are never parsed: ArcGIS writes the
+    // `error` member first, right after the opening brace.
+    let start = body
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(body.len());
+    let head = &body[start..body.len().min(start + 64)];
+    if head.first() != Some(&b'{') || memchr::memmem::find(head, b"\"error\"").is_none() {
+        return false;
+    }
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
         return false;
     };

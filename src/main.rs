@@ -10,6 +10,12 @@ use arcgis_app_proxy::config::{Config, EX_CONFIG, ProcessEnv};
 use arcgis_app_proxy::{Listeners, demo};
 use clap::{Parser, Subcommand};
 
+// Many small, short-lived allocations cross worker threads (request and
+// response heads, body chunks); glibc malloc contends on its arena locks
+// there, mimalloc's per-thread heaps do not.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Authenticating reverse proxy for ArcGIS: anonymous web apps get ArcGIS
 /// answers, never a token.
 #[derive(Parser)]
@@ -18,8 +24,16 @@ struct Cli {
     /// Path of the configuration file.
     #[arg(long, global = true, default_value = "proxy.toml")]
     config: PathBuf,
+    /// Serving threads, each with its own runtime and upstream pool
+    /// (default: one per CPU).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 #[derive(Subcommand)]
@@ -36,7 +50,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
+    // The main thread's runtime runs signals, the admin listener and token
+    // refreshes; requests are served on their own per-thread runtimes.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("arcgis-app-proxy: cannot start runtime: {e}");
@@ -58,11 +77,14 @@ fn main() -> ExitCode {
                 ExitCode::from(EX_CONFIG as u8)
             }
         },
-        None => runtime.block_on(serve(cli.config)),
+        None => runtime.block_on(serve(
+            cli.config,
+            cli.threads.unwrap_or_else(default_threads),
+        )),
     }
 }
 
-async fn serve(path: PathBuf) -> ExitCode {
+async fn serve(path: PathBuf, threads: usize) -> ExitCode {
     let config = match Config::load(&path, &ProcessEnv) {
         Ok(c) => Arc::new(c),
         Err(e) => {
@@ -90,9 +112,11 @@ async fn serve(path: PathBuf) -> ExitCode {
             tracing::info!(listener = what, %addr, "listening");
         }
     }
-    let app = arcgis_app_proxy::App::new(config);
+    let app = arcgis_app_proxy::App::with_shards(config, threads);
     tokio::spawn(arcgis_app_proxy::reload_on_sighup(app.clone(), path));
-    match arcgis_app_proxy::server::run(app, listeners, arcgis_app_proxy::shutdown_signal()).await {
+    match arcgis_app_proxy::server::run_sharded(app, listeners, arcgis_app_proxy::shutdown_signal())
+        .await
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

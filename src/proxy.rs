@@ -24,7 +24,7 @@ use crate::body::{self, BoxError, ProxyBody};
 use crate::codec::Coding;
 use crate::config::Config;
 use crate::error::ProxyError;
-use crate::forward::{self, HttpClient, Outgoing, Verdict};
+use crate::forward::{self, Answer, Clients, Outgoing, Verdict};
 use crate::metrics::{CredentialLabel, Metrics, RequestLabels, RouteLabel};
 use crate::policy::client;
 use crate::policy::path::{self, PathError};
@@ -40,12 +40,14 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// True on the TLS listener.
     pub tls: bool,
+    /// Serving thread the connection lives on (selects its upstream pool).
+    pub shard: usize,
 }
 
 /// The proxy: config, upstream client and one token source per credential.
 pub struct Proxy {
     config: Arc<Config>,
-    client: HttpClient,
+    clients: Clients,
     tokens: BTreeMap<String, TokenSource>,
     metrics: Arc<Metrics>,
     limiter: RateLimiter,
@@ -53,14 +55,14 @@ pub struct Proxy {
     rewrite_from: Vec<String>,
     /// Compiled body patterns by (token ids, rewriting?): built once per
     /// token, not per request.
-    scrub_cache: moka::sync::Cache<(Vec<u64>, bool), Arc<ScrubPatterns>>,
+    scrub_cache: moka::sync::Cache<([u64; 3], bool), Arc<ScrubPatterns>>,
 }
 
 impl Proxy {
     /// Builds the proxy for a validated config, with its own metrics.
     pub fn new(config: Arc<Config>) -> Proxy {
-        let client = forward::build_client(&config);
-        Proxy::assemble(config, client, BTreeMap::new(), Arc::new(Metrics::new()))
+        let clients = Clients::new(&config, 1);
+        Proxy::assemble(config, clients, BTreeMap::new(), Arc::new(Metrics::new()))
     }
 
     /// Builds the proxy from parts: `reuse` holds token sources to keep (a
@@ -68,7 +70,7 @@ impl Proxy {
     /// every other credential gets a new source.
     pub fn assemble(
         config: Arc<Config>,
-        client: HttpClient,
+        clients: Clients,
         mut reuse: BTreeMap<String, TokenSource>,
         metrics: Arc<Metrics>,
     ) -> Proxy {
@@ -78,7 +80,12 @@ impl Proxy {
             .values()
             .map(|c| {
                 let src = reuse.remove(&c.name).unwrap_or_else(|| {
-                    TokenSource::from_config(c, client.clone(), timeout, Some(Arc::clone(&metrics)))
+                    TokenSource::from_config(
+                        c,
+                        clients.control().clone(),
+                        timeout,
+                        Some(Arc::clone(&metrics)),
+                    )
                 });
                 (c.name.clone(), src)
             })
@@ -91,7 +98,7 @@ impl Proxy {
         Proxy {
             limiter: RateLimiter::new(&config.routes),
             config,
-            client,
+            clients,
             tokens,
             metrics,
             rewrite_from,
@@ -102,9 +109,9 @@ impl Proxy {
         }
     }
 
-    /// The upstream client (shared with token fetches).
-    pub fn client(&self) -> &HttpClient {
-        &self.client
+    /// The upstream clients.
+    pub fn clients(&self) -> &Clients {
+        &self.clients
     }
 
     /// The metrics this proxy records into.
@@ -149,11 +156,22 @@ impl Proxy {
         B::Error: Into<BoxError>,
     {
         let started = Instant::now();
+        // The access log line costs a URL parse and a body wrapper; skip
+        // both when the `access` target is filtered out (RUST_LOG=warn).
+        let access = tracing::enabled!(target: "access", tracing::Level::INFO);
         let mut log = AccessLog {
             method: req.method().clone(),
-            path: req.uri().path().chars().take(256).collect(),
+            path: if access {
+                req.uri().path().chars().take(256).collect()
+            } else {
+                String::new()
+            },
             route: None,
-            referer: referer_origin(req.headers()),
+            referer: if access {
+                referer_origin(req.headers())
+            } else {
+                None
+            },
             client: self.client_ip(req.headers(), conn),
             status: 0,
             started,
@@ -179,7 +197,11 @@ impl Proxy {
                 status: log.status,
             })
             .inc();
-        resp.map(|b| LoggedBody::wrap(b, log))
+        if access {
+            resp.map(|b| LoggedBody::wrap(b, log))
+        } else {
+            resp
+        }
     }
 
     async fn serve<B>(
@@ -351,7 +373,9 @@ impl Proxy {
                 decodable_only: scrubbing,
             };
             let sent_at = Instant::now();
-            let resp = self.send(forward::build_request(out, body)).await?;
+            let resp = self
+                .send(conn.shard, forward::build_request(out, body))
+                .await?;
             self.metrics
                 .upstream_duration
                 .get_or_create(&RouteLabel {
@@ -359,7 +383,8 @@ impl Proxy {
                 })
                 .observe(sent_at.elapsed().as_secs_f64());
             let (Some(src), Some(sent)) = (source, token.as_ref()) else {
-                break resp.map(|b| b.map_err(BoxError::from).boxed());
+                let (parts, body) = resp.into_parts();
+                break (parts, Answer::Stream(body.map_err(BoxError::from).boxed()));
             };
             let verdict = tokio::time::timeout(limits.upstream_timeout, forward::inspect(resp))
                 .await
@@ -368,8 +393,8 @@ impl Proxy {
                     tracing::warn!(error = %crate::error::describe(&*e), "upstream answer unreadable");
                     ProxyError::UpstreamUnreachable
                 })?;
-            if let Verdict::Pass(resp) = verdict {
-                break resp;
+            if let Verdict::Pass(parts, answer) = verdict {
+                break (parts, answer);
             }
             src.invalidate(sent);
             if attempt >= 2 || !request_body.is_kept() {
@@ -398,7 +423,7 @@ impl Proxy {
         };
 
         // Phase: response hygiene.
-        let (mut parts_out, upstream_body) = resp.into_parts();
+        let (mut parts_out, answer) = resp;
         forward::clean_response_headers(&mut parts_out.headers);
         let public_base = self.public_base(&parts.headers, &parts.uri, conn);
         let rewriter = UrlRewriter {
@@ -419,18 +444,17 @@ impl Proxy {
             .headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok());
-        let body = if upstream_body.is_end_stream() || scrub::is_binary_type(content_type) {
-            upstream_body
+        let scrubber = if scrub::is_binary_type(content_type) {
+            None
         } else {
-            let scrubber = self.scrubber(&token, &held, &secrets, route, &public_base);
-            match (scrubber, Coding::of(&parts_out.headers)) {
-                (None, _) => upstream_body,
-                (Some(scrubber), Some(coding)) => {
-                    parts_out.headers.remove(header::CONTENT_LENGTH);
-                    ScrubBody::new(upstream_body, coding, scrubber).boxed()
-                }
-                (Some(_), None) if secrets.is_empty() => upstream_body,
-                (Some(_), None) => {
+            self.scrubber(&token, &held, &secrets, route, &public_base)
+        };
+        let body = match scrubber {
+            None => answer.into_body(),
+            Some(scrubber) => match Coding::of(&parts_out.headers) {
+                // Only URL rewriting was asked for: pass what cannot be read.
+                None if secrets.is_empty() => answer.into_body(),
+                None => {
                     // A coding the proxy cannot look inside may hide the token.
                     tracing::warn!(
                         route = %route.name,
@@ -438,7 +462,18 @@ impl Proxy {
                     );
                     return Err(ProxyError::UpstreamUnreachable);
                 }
-            }
+                Some(coding) => {
+                    let (body, changed) = match answer {
+                        Answer::Whole(bytes) => scrub::scrub_whole(bytes, coding, scrubber),
+                        Answer::Stream(b) => (ScrubBody::new(b, coding, scrubber).boxed(), true),
+                    };
+                    if changed {
+                        // hyper sets the length of a complete body itself.
+                        parts_out.headers.remove(header::CONTENT_LENGTH);
+                    }
+                    body
+                }
+            },
         };
         Ok(Response::from_parts(parts_out, body))
     }
@@ -456,9 +491,12 @@ impl Proxy {
         if secrets.is_empty() && !route.rewrite_urls {
             return None;
         }
-        let mut ids: Vec<u64> = token.iter().chain(held).map(|t| t.id()).collect();
+        // The request's token and the (at most two) held ones, as ids.
+        let mut ids = [0u64; 3];
+        for (slot, t) in ids.iter_mut().zip(token.iter().chain(held)) {
+            *slot = t.id();
+        }
         ids.sort_unstable();
-        ids.dedup();
         let key = (ids, route.rewrite_urls);
         let pats = match self.scrub_cache.get(&key) {
             Some(p) => p,
@@ -495,11 +533,12 @@ impl Proxy {
 
     async fn send(
         &self,
+        shard: usize,
         req: Request<ProxyBody>,
     ) -> Result<Response<hyper::body::Incoming>, ProxyError> {
         match tokio::time::timeout(
             self.config.limits.upstream_timeout,
-            self.client.request(req),
+            self.clients.shard(shard).request(req),
         )
         .await
         {

@@ -133,7 +133,7 @@ pub fn scrub_headers(headers: &mut HeaderMap, rewriter: &UrlRewriter<'_>, secret
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+    !needle.is_empty() && memchr::memmem::find(hay, needle).is_some()
 }
 
 /// Removes `token=<secret>` parameters with their separator, then any other
@@ -276,6 +276,7 @@ use hyper::body::{Body, Frame, SizeHint};
 
 use crate::body::{BoxError, ProxyBody};
 use crate::codec::{Coding, Decoder, Encoder};
+use http_body_util::BodyExt;
 
 /// What a body pattern does when found.
 #[derive(Debug, Clone, Copy)]
@@ -481,6 +482,39 @@ fn secret_extent(buf: &[u8], floor: usize, start: usize, stop: usize) -> (usize,
     }
 }
 
+/// Scrubs a body that is already complete in memory: returns it untouched
+/// (same bytes, same coding) when nothing matches, else the scrubbed body,
+/// re-encoded; `true` when the bytes changed. A body that cannot be decoded
+/// here falls back to the streaming path, which fails the response instead
+/// of passing it unread.
+pub fn scrub_whole(bytes: Bytes, coding: Coding, mut scrubber: Scrubber) -> (ProxyBody, bool) {
+    use crate::body::full;
+    if bytes.is_empty() {
+        return (full(bytes), false);
+    }
+    if coding == Coding::Identity {
+        if !scrubber.pats.ac.is_match(&bytes[..]) {
+            return (full(bytes), false);
+        }
+        return (full(scrubber.scrub_all(&bytes)), true);
+    }
+    let Ok(plain) = crate::codec::decode_all(coding, &bytes, 8 * 1024 * 1024) else {
+        return (ScrubBody::new(full(bytes), coding, scrubber).boxed(), true);
+    };
+    if !scrubber.pats.ac.is_match(&plain[..]) {
+        return (full(bytes), false);
+    }
+    let clean = scrubber.scrub_all(&plain);
+    let mut enc = Encoder::new(coding);
+    match enc.push(&clean).and_then(|mut out| {
+        out.extend(enc.finish()?);
+        Ok(out)
+    }) {
+        Ok(out) => (full(out), true),
+        Err(_) => (ScrubBody::new(full(bytes), coding, scrubber).boxed(), true),
+    }
+}
+
 /// Response content types that cannot carry a URL or a token in text and are
 /// passed through unscanned: images, audio, video, fonts, protobuf/vector
 /// tiles. Everything else is scanned.
@@ -510,6 +544,8 @@ pub fn is_binary_type(content_type: Option<&str>) -> bool {
 /// A response body decoded, scrubbed and re-encoded on the fly.
 pub struct ScrubBody {
     inner: ProxyBody,
+    /// Identity coding: bytes go straight to the scrubber.
+    identity: bool,
     decoder: Option<Decoder>,
     scrubber: Scrubber,
     encoder: Option<Encoder>,
@@ -522,6 +558,7 @@ impl ScrubBody {
     pub fn new(inner: ProxyBody, coding: Coding, scrubber: Scrubber) -> ScrubBody {
         ScrubBody {
             inner,
+            identity: coding == Coding::Identity,
             decoder: Some(Decoder::new(coding)),
             scrubber,
             encoder: Some(Encoder::new(coding)),
@@ -531,6 +568,9 @@ impl ScrubBody {
     }
 
     fn process(&mut self, data: &[u8]) -> std::io::Result<Vec<u8>> {
+        if self.identity {
+            return Ok(self.scrubber.push(data));
+        }
         let decoded = match &mut self.decoder {
             Some(d) => d.push(data)?,
             None => Vec::new(),
@@ -543,6 +583,11 @@ impl ScrubBody {
     }
 
     fn finish(&mut self) -> std::io::Result<Vec<u8>> {
+        if self.identity {
+            self.decoder = None;
+            self.encoder = None;
+            return Ok(self.scrubber.finish());
+        }
         let mut clean = Vec::new();
         if let Some(d) = self.decoder.take() {
             clean = self.scrubber.push(&d.finish()?);

@@ -77,12 +77,18 @@ pub(crate) fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Serves `app` on `listeners` until `shutdown` completes, then drains.
-pub async fn run(
-    app: Arc<App>,
-    listeners: Listeners,
-    shutdown: impl Future<Output = ()>,
-) -> io::Result<()> {
+/// What the serving modes share: the connection limit, the signal that
+/// stops the accept loops, and the one that stops the admin listener once
+/// draining is over (so `/readyz` keeps answering 503 while it lasts).
+struct Prepared {
+    permits: Arc<Semaphore>,
+    stop: watch::Sender<bool>,
+    admin_stop: watch::Sender<bool>,
+}
+
+/// Checks the listeners against the config and starts what every mode
+/// needs: token refreshers and the admin listener.
+fn prepare(app: &Arc<App>, listeners: &mut Listeners) -> io::Result<Prepared> {
     let first = app.current();
     if listeners.tls.is_some() && first.tls.is_none() {
         return Err(io::Error::new(
@@ -91,33 +97,130 @@ pub async fn run(
         ));
     }
     first.proxy.start_refreshers();
-    let max_connections = first.proxy.config().limits.max_connections;
-    drop(first);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    if let Some(admin) = listeners.admin {
-        tokio::spawn(admin::serve(admin, Arc::clone(&app), stop_rx.clone()));
+    let (admin_stop, admin_rx) = watch::channel(false);
+    if let Some(admin) = listeners.admin.take() {
+        tokio::spawn(admin::serve(admin, Arc::clone(app), admin_rx));
     }
+    Ok(Prepared {
+        permits: Arc::new(Semaphore::new(first.proxy.config().limits.max_connections)),
+        stop: watch::channel(false).0,
+        admin_stop,
+    })
+}
 
-    let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(max_connections));
+/// Serves `app` on `listeners` from the current runtime until `shutdown`
+/// completes, then drains. Tests and embedders use this; the binary uses
+/// [`run_sharded`].
+pub async fn run(
+    app: Arc<App>,
+    mut listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let p = prepare(&app, &mut listeners)?;
+    let serving = tokio::spawn(accept_loop(
+        Arc::clone(&app),
+        listeners.tls,
+        listeners.plain,
+        p.permits,
+        0,
+        p.stop.subscribe(),
+    ));
     app.status.listening.store(true, Ordering::SeqCst);
+    shutdown.await;
+    begin_shutdown(&app);
+    let _ = p.stop.send(true);
+    let _ = serving.await;
+    let _ = p.admin_stop.send(true);
+    tracing::info!("stopped");
+    Ok(())
+}
 
-    let mut shutdown = std::pin::pin!(shutdown);
+/// Serves `app` with one single-threaded runtime per serving thread, each
+/// accepting from the same sockets and owning its upstream connection pool,
+/// so a request never hops between cores. The calling runtime runs the
+/// admin listener, token refreshes and `shutdown`.
+pub async fn run_sharded(
+    app: Arc<App>,
+    mut listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let p = prepare(&app, &mut listeners)?;
+    let shards = app.proxy().clients().shards();
+    let to_std = |l: Option<TcpListener>| l.map(|l| l.into_std()).transpose();
+    let tls = to_std(listeners.tls)?;
+    let plain = to_std(listeners.plain)?;
+    let mut threads = Vec::with_capacity(shards);
+    for shard in 0..shards {
+        let clone =
+            |l: &Option<std::net::TcpListener>| l.as_ref().map(|l| l.try_clone()).transpose();
+        let (tls, plain) = (clone(&tls)?, clone(&plain)?);
+        let (app, permits, stop) = (Arc::clone(&app), Arc::clone(&p.permits), p.stop.subscribe());
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("serve-{shard}"))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("build a serving runtime");
+                rt.block_on(async move {
+                    let from_std = |l: Option<std::net::TcpListener>| {
+                        l.and_then(|l| TcpListener::from_std(l).ok())
+                    };
+                    accept_loop(app, from_std(tls), from_std(plain), permits, shard, stop).await;
+                });
+                let _ = done_tx.send(());
+            })?;
+        threads.push(done_rx);
+    }
+    drop((tls, plain));
+    app.status.listening.store(true, Ordering::SeqCst);
+    shutdown.await;
+    begin_shutdown(&app);
+    let _ = p.stop.send(true);
+    for t in threads {
+        let _ = t.await;
+    }
+    let _ = p.admin_stop.send(true);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn begin_shutdown(app: &App) {
+    app.status.shutting_down.store(true, Ordering::SeqCst);
+    tracing::info!(
+        open_connections = app.status.open_connections.load(Ordering::Relaxed),
+        grace_secs = app.proxy().config().server.shutdown_grace.as_secs(),
+        "shutting down: no longer accepting, draining connections"
+    );
+}
+
+/// One serving thread: accept, TLS, HTTP, until `stop`; then drain its
+/// connections for up to the grace period.
+async fn accept_loop(
+    app: Arc<App>,
+    tls_listener: Option<TcpListener>,
+    plain_listener: Option<TcpListener>,
+    permits: Arc<Semaphore>,
+    shard: usize,
+    mut stop: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
     loop {
         let permit = tokio::select! {
             p = Arc::clone(&permits).acquire_owned() => p.expect("semaphore never closed"),
-            () = &mut shutdown => break,
+            () = stopped(&mut stop) => break,
         };
         let (stream, peer, tls) = tokio::select! {
-            r = accept(listeners.tls.as_ref()) => match r {
+            r = accept(tls_listener.as_ref()) => match r {
                 Ok((s, p)) => (s, p, true),
                 Err(e) => { accept_error(e).await; continue; }
             },
-            r = accept(listeners.plain.as_ref()) => match r {
+            r = accept(plain_listener.as_ref()) => match r {
                 Ok((s, p)) => (s, p, false),
                 Err(e) => { accept_error(e).await; continue; }
             },
-            () = &mut shutdown => break,
+            () = stopped(&mut stop) => break,
         };
         let _ = stream.set_nodelay(true);
         let watcher = graceful.watcher();
@@ -129,27 +232,29 @@ pub async fn run(
             // runs on the generation current when it arrives.
             let generation = app.current();
             let handshake_timeout = generation.proxy.config().limits.header_read_timeout;
-            let info = ConnInfo { peer, tls };
+            let info = ConnInfo { peer, tls, shard };
             let svc_app = Arc::clone(&app);
             let svc = service_fn(move |req| {
                 let proxy = svc_app.proxy();
                 async move { Ok::<_, Infallible>(proxy.handle(req, &info).await) }
             });
             let result = if tls {
-                let Some(acceptor) = generation.tls.clone() else {
-                    app.status.open_connections.fetch_sub(1, Ordering::Relaxed);
-                    return;
-                };
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(tls_stream)) => {
-                        let conn = generation
-                            .http
-                            .serve_connection(TokioIo::new(tls_stream), svc)
-                            .into_owned();
-                        watcher.watch(conn).await
+                match generation.tls.clone() {
+                    None => Err("no TLS settings".into()),
+                    Some(acceptor) => {
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
+                        {
+                            Ok(Ok(tls_stream)) => {
+                                let conn = generation
+                                    .http
+                                    .serve_connection(TokioIo::new(tls_stream), svc)
+                                    .into_owned();
+                                watcher.watch(conn).await
+                            }
+                            Ok(Err(e)) => Err(format!("TLS handshake failed: {e}").into()),
+                            Err(_) => Err("TLS handshake timed out".into()),
+                        }
                     }
-                    Ok(Err(e)) => Err(format!("TLS handshake failed: {e}").into()),
-                    Err(_) => Err("TLS handshake timed out".into()),
                 }
             } else {
                 let conn = generation
@@ -165,22 +270,25 @@ pub async fn run(
             drop(permit);
         });
     }
-
-    app.status.shutting_down.store(true, Ordering::SeqCst);
-    drop(listeners.tls);
-    drop(listeners.plain);
+    drop(tls_listener);
+    drop(plain_listener);
     let grace = app.proxy().config().server.shutdown_grace;
-    tracing::info!(
-        open_connections = graceful.count(),
-        grace_secs = grace.as_secs(),
-        "shutting down: no longer accepting, draining connections"
-    );
     match tokio::time::timeout(grace, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("all connections closed"),
-        Err(_) => tracing::warn!("grace period over; closing remaining connections"),
+        Ok(()) => tracing::info!(shard, "all connections closed"),
+        Err(_) => tracing::warn!(shard, "grace period over; closing remaining connections"),
     }
-    let _ = stop_tx.send(true);
-    Ok(())
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow_and_update() {
+            return;
+        }
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 async fn accept(listener: Option<&TcpListener>) -> io::Result<(TcpStream, SocketAddr)> {

@@ -1,0 +1,498 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: arcgis-app-proxy vs nginx (anchor) vs the upstream.
+
+Everything runs on 127.0.0.1:
+  upstream  nginx, 1 worker: ~1 KiB ArcGIS-like JSON, a token endpoint, a 200 MB file
+  nginx     the anchor: TLS 1.3, same certificate, HTTP/1.1 keep-alive + h2,
+            upstream keepalive pool, valid_referers with the same allowlist,
+            proxy_set_header X-Esri-Authorization "Bearer ...", access_log off,
+            2 workers
+  proxy     arcgis-app-proxy with the equivalent config (referer allowlist,
+            token injection from a real token fetch, response scrubbing on),
+            RUST_LOG=warn (no access log, like nginx's access_log off)
+  direct    the upstream itself, cleartext: the physical limit
+
+Each scenario runs for each target alternately (A B A B ...); the median
+round is reported. CPU per request comes from /proc/<pid>/stat of the server
+processes (utime+stime), RSS from /proc/<pid>/status.
+
+Run through bench/run, which installs the tools and builds the binary.
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+CLK = os.sysconf("SC_CLK_TCK")
+TOKEN = "BENCHTOKENxK3nq9Zt7Lw2Rv5Pp1Mm8Jj4Hh6Gg0Ff3Dd5Ss7Aa9Qq2Ww4Ee6Rr8Tt1Yy3Uu5Ii7Oo9"
+REFERER = "https://app.example.com/map.html"
+QUERY = "/Parks/FeatureServer/0/query?where=1%3D1&outFields=*&f=json"
+
+
+def feature_json():
+    feats = []
+    i = 0
+    while True:
+        feats.append(
+            '{"attributes":{"OBJECTID":%d,"NAME":"Park %d","TYPE":"park"},'
+            '"geometry":{"x":-118.%05d,"y":34.%05d}}' % (i, i, i * 37, i * 91)
+        )
+        body = (
+            '{"objectIdFieldName":"OBJECTID","geometryType":"esriGeometryPoint",'
+            '"spatialReference":{"wkid":4326},"features":[' + ",".join(feats) + "]}"
+        )
+        if len(body) >= 1000:
+            return body
+        i += 1
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port, timeout=20.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"port {port} never opened")
+
+
+def children(pid):
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                out.append(int(d))
+        except OSError:
+            pass
+    return out
+
+
+def cpu_ticks(pids):
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total
+
+
+def rss_kib(pids):
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+class Server:
+    def __init__(self, name, cmd, port, env=None, log=None):
+        self.name = name
+        self.port = port
+        self.log = open(log, "wb") if log else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=self.log)
+        wait_port(port)
+
+    def pids(self):
+        return [self.proc.pid] + children(self.proc.pid)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class SlowTokenEndpoint:
+    """Token endpoint answering after a delay, counting requests (cold start)."""
+
+    def __init__(self, delay):
+        self.count = 0
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self):
+                outer.count += 1
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                time.sleep(delay)
+                body = json.dumps({"access_token": TOKEN, "expires_in": 7200}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.httpd.shutdown()
+
+
+def run(cmd, timeout=600):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout).stdout
+
+
+def to_ms(v):
+    m = re.match(r"([\d.]+)(us|ms|s)", v)
+    n, unit = float(m.group(1)), m.group(2)
+    return n / 1000 if unit == "us" else n * 1000 if unit == "s" else n
+
+
+def wrk(url, conns, secs, extra=()):
+    out = run(["wrk", "-t1", f"-c{conns}", f"-d{secs}s", "--latency", "-H", f"Referer: {REFERER}", *extra, url])
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    n = int(re.search(r"(\d+) requests in", out).group(1))
+    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: (.*)", out)
+    return {
+        "rps": rps,
+        "requests": n,
+        "p50_ms": to_ms(lat["50"]),
+        "p99_ms": to_ms(lat["99"]),
+        "non_2xx": int(errors.group(1)) if errors else 0,
+        "socket_errors": sock.group(1) if sock else "",
+    }
+
+
+def h2load(url, conns, streams, secs):
+    out = run(["h2load", f"-c{conns}", f"-m{streams}", f"-D{secs}", "-H", f"referer: {REFERER}", url])
+    rps = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out).group(1))
+    done = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded", out)
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out)
+    return {
+        "rps": rps,
+        "requests": int(done.group(3)),
+        "succeeded": int(done.group(4)),
+        "mean_ms": to_ms(mean.group(1)) if mean else None,
+    }
+
+
+def measured(server, fn):
+    pids = server.pids()
+    t0 = cpu_ticks(pids)
+    r = fn()
+    t1 = cpu_ticks(pids)
+    r["cpu_us_per_req"] = (t1 - t0) / CLK * 1e6 / max(r["requests"], 1)
+    r["rss_mib"] = rss_kib(pids) / 1024
+    return r
+
+
+def median_round(results, key="rps"):
+    ordered = sorted(results, key=lambda r: r[key])
+    return ordered[len(ordered) // 2]
+
+
+def stream(url, server):
+    pids = server.pids()
+    before = rss_kib(pids)
+    peak = [before]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_kib(pids))
+            time.sleep(0.02)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    out = run(["curl", "-sk", "-o", "/dev/null", "-H", f"Referer: {REFERER}",
+               "-w", "%{http_code} %{size_download} %{speed_download}", url])
+    stop.set()
+    t.join()
+    code, size, speed = out.split()
+    return {
+        "status": int(code),
+        "bytes": int(size),
+        "mib_per_s": float(speed) / 2**20,
+        "rss_before_mib": before / 1024,
+        "rss_growth_mib": (peak[0] - before) / 1024,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--binary", required=True)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--keep", action="store_true", help="leave the servers running (for profiling)")
+    ap.add_argument("--proxy-args", default="", help="extra arguments for the proxy, e.g. '--threads 1'")
+    args = ap.parse_args()
+    secs = 3 if args.quick else args.seconds
+    rounds = 1 if args.quick else args.rounds
+    want = lambda s: not args.only or s in args.only.split(",")
+
+    work = tempfile.mkdtemp(prefix="aap-bench-")
+    # nginx workers run unprivileged and must read big.bin.
+    os.chmod(work, 0o755)
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", f"{work}/key.pem", "-out", f"{work}/cert.pem", "-days", "2",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True)
+    with open(f"{work}/big.bin", "wb") as f:
+        chunk = (b'{"x":"' + b"a" * 1000 + b'"},') * 1024
+        for _ in range(200 * 1024 * 1024 // len(chunk)):
+            f.write(chunk)
+    os.chmod(f"{work}/big.bin", 0o644)
+
+    up_port, ng_port, px_port, px_admin = free_port(), free_port(), free_port(), free_port()
+    body = feature_json()
+    tok = json.dumps({"access_token": TOKEN, "expires_in": 7200})
+    upstream_conf = f"""
+worker_processes 1;
+daemon off;
+pid {work}/up.pid;
+error_log {work}/up.err warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  keepalive_requests 10000000;
+  keepalive_timeout 120s;
+  server {{
+    listen 127.0.0.1:{up_port} backlog=4096;
+    location = /sharing/rest/oauth2/token {{
+      access_log {work}/token.log;
+      default_type application/json;
+      return 200 '{tok}';
+    }}
+    location /arcgis/rest/services/ {{
+      default_type application/json;
+      return 200 '{body}';
+    }}
+    location = /big {{
+      default_type application/octet-stream;
+      alias {work}/big.bin;
+    }}
+  }}
+}}
+"""
+    nginx_conf = f"""
+worker_processes 2;
+daemon off;
+pid {work}/ng.pid;
+error_log {work}/ng.err warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  keepalive_requests 10000000;
+  keepalive_timeout 120s;
+  ssl_protocols TLSv1.2 TLSv1.3;
+  ssl_session_cache shared:SSL:10m;
+  upstream arcgis {{ server 127.0.0.1:{up_port}; keepalive 128; }}
+  server {{
+    listen 127.0.0.1:{ng_port} ssl http2 backlog=4096;
+    ssl_certificate {work}/cert.pem;
+    ssl_certificate_key {work}/key.pem;
+    http2_max_concurrent_streams 256;
+    location / {{
+      valid_referers app.example.com *.example.org localhost;
+      if ($invalid_referer) {{ return 403; }}
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Cookie "";
+      proxy_set_header Authorization "";
+      proxy_set_header X-Esri-Authorization "Bearer {TOKEN}";
+      location /features/ {{ proxy_pass http://arcgis/arcgis/rest/services/; }}
+      location = /raw/big {{ proxy_pass http://arcgis/big; }}
+    }}
+  }}
+}}
+"""
+
+    def proxy_conf(port, admin, token_url):
+        return f"""
+[server]
+listen = "127.0.0.1:{port}"
+tls_cert = "{work}/cert.pem"
+tls_key = "{work}/key.pem"
+admin_listen = "127.0.0.1:{admin}"
+[referers]
+allowed = ["https://app.example.com", "https://*.example.org", "http://localhost:*"]
+[credentials.online]
+token_url = "{token_url}"
+client_id = "bench"
+client_secret_env = "BENCH_SECRET"
+[[routes]]
+name = "features"
+upstream = "http://127.0.0.1:{up_port}/arcgis/rest/services"
+credential = "online"
+mount = "/features"
+[[routes]]
+name = "raw"
+upstream = "http://127.0.0.1:{up_port}"
+credential = "online"
+mount = "/raw"
+"""
+
+    for name, conf in [("up", upstream_conf), ("ng", nginx_conf)]:
+        with open(f"{work}/{name}.conf", "w") as f:
+            f.write(conf)
+    with open(f"{work}/proxy.toml", "w") as f:
+        f.write(proxy_conf(px_port, px_admin, f"http://127.0.0.1:{up_port}/sharing/rest/oauth2/token"))
+    env = dict(os.environ, BENCH_SECRET="bench-secret", RUST_LOG="warn")
+
+    upstream = Server("upstream", ["nginx", "-c", f"{work}/up.conf", "-p", work], up_port)
+    anchor = Server("nginx", ["nginx", "-c", f"{work}/ng.conf", "-p", work], ng_port)
+    proxy = Server("proxy", [args.binary, "--config", f"{work}/proxy.toml", *args.proxy_args.split()], px_port, env=env,
+                   log=f"{work}/proxy.log")
+    time.sleep(0.5)
+    results = {"machine": {"cpus": os.cpu_count()}, "secs": secs, "rounds": rounds}
+    targets = {
+        "nginx": (anchor, f"https://127.0.0.1:{ng_port}/features{QUERY}"),
+        "proxy": (proxy, f"https://127.0.0.1:{px_port}/features{QUERY}"),
+    }
+    direct_url = f"http://127.0.0.1:{up_port}/arcgis/rest/services{QUERY}"
+
+    if args.keep:
+        print(f"upstream :{up_port}  nginx :{ng_port}  proxy :{px_port} (pid {proxy.proc.pid})  work {work}")
+        print(f"  wrk -t1 -c64 -d10s -H 'Referer: {REFERER}' https://127.0.0.1:{px_port}/features{QUERY}")
+        signal.pause()
+    try:
+        # Sanity: both answer the same body, proxy injected a real token.
+        for name, (_, url) in targets.items():
+            out = run(["curl", "-sk", "-H", f"Referer: {REFERER}", url])
+            assert out == body, f"{name} answered {out[:200]!r}"
+        results["idle_rss_mib"] = {
+            "proxy": rss_kib(proxy.pids()) / 1024,
+            "nginx": rss_kib(anchor.pids()) / 1024,
+        }
+
+        if want("h1"):
+            rs = {"nginx": [], "proxy": [], "direct": []}
+            for _ in range(rounds):
+                for name in ["nginx", "proxy"]:
+                    server, url = targets[name]
+                    rs[name].append(measured(server, lambda: wrk(url, 64, secs)))
+                rs["direct"].append(measured(upstream, lambda: wrk(direct_url, 64, secs)))
+            results["h1_keepalive_64"] = {k: median_round(v) for k, v in rs.items()}
+
+        if want("h2"):
+            rs = {"nginx": [], "proxy": []}
+            for _ in range(rounds):
+                for name in ["nginx", "proxy"]:
+                    server, url = targets[name]
+                    rs[name].append(measured(server, lambda: h2load(url, 8, 32, secs)))
+            results["h2_8x32"] = {k: median_round(v) for k, v in rs.items()}
+
+        if want("newconn"):
+            rs = {"nginx": [], "proxy": []}
+            for _ in range(rounds):
+                for name in ["nginx", "proxy"]:
+                    server, url = targets[name]
+                    rs[name].append(measured(server, lambda: wrk(url, 16, secs, ("-H", "Connection: close"))))
+            results["new_tls_connection_per_request"] = {k: median_round(v) for k, v in rs.items()}
+
+        if want("stream"):
+            rs = {}
+            for name, port in [("nginx", ng_port), ("proxy", px_port)]:
+                server, _ = targets[name]
+                rs[name] = stream(f"https://127.0.0.1:{port}/raw/big", server)
+            results["stream_200mb"] = rs
+
+        if want("cold"):
+            slow = SlowTokenEndpoint(0.5)
+            port, admin = free_port(), free_port()
+            with open(f"{work}/cold.toml", "w") as f:
+                f.write(proxy_conf(port, admin, f"http://127.0.0.1:{slow.port}/token"))
+            cold = Server("cold", [args.binary, "--config", f"{work}/cold.toml"], port, env=env)
+            t0 = time.time()
+            out = run(["h2load", "-n1000", "-c10", "-m100", "-H", f"referer: {REFERER}",
+                       f"https://127.0.0.1:{port}/features{QUERY}"])
+            done = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded", out)
+            results["cold_start_1000"] = {
+                "succeeded": int(done.group(4)),
+                "token_requests": slow.count,
+                "seconds": time.time() - t0,
+            }
+            cold.stop()
+            slow.stop()
+    finally:
+        for s in [proxy, anchor, upstream]:
+            s.stop()
+
+    print_report(results)
+    os.makedirs("bench/results", exist_ok=True)
+    with open("bench/results/latest.json", "w") as f:
+        json.dump(results, f, indent=2)
+    print("\nfull results: bench/results/latest.json")
+
+
+def print_report(r):
+    print(f"\narcgis-app-proxy vs nginx — {r['machine']['cpus']} CPUs, {r['rounds']} rounds × {r['secs']} s, median round\n")
+    def row(label, a, b, unit, better):
+        ratio = a / b if b else float("nan")
+        print(f"  {label:34} proxy {a:10.1f} {unit:8} nginx {b:10.1f} {unit:8} ratio {ratio:5.2f} ({better})")
+    if "h1_keepalive_64" in r:
+        h = r["h1_keepalive_64"]
+        print("TLS h1 keep-alive, 64 connections (wrk):")
+        row("requests/s", h["proxy"]["rps"], h["nginx"]["rps"], "req/s", "target >= 1.10")
+        row("CPU per request", h["proxy"]["cpu_us_per_req"], h["nginx"]["cpu_us_per_req"], "us", "target <= 0.90")
+        row("p50 latency", h["proxy"]["p50_ms"], h["nginx"]["p50_ms"], "ms", "lower is better")
+        row("p99 latency", h["proxy"]["p99_ms"], h["nginx"]["p99_ms"], "ms", "target <= 1.00")
+        print(f"  {'direct upstream (cleartext)':34} {h['direct']['rps']:10.1f} req/s, p99 {h['direct']['p99_ms']:.2f} ms")
+        print(f"  non-2xx: proxy {h['proxy']['non_2xx']}, nginx {h['nginx']['non_2xx']}")
+    if "h2_8x32" in r:
+        h = r["h2_8x32"]
+        print("HTTP/2, 8 connections x 32 streams (h2load):")
+        row("requests/s", h["proxy"]["rps"], h["nginx"]["rps"], "req/s", "target >= 1.20")
+        row("CPU per request", h["proxy"]["cpu_us_per_req"], h["nginx"]["cpu_us_per_req"], "us", "lower is better")
+        print(f"  succeeded: proxy {h['proxy']['succeeded']}/{h['proxy']['requests']}, nginx {h['nginx']['succeeded']}/{h['nginx']['requests']}")
+    if "new_tls_connection_per_request" in r:
+        h = r["new_tls_connection_per_request"]
+        print("New TLS connection per request, 16 concurrent (wrk, Connection: close):")
+        row("requests/s", h["proxy"]["rps"], h["nginx"]["rps"], "req/s", "target >= 1.00")
+        row("CPU per request", h["proxy"]["cpu_us_per_req"], h["nginx"]["cpu_us_per_req"], "us", "lower is better")
+    if "stream_200mb" in r:
+        s = r["stream_200mb"]
+        print("200 MB streamed response (curl):")
+        row("throughput", s["proxy"]["mib_per_s"], s["nginx"]["mib_per_s"], "MiB/s", "higher is better")
+        row("RSS growth", s["proxy"]["rss_growth_mib"], s["nginx"]["rss_growth_mib"], "MiB", "target proxy < 32")
+    if "cold_start_1000" in r:
+        c = r["cold_start_1000"]
+        print(f"Cold start, 1000 concurrent requests, token endpoint slowed to 500 ms:")
+        print(f"  succeeded {c['succeeded']}/1000, token requests {c['token_requests']} (target 1), all served in {c['seconds']:.2f} s")
+    i = r["idle_rss_mib"]
+    print(f"Idle RSS after start: proxy {i['proxy']:.1f} MiB (target < 20), nginx (master + 2 workers) {i['nginx']:.1f} MiB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
