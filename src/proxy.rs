@@ -56,6 +56,14 @@ pub struct Proxy {
     /// Compiled body patterns by (token ids, rewriting?): built once per
     /// token, not per request.
     scrub_cache: moka::sync::Cache<([u64; 3], bool), Arc<ScrubPatterns>>,
+    /// Per-route metric handles for the common case, looked up once.
+    route_metrics: Vec<RouteMetrics>,
+}
+
+/// Metric handles of one route (shared with the families in [`Metrics`]).
+struct RouteMetrics {
+    ok: prometheus_client::metrics::counter::Counter,
+    upstream: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Proxy {
@@ -95,7 +103,27 @@ impl Proxy {
             .iter()
             .map(|r| r.upstream.as_str().trim_end_matches('/').to_string())
             .collect();
+        let route_metrics = config
+            .routes
+            .iter()
+            .map(|r| RouteMetrics {
+                ok: metrics
+                    .requests
+                    .get_or_create(&RequestLabels {
+                        route: r.name.clone(),
+                        status: 200,
+                    })
+                    .clone(),
+                upstream: metrics
+                    .upstream_duration
+                    .get_or_create(&RouteLabel {
+                        route: r.name.clone(),
+                    })
+                    .clone(),
+            })
+            .collect();
         Proxy {
+            route_metrics,
             limiter: RateLimiter::new(&config.routes),
             config,
             clients,
@@ -167,6 +195,7 @@ impl Proxy {
                 String::new()
             },
             route: None,
+            route_index: None,
             referer: if access {
                 referer_origin(req.headers())
             } else {
@@ -190,13 +219,20 @@ impl Proxy {
             h.append(header::VARY, HeaderValue::from_static("Origin"));
         }
         log.status = resp.status().as_u16();
-        self.metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                route: log.route.clone().unwrap_or_else(|| "none".into()),
-                status: log.status,
-            })
-            .inc();
+        match log.route_index {
+            Some(i) if log.status == 200 => {
+                self.route_metrics[i].ok.inc();
+            }
+            _ => {
+                self.metrics
+                    .requests
+                    .get_or_create(&RequestLabels {
+                        route: log.route.clone().unwrap_or_else(|| "none".into()),
+                        status: log.status,
+                    })
+                    .inc();
+            }
+        }
         if access {
             resp.map(|b| LoggedBody::wrap(b, log))
         } else {
@@ -246,28 +282,27 @@ impl Proxy {
         }
 
         // Phase: route resolution and path safety.
-        let (route, upstream_url) = if is_proxy_form {
+        // `upstream_base` is `scheme://host[:port]/path` of the target, already
+        // normalised and under the route; `query` is the client's query.
+        let (route, upstream_base, query): (&Route, String, Option<String>) = if is_proxy_form {
             let raw = parts.uri.query().ok_or(PathError::MissingTarget)?;
             let url = path::parse_target(raw)?;
             let route = cfg.routes.by_url(&url).ok_or(ProxyError::NotProxied)?;
-            (route, url)
+            let base = url[..url::Position::AfterPath].to_string();
+            (route, base, url.query().map(str::to_string))
         } else {
             let normalised = path::normalise_path(parts.uri.path())?;
             let (route, rest) = cfg
                 .routes
                 .by_mount(&normalised)
                 .ok_or(ProxyError::NoRoute)?;
-            let mut target = String::with_capacity(256);
-            target.push_str(route.origin());
-            target.push_str(&route.upstream_path(rest));
-            if let Some(q) = parts.uri.query() {
-                target.push('?');
-                target.push_str(q);
-            }
-            let url = Url::parse(&target).map_err(|_| PathError::MalformedTarget)?;
-            (route, url)
+            let mut base = String::with_capacity(route.origin().len() + normalised.len() + 32);
+            base.push_str(route.origin());
+            base.push_str(&route.upstream_path(rest));
+            (route, base, parts.uri.query().map(str::to_string))
         };
         log.route = Some(route.name.clone());
+        log.route_index = Some(route.index);
 
         // Phase: rate limit, per client IP per route.
         if let Err(wait) = self.limiter.check(route.index, log.client) {
@@ -322,8 +357,8 @@ impl Proxy {
 
         // The upstream query without any client token, with echoToken=false
         // for Basemap Styles.
-        let mut base_query: String = upstream_url
-            .query()
+        let mut base_query: String = query
+            .as_deref()
             .map(|q| {
                 let names: &[&str] = if route.basemap_styles {
                     &["token", "echotoken"]
@@ -358,7 +393,7 @@ impl Proxy {
         let mut attempt = 0;
         let resp = loop {
             attempt += 1;
-            let uri = compose_uri(&upstream_url, &base_query, route, token.as_deref())?;
+            let uri = compose_uri(&upstream_base, &base_query, route, token.as_deref())?;
             let (body, content_length) = request_body.take(announced);
             let out = Outgoing {
                 uri,
@@ -372,27 +407,38 @@ impl Proxy {
                 content_length,
                 decodable_only: scrubbing,
             };
+            // One deadline covers the response head and, for answers that
+            // may hold a token error, the small body read to check it.
             let sent_at = Instant::now();
-            let resp = self
-                .send(conn.shard, forward::build_request(out, body))
-                .await?;
-            self.metrics
-                .upstream_duration
-                .get_or_create(&RouteLabel {
-                    route: route.name.clone(),
-                })
-                .observe(sent_at.elapsed().as_secs_f64());
-            let (Some(src), Some(sent)) = (source, token.as_ref()) else {
-                let (parts, body) = resp.into_parts();
-                break (parts, Answer::Stream(body.map_err(BoxError::from).boxed()));
+            let req = forward::build_request(out, body);
+            let exchange = async {
+                let resp = self.send(conn.shard, req).await?;
+                self.route_metrics[route.index]
+                    .upstream
+                    .observe(sent_at.elapsed().as_secs_f64());
+                match (source, token.as_ref()) {
+                    (Some(_), Some(_)) => forward::inspect(resp).await.map_err(|e| {
+                        tracing::warn!(error = %crate::error::describe(&*e), "upstream answer unreadable");
+                        ProxyError::UpstreamUnreachable
+                    }),
+                    _ => {
+                        let (parts, body) = resp.into_parts();
+                        Ok(Verdict::Pass(
+                            parts,
+                            Answer::Stream(body.map_err(BoxError::from).boxed()),
+                        ))
+                    }
+                }
             };
-            let verdict = tokio::time::timeout(limits.upstream_timeout, forward::inspect(resp))
+            let verdict = tokio::time::timeout(limits.upstream_timeout, exchange)
                 .await
-                .map_err(|_| ProxyError::UpstreamTimeout)?
-                .map_err(|e| {
-                    tracing::warn!(error = %crate::error::describe(&*e), "upstream answer unreadable");
-                    ProxyError::UpstreamUnreachable
-                })?;
+                .map_err(|_| ProxyError::UpstreamTimeout)??;
+            let (Some(src), Some(sent)) = (source, token.as_ref()) else {
+                let Verdict::Pass(parts, answer) = verdict else {
+                    unreachable!("only answers to token-bearing requests are classified")
+                };
+                break (parts, answer);
+            };
             if let Verdict::Pass(parts, answer) = verdict {
                 break (parts, answer);
             }
@@ -425,19 +471,31 @@ impl Proxy {
         // Phase: response hygiene.
         let (mut parts_out, answer) = resp;
         forward::clean_response_headers(&mut parts_out.headers);
-        let public_base = self.public_base(&parts.headers, &parts.uri, conn);
+        // Proxy URLs are written only for URL headers and rewrite_urls.
+        let needs_base = route.rewrite_urls
+            || parts_out.headers.contains_key(header::LOCATION)
+            || parts_out.headers.contains_key(header::CONTENT_LOCATION);
+        let public_base = if needs_base {
+            self.public_base(&parts.headers, &parts.uri, conn)
+        } else {
+            String::new()
+        };
         let rewriter = UrlRewriter {
             public_base: &public_base,
             proxy_path: &cfg.server.proxy_path,
             routes: &cfg.routes,
-            upstream_url: &upstream_url,
+            upstream_base: &upstream_base,
+            upstream_query: query.as_deref(),
             route: Some(route),
         };
         let held = source.map(TokenSource::held).unwrap_or_default();
         let mut secrets: Vec<&str> = Vec::with_capacity(6);
-        for t in token.iter().chain(held.iter()) {
-            secrets.push(t.expose());
-            secrets.push(t.query_value());
+        for t in token.iter().chain(held.iter().flatten()) {
+            for v in [t.expose(), t.query_value()] {
+                if !secrets.contains(&v) {
+                    secrets.push(v);
+                }
+            }
         }
         scrub::scrub_headers(&mut parts_out.headers, &rewriter, &secrets);
         let content_type = parts_out
@@ -483,7 +541,7 @@ impl Proxy {
     fn scrubber(
         &self,
         token: &Option<Arc<Token>>,
-        held: &[Arc<Token>],
+        held: &[Option<Arc<Token>>],
         secrets: &[&str],
         route: &Route,
         public_base: &str,
@@ -493,7 +551,7 @@ impl Proxy {
         }
         // The request's token and the (at most two) held ones, as ids.
         let mut ids = [0u64; 3];
-        for (slot, t) in ids.iter_mut().zip(token.iter().chain(held)) {
+        for (slot, t) in ids.iter_mut().zip(token.iter().chain(held.iter().flatten())) {
             *slot = t.id();
         }
         ids.sort_unstable();
@@ -531,20 +589,16 @@ impl Proxy {
         Some(Scrubber::with_patterns(pats, replacements))
     }
 
+    /// Sends one request on this serving thread's pool (the caller bounds
+    /// the time).
     async fn send(
         &self,
         shard: usize,
         req: Request<ProxyBody>,
     ) -> Result<Response<hyper::body::Incoming>, ProxyError> {
-        match tokio::time::timeout(
-            self.config.limits.upstream_timeout,
-            self.clients.shard(shard).request(req),
-        )
-        .await
-        {
-            Err(_) => Err(ProxyError::UpstreamTimeout),
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => {
+        match self.clients.shard(shard).request(req).await {
+            Ok(resp) => Ok(resp),
+            Err(e) => {
                 if chain_has::<http_body_util::LengthLimitError>(&e) {
                     return Err(ProxyError::BodyTooLarge);
                 }
@@ -678,13 +732,13 @@ fn strip_form_token(bytes: Bytes) -> Bytes {
 }
 
 fn compose_uri(
-    url: &Url,
+    upstream_base: &str,
     base_query: &str,
     route: &Route,
     token: Option<&Token>,
 ) -> Result<http::Uri, ProxyError> {
-    let mut s = String::with_capacity(url.as_str().len() + 64);
-    s.push_str(&url[..url::Position::AfterPath]);
+    let mut s = String::with_capacity(upstream_base.len() + base_query.len() + 160);
+    s.push_str(upstream_base);
     let token_q = token.filter(|_| route.token_in == TokenIn::Query);
     if !base_query.is_empty() || token_q.is_some() {
         s.push('?');
@@ -762,6 +816,7 @@ struct AccessLog {
     method: Method,
     path: String,
     route: Option<String>,
+    route_index: Option<usize>,
     referer: Option<String>,
     client: IpAddr,
     status: u16,

@@ -30,8 +30,11 @@ pub struct UrlRewriter<'a> {
     pub proxy_path: &'a str,
     /// Routes, to decide which upstream URLs the proxy serves.
     pub routes: &'a RouteTable,
-    /// The upstream URL of this request, for resolving relative references.
-    pub upstream_url: &'a Url,
+    /// The upstream URL of this request (`scheme://host/path`), for
+    /// resolving relative references.
+    pub upstream_base: &'a str,
+    /// Its query, if any.
+    pub upstream_query: Option<&'a str>,
     /// The route this request came through, preferred when it covers a URL.
     pub route: Option<&'a Route>,
 }
@@ -40,7 +43,10 @@ impl UrlRewriter<'_> {
     /// The proxy URL for an absolute upstream URL, or the URL itself (minus
     /// any token) when no route covers it.
     pub fn rewrite(&self, reference: &str) -> Option<String> {
-        let mut url = self.upstream_url.join(reference).ok()?;
+        // Parsed only here: most answers carry no URL header at all.
+        let mut base = Url::parse(self.upstream_base).ok()?;
+        base.set_query(self.upstream_query);
+        let mut url = base.join(reference).ok()?;
         if let Some(q) = url.query() {
             let stripped = strip_params(q, &["token"]).into_owned();
             url.set_query((!stripped.is_empty()).then_some(stripped.as_str()));
@@ -105,10 +111,15 @@ pub fn scrub_headers(headers: &mut HeaderMap, rewriter: &UrlRewriter<'_>, secret
     if secrets.is_empty() {
         return;
     }
+    let finders: Vec<memchr::memmem::Finder<'_>> = secrets
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| memchr::memmem::Finder::new(s.as_bytes()))
+        .collect();
     let mut changes = Vec::new();
     for (name, value) in headers.iter() {
         let bytes = value.as_bytes();
-        if secrets.iter().any(|s| contains(bytes, s.as_bytes())) {
+        if finders.iter().any(|f| f.find(bytes).is_some()) {
             let cleaned = remove_secrets(&String::from_utf8_lossy(bytes), secrets);
             changes.push((name.clone(), value.clone(), cleaned));
         }
@@ -130,10 +141,6 @@ pub fn scrub_headers(headers: &mut HeaderMap, rewriter: &UrlRewriter<'_>, secret
             headers.append(name.clone(), v);
         }
     }
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && memchr::memmem::find(hay, needle).is_some()
 }
 
 /// Removes `token=<secret>` parameters with their separator, then any other
@@ -187,13 +194,12 @@ mod tests {
     #[test]
     fn location_rewriting() {
         let t = routes();
-        let up =
-            Url::parse("https://services.example.com/org/rest/services/A/query?token=T1").unwrap();
         let rw = UrlRewriter {
             public_base: "https://proxy.example",
             proxy_path: "/proxy",
             routes: &t,
-            upstream_url: &up,
+            upstream_base: "https://services.example.com/org/rest/services/A/query",
+            upstream_query: Some("token=T1"),
             route: None,
         };
         let cases = [
@@ -224,12 +230,12 @@ mod tests {
     #[test]
     fn secrets_are_removed_from_headers() {
         let t = routes();
-        let up = Url::parse("https://services.example.com/org/rest/services/A").unwrap();
         let rw = UrlRewriter {
             public_base: "https://p",
             proxy_path: "/proxy",
             routes: &t,
-            upstream_url: &up,
+            upstream_base: "https://services.example.com/org/rest/services/A",
+            upstream_query: None,
             route: None,
         };
         let mut h = HeaderMap::new();

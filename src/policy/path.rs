@@ -59,9 +59,34 @@ fn has_forbidden(path: &str) -> bool {
     })
 }
 
+/// True for a path the URL parser would return unchanged: only RFC 3986
+/// path characters (no `%` escapes) and no `.`/`..` segments. Most request
+/// paths are like this and skip the parser.
+fn already_normal(raw: &str) -> bool {
+    raw.bytes().all(|b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'/' | b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')'
+                    | b'*' | b'+' | b',' | b';' | b'=' | b':' | b'@'
+            )
+    }) && !raw.split('/').any(|seg| seg == "." || seg == "..")
+}
+
 /// Normalises a mounted request path (`/basemaps/a/../b`) to its canonical
 /// form (`/basemaps/b`), refusing forbidden characters first.
 pub fn normalise_path(raw: &str) -> Result<String, PathError> {
+    if !raw.starts_with('/') {
+        return Err(PathError::BadPath);
+    }
+    if already_normal(raw) {
+        return Ok(raw.to_string());
+    }
+    normalise_path_with_parser(raw)
+}
+
+/// [`normalise_path`] without the fast path.
+fn normalise_path_with_parser(raw: &str) -> Result<String, PathError> {
     if !raw.starts_with('/') {
         return Err(PathError::BadPath);
     }
@@ -194,6 +219,16 @@ mod tests {
                 *expected,
                 "{raw:?}"
             );
+        }
+    }
+
+    proptest::proptest! {
+        // The fast path must agree with the URL parser on every path it takes.
+        #[test]
+        fn fast_path_agrees_with_the_parser(raw in "/[a-z0-9./;=@~*+!$&'(),:_-]{0,40}") {
+            if already_normal(&raw) {
+                proptest::prop_assert_eq!(normalise_path_with_parser(&raw).unwrap(), raw);
+            }
         }
     }
 

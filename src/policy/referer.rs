@@ -15,6 +15,10 @@ use url::Url;
 pub struct RefererPolicy {
     entries: Vec<Entry>,
     allow_missing: bool,
+    /// Canonical `scheme://host[:port]` of entries that are a plain origin:
+    /// a value equal to one, or continuing it with `/`, matches without a
+    /// URL parse (the common case of a browser's own Origin or Referer).
+    exact_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -58,9 +62,29 @@ impl RefererPolicy {
             }
         }
         if errors.is_empty() {
+            let exact_origins = out
+                .iter()
+                .filter_map(|e| match e {
+                    Entry::Pattern {
+                        scheme,
+                        host: HostPattern::Exact(h),
+                        port: Some(port),
+                        path: None,
+                    } => {
+                        let default = if scheme == "https" { 443 } else { 80 };
+                        Some(if *port == default {
+                            format!("{scheme}://{h}")
+                        } else {
+                            format!("{scheme}://{h}:{port}")
+                        })
+                    }
+                    _ => None,
+                })
+                .collect();
             Ok(RefererPolicy {
                 entries: out,
                 allow_missing,
+                exact_origins,
             })
         } else {
             Err(errors)
@@ -72,6 +96,7 @@ impl RefererPolicy {
         RefererPolicy {
             entries: Vec::new(),
             allow_missing: false,
+            exact_origins: Vec::new(),
         }
     }
 
@@ -119,6 +144,12 @@ impl RefererPolicy {
         // header carrying them is not a URL a browser sent.
         if text.bytes().any(|b| b <= b' ' || b == 0x7f) {
             return false;
+        }
+        if self.exact_origins.iter().any(|o| {
+            text.strip_prefix(o.as_str())
+                .is_some_and(|rest| rest.is_empty() || (rest.starts_with('/') && !rest.contains('\\')))
+        }) {
+            return true;
         }
         let Ok(url) = Url::parse(text) else {
             return false;

@@ -339,14 +339,11 @@ impl TokenSource {
 
     /// Tokens that may appear in answers: the current one and the one it
     /// replaced.
-    pub fn held(&self) -> Vec<Arc<Token>> {
+    pub fn held(&self) -> [Option<Arc<Token>>; 2] {
         [
             self.inner.current.load_full(),
             self.inner.previous.load_full(),
         ]
-        .into_iter()
-        .flatten()
-        .collect()
     }
 
     /// Age, remaining life and next refresh of the current token, for
@@ -584,7 +581,12 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(src.token().await.unwrap().expose(), "tok1");
         // The replaced token is still scrubbed from answers.
-        let held: Vec<String> = src.held().iter().map(|t| t.expose().to_string()).collect();
+        let held: Vec<String> = src
+            .held()
+            .iter()
+            .flatten()
+            .map(|t| t.expose().to_string())
+            .collect();
         assert_eq!(held, ["tok1", "tok0"]);
         task.abort();
     }
