@@ -42,6 +42,29 @@ pub fn build_client(config: &Config) -> HttpClient {
     )
 }
 
+/// The upstream TLS settings with ALPN for HTTP/2 and HTTP/1.1, built once
+/// and shared by every client (the root store is the bulk of its memory).
+fn shared_tls(config: &Config) -> Arc<rustls::ClientConfig> {
+    let mut tls = tls::client_config(&config.extra_ca);
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(tls)
+}
+
+fn client_sharing(tls: &Arc<rustls::ClientConfig>, connect_timeout: Duration) -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let https = HttpsConnector::from((http, Arc::clone(tls)));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(https)
+}
+
 /// Upstream clients: one per serving thread, so a request and the pooled
 /// upstream connection it uses live on the same thread and never wake each
 /// other across cores, plus one for token fetches and background work.
@@ -54,9 +77,13 @@ pub struct Clients {
 impl Clients {
     /// Clients for `shards` serving threads (at least one).
     pub fn new(config: &Config, shards: usize) -> Clients {
+        let tls = shared_tls(config);
+        let timeout = config.limits.upstream_connect_timeout;
         Clients {
-            control: build_client(config),
-            shards: (0..shards.max(1)).map(|_| build_client(config)).collect(),
+            control: client_sharing(&tls, timeout),
+            shards: (0..shards.max(1))
+                .map(|_| client_sharing(&tls, timeout))
+                .collect(),
         }
     }
 

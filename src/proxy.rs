@@ -551,7 +551,10 @@ impl Proxy {
         }
         // The request's token and the (at most two) held ones, as ids.
         let mut ids = [0u64; 3];
-        for (slot, t) in ids.iter_mut().zip(token.iter().chain(held.iter().flatten())) {
+        for (slot, t) in ids
+            .iter_mut()
+            .zip(token.iter().chain(held.iter().flatten()))
+        {
             *slot = t.id();
         }
         ids.sort_unstable();

@@ -43,12 +43,24 @@ impl Listeners {
     /// Binds every listener the config names.
     pub async fn bind(config: &Config) -> io::Result<Listeners> {
         async fn bind_one(addr: Option<SocketAddr>, what: &str) -> io::Result<Option<TcpListener>> {
-            match addr {
-                None => Ok(None),
-                Some(a) => TcpListener::bind(a).await.map(Some).map_err(|e| {
-                    io::Error::new(e.kind(), format!("cannot bind {what} listener on {a}: {e}"))
-                }),
-            }
+            let Some(a) = addr else {
+                return Ok(None);
+            };
+            // SO_REUSEADDR, so a restart is not refused while old
+            // connections to the port sit in TIME_WAIT.
+            let bind = || -> io::Result<TcpListener> {
+                let socket = if a.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()?
+                } else {
+                    tokio::net::TcpSocket::new_v6()?
+                };
+                socket.set_reuseaddr(true)?;
+                socket.bind(a)?;
+                socket.listen(4096)
+            };
+            bind().map(Some).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot bind {what} listener on {a}: {e}"))
+            })
         }
         Ok(Listeners {
             tls: bind_one(config.server.listen, "HTTPS").await?,

@@ -146,8 +146,9 @@ impl RefererPolicy {
             return false;
         }
         if self.exact_origins.iter().any(|o| {
-            text.strip_prefix(o.as_str())
-                .is_some_and(|rest| rest.is_empty() || (rest.starts_with('/') && !rest.contains('\\')))
+            text.strip_prefix(o.as_str()).is_some_and(|rest| {
+                rest.is_empty() || (rest.starts_with('/') && !rest.contains('\\'))
+            })
         }) {
             return true;
         }
