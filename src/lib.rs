@@ -6,8 +6,8 @@
 //! - [`config`]: `proxy.toml` → validated, precompiled [`config::Config`].
 //! - [`app`]: the current config generation (swapped on SIGHUP), metrics,
 //!   status.
-//! - [`server`]: listeners, TLS accept ([`tls`]), connection limits, graceful
-//!   shutdown; hands each request to [`proxy::Proxy::handle`].
+//! - [`server`]: listeners, TLS accept ([`tls`]), strict HTTP/1 framing
+//!   ([`framing`]), connection limits, graceful shutdown; hands each request to [`proxy::Proxy::handle`].
 //! - [`proxy`]: the pipeline of phases — ping, referer/origin, CORS, route and
 //!   path safety ([`policy`]), body, token ([`token`]), forward ([`forward`]),
 //!   response hygiene ([`scrub`]), access log.
@@ -29,6 +29,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod forward;
+pub mod framing;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

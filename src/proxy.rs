@@ -605,6 +605,11 @@ impl Proxy {
                 if chain_has::<http_body_util::LengthLimitError>(&e) {
                     return Err(ProxyError::BodyTooLarge);
                 }
+                // The client's own body failed (bad chunked framing, cut
+                // short): that is the client's error, not the upstream's.
+                if client_body_failed(&e) {
+                    return Err(ProxyError::BadBody);
+                }
                 tracing::warn!(error = %crate::error::describe(&e), "upstream request failed");
                 Err(ProxyError::UpstreamUnreachable)
             }
@@ -755,6 +760,21 @@ fn compose_uri(
         }
     }
     forward::to_uri(&s).ok_or(ProxyError::BadRequest(PathError::MalformedTarget))
+}
+
+/// True when a send failed because the request body (the client's stream)
+/// failed, which hyper reports as a user error of the body.
+fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && h.is_user()
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn chain_has<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {

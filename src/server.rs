@@ -20,6 +20,7 @@ use std::time::Duration;
 use crate::admin;
 use crate::app::App;
 use crate::config::{Config, Limits};
+use crate::framing::FramingGuard;
 use crate::proxy::ConnInfo;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -244,6 +245,7 @@ async fn accept_loop(
             // runs on the generation current when it arrives.
             let generation = app.current();
             let handshake_timeout = generation.proxy.config().limits.header_read_timeout;
+            let head_limit = generation.proxy.config().limits.max_header_bytes;
             let info = ConnInfo { peer, tls, shard };
             let svc_app = Arc::clone(&app);
             let svc = service_fn(move |req| {
@@ -257,9 +259,12 @@ async fn accept_loop(
                         match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
                         {
                             Ok(Ok(tls_stream)) => {
+                                // HTTP/2 passes the guard untouched after its preface.
+                                let guarded =
+                                    FramingGuard::new(tls_stream, head_limit, handshake_timeout);
                                 let conn = generation
                                     .http
-                                    .serve_connection(TokioIo::new(tls_stream), svc)
+                                    .serve_connection(TokioIo::new(guarded), svc)
                                     .into_owned();
                                 watcher.watch(conn).await
                             }
@@ -269,9 +274,11 @@ async fn accept_loop(
                     }
                 }
             } else {
+                // HTTP/1 (or h2c prior knowledge, which the guard lets through).
+                let guarded = FramingGuard::new(stream, head_limit, handshake_timeout);
                 let conn = generation
                     .http
-                    .serve_connection(TokioIo::new(stream), svc)
+                    .serve_connection(TokioIo::new(guarded), svc)
                     .into_owned();
                 watcher.watch(conn).await
             };

@@ -7,5 +7,6 @@ mod leaks;
 mod listeners;
 mod ops;
 mod routing;
+mod smuggling;
 mod support;
 mod tokens;
