@@ -518,6 +518,7 @@ fn validate(
     } else if s.listen.is_some() {
         match (&s.tls_cert, &s.tls_key) {
             (Some(cert), Some(key)) => {
+                warn_if_exposed(&resolve(base, key), "server.tls_key", &mut warnings);
                 match tls::server_config_from_files(&resolve(base, cert), &resolve(base, key)) {
                     Ok(cfg) => tls = Some(cfg),
                     Err(e) => p.add(e.key(), e.to_string()),
@@ -663,6 +664,13 @@ fn validate(
 
     // [credentials.*]
     let declared: HashSet<String> = raw.credentials.keys().cloned().collect();
+    if raw
+        .credentials
+        .values()
+        .any(|c| c.client_secret.is_some() || c.api_key.is_some())
+    {
+        warn_if_exposed(file, "config file", &mut warnings);
+    }
     let mut credentials = BTreeMap::new();
     for (name, c) in raw.credentials {
         let key = format!("credentials.{name}");
@@ -971,6 +979,7 @@ fn load_secret(
         }
     } else {
         let path = resolve(base, file.as_deref().unwrap_or(Path::new("")));
+        warn_if_exposed(&path, &format!("{key}.{field}_file"), warnings);
         match std::fs::read_to_string(&path) {
             Ok(v) => v.trim_end().to_string(),
             Err(e) => {
@@ -995,6 +1004,30 @@ fn load_secret(
             );
             None
         }
+    }
+}
+
+/// Secrets at rest: a file holding a secret should be readable by its owner
+/// only. A wider mode is a warning, not an error, because common platforms
+/// mount secrets 0644 by default (Kubernetes without `defaultMode`); the
+/// message says how to fix it.
+pub(crate) fn warn_if_exposed(path: &Path, key: &str, warnings: &mut Vec<String>) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                warnings.push(format!(
+                    "{key}: {} holds a secret but is readable by group or others (mode {mode:04o}); chmod 600 it (Kubernetes: defaultMode: 0400)",
+                    path.display()
+                ));
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (path, key, warnings);
     }
 }
 
@@ -1219,6 +1252,50 @@ mount = "/proxy/x"
             }
             _ => panic!("wrong kind"),
         }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn files_holding_secrets_readable_by_others_are_flagged() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s").unwrap();
+        let text = MINIMAL.replace(
+            "client_secret_env = \"SECRET\"",
+            "client_secret_file = \"secret\"",
+        );
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let c = Config::from_toml(&text, Path::new("t.toml"), dir.path(), &env()).unwrap();
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("readable by group or others") && w.contains("0644")),
+            "{:?}",
+            c.warnings
+        );
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = Config::from_toml(&text, Path::new("t.toml"), dir.path(), &env()).unwrap();
+        assert!(
+            !c.warnings.iter().any(|w| w.contains("readable")),
+            "{:?}",
+            c.warnings
+        );
+
+        // A config file with an inline secret is a secret file too.
+        let cfg = dir.path().join("inline.toml");
+        std::fs::write(
+            &cfg,
+            MINIMAL.replace("client_secret_env = \"SECRET\"", "client_secret = \"x\""),
+        )
+        .unwrap();
+        std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o604)).unwrap();
+        let c = Config::load(&cfg, &env()).unwrap();
+        assert!(
+            c.warnings.iter().any(|w| w.starts_with("config file:")),
+            "{:?}",
+            c.warnings
+        );
     }
 
     #[test]

@@ -253,6 +253,12 @@ impl Proxy {
     {
         let cfg = &*self.config;
         let (parts, body) = req.into_parts();
+        // HTTP/1 absolute-form (`GET https://host/ HTTP/1.1`) is how clients
+        // talk to a forward proxy; this is not one. (HTTP/2 always carries
+        // scheme and authority, so only HTTP/1 is checked.)
+        if parts.version <= http::Version::HTTP_11 && parts.uri.scheme().is_some() {
+            return Err(PathError::AbsoluteForm.into());
+        }
         let is_proxy_form = parts.uri.path() == cfg.server.proxy_path;
 
         // Phase: ping, answered before any referer check.

@@ -29,6 +29,9 @@ pub enum PathError {
     /// A path that does not start with `/`.
     #[error("bad path")]
     BadPath,
+    /// `GET http://host/… HTTP/1.1`: a forward-proxy request, not for us.
+    #[error("absolute-form request target")]
+    AbsoluteForm,
 }
 
 impl PathError {
@@ -40,6 +43,7 @@ impl PathError {
             PathError::Userinfo => "User information is not allowed in the target URL.",
             PathError::ForbiddenCharacter => "Forbidden character in path.",
             PathError::BadPath => "Bad path.",
+            PathError::AbsoluteForm => "Absolute-form request targets are not accepted.",
         }
     }
 }

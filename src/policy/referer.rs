@@ -396,4 +396,35 @@ mod tests {
         let idx: Vec<usize> = errs.iter().map(|(i, _)| *i).collect();
         assert_eq!(idx, [1, 2, 3, 4, 5]);
     }
+
+    proptest::proptest! {
+        // Invariant: whatever the allowlist accepts parses to a host under the
+        // entry that allowed it (and with its scheme and port).
+        #[test]
+        fn accepted_values_are_under_their_entry(
+            scheme in proptest::sample::select(vec!["https", "http", "HTTPS"]),
+            left in "[a-z]{0,4}(\\.[a-z]{1,4}){0,2}",
+            dot in proptest::sample::select(vec!["", "."]),
+            middle in proptest::sample::select(vec![
+                "example.org", "example.org.", "example.org.evil.com", "evilexample.org",
+                "app.example.com", "app.example.com.evil.com", "xn--exmple-cua.org", "EXAMPLE.ORG",
+            ]),
+            userinfo in proptest::sample::select(vec!["", "app.example.com@", "u:p@"]),
+            port in proptest::sample::select(vec!["", ":443", ":8443", ":80"]),
+            path in "(/[a-z.@%]{0,4}){0,3}",
+        ) {
+            let p = policy(&["https://*.example.org", "https://app.example.com"]);
+            let value = format!("{scheme}://{userinfo}{left}{dot}{middle}{port}{path}");
+            if p.allows(value.as_bytes()) {
+                let u = Url::parse(&value).unwrap();
+                let h = u.host_str().unwrap();
+                proptest::prop_assert!(
+                    h == "example.org" || h.ends_with(".example.org") || h == "app.example.com",
+                    "{value} accepted with host {h}"
+                );
+                proptest::prop_assert_eq!(u.scheme(), "https");
+                proptest::prop_assert_eq!(u.port_or_known_default(), Some(443));
+            }
+        }
+    }
 }

@@ -304,4 +304,82 @@ mod tests {
         assert_eq!(r.upstream_path(rest), "/");
         assert!(!r.basemap_styles);
     }
+
+    fn segment() -> impl proptest::strategy::Strategy<Value = &'static str> {
+        proptest::sample::select(vec![
+            "..",
+            ".",
+            "%2e%2e",
+            "%2E.",
+            ".%2e",
+            "%2e",
+            "a",
+            "services",
+            "Special",
+            "",
+            "%2f",
+            "%2F",
+            "\\",
+            ";x=1",
+            "%00",
+            "%252e%252e",
+            "x%20y",
+            "..;",
+            "%5c",
+            "@",
+        ])
+    }
+
+    proptest::proptest! {
+        // Invariant: a proxy-form target either is rejected or, once
+        // normalised, lies under the upstream of the route that serves it.
+        #[test]
+        fn targets_are_under_their_route_or_rejected(
+            segs in proptest::collection::vec(segment(), 0..8),
+            host in proptest::sample::select(vec![
+                "services.arcgis.com", "SERVICES.ArcGIS.com", "services.arcgis.com.",
+                "services.arcgis.com:443", "services.arcgis.com:444", "evil.com",
+                "services.arcgis.com@evil.com", "evil.com#@services.arcgis.com",
+            ]),
+            scheme in proptest::sample::select(vec!["https", "http", "HTTPS", "ftp"]),
+            prefix in proptest::sample::select(vec!["/org/arcgis/rest/services/", "/org/arcgis/rest/", "/"]),
+        ) {
+            let t = table();
+            let raw = format!("{scheme}://{host}{prefix}{}", segs.join("/"));
+            if let Ok(url) = crate::policy::path::parse_target(&raw)
+                && let Some(route) = t.by_url(&url)
+            {
+                proptest::prop_assert_eq!(url.origin().ascii_serialization(), route.origin());
+                let base = route.upstream.path().trim_end_matches('/');
+                proptest::prop_assert!(
+                    base.is_empty() || url.path() == base || url.path().starts_with(&format!("{base}/")),
+                    "{} escaped {}", url, route.upstream
+                );
+                proptest::prop_assert!(!url.path().split('/').any(|s| s == ".." || s == "."));
+            }
+        }
+
+        // Invariant: a mounted path either is rejected or reaches an upstream
+        // path under its route's upstream, without dot segments.
+        #[test]
+        fn mounted_paths_are_under_their_route_or_rejected(
+            segs in proptest::collection::vec(segment(), 0..8),
+            mount in proptest::sample::select(vec!["/features", "/basemaps", "/geocode/v1", "/geocode", ""]),
+        ) {
+            let t = table();
+            let raw = format!("{mount}/{}", segs.join("/"));
+            if let Ok(path) = crate::policy::path::normalise_path(&raw)
+                && let Some((route, rest)) = t.by_mount(&path)
+            {
+                let up = route.upstream_path(rest);
+                let base = route.upstream.path().trim_end_matches('/');
+                proptest::prop_assert!(
+                    base.is_empty() || up == base || up.starts_with(&format!("{base}/")),
+                    "{raw} → {up} escaped {}", route.upstream
+                );
+                proptest::prop_assert!(!up.split('/').any(|s| s == ".." || s == "."), "{raw} → {up}");
+                proptest::prop_assert!(!up.to_ascii_lowercase().contains("%2f"));
+            }
+        }
+    }
 }

@@ -36,6 +36,13 @@ impl Secret {
     }
 }
 
+// Wipe the secret from memory when it is no longer needed.
+impl Drop for Secret {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(<redacted>)")
@@ -139,6 +146,15 @@ impl Token {
     /// When the token was obtained.
     pub fn issued_at(&self) -> Instant {
         self.issued_at
+    }
+}
+
+impl Drop for Token {
+    fn drop(&mut self) {
+        // The header copy lives in a shared buffer that cannot be wiped;
+        // the strings can.
+        zeroize::Zeroize::zeroize(&mut self.value);
+        zeroize::Zeroize::zeroize(&mut self.query_value);
     }
 }
 
