@@ -215,6 +215,91 @@ fn parks(geojson: bool) -> serde_json::Value {
     })
 }
 
+/// The demo map page and the libraries it uses, vendored from npm (Leaflet
+/// 1.9.4, esri-leaflet 3.0.14, with their licences under `demo/vendor/`), so
+/// the page works offline.
+const PAGE: &str = include_str!("../demo/index.html");
+const ASSETS: &[(&str, &str, &[u8])] = &[
+    (
+        "/vendor/leaflet/leaflet.js",
+        "text/javascript",
+        include_bytes!("../demo/vendor/leaflet/leaflet.js"),
+    ),
+    (
+        "/vendor/leaflet/leaflet.css",
+        "text/css",
+        include_bytes!("../demo/vendor/leaflet/leaflet.css"),
+    ),
+    (
+        "/vendor/leaflet/images/layers.png",
+        "image/png",
+        include_bytes!("../demo/vendor/leaflet/images/layers.png"),
+    ),
+    (
+        "/vendor/leaflet/images/layers-2x.png",
+        "image/png",
+        include_bytes!("../demo/vendor/leaflet/images/layers-2x.png"),
+    ),
+    (
+        "/vendor/leaflet/images/marker-icon.png",
+        "image/png",
+        include_bytes!("../demo/vendor/leaflet/images/marker-icon.png"),
+    ),
+    (
+        "/vendor/leaflet/images/marker-icon-2x.png",
+        "image/png",
+        include_bytes!("../demo/vendor/leaflet/images/marker-icon-2x.png"),
+    ),
+    (
+        "/vendor/leaflet/images/marker-shadow.png",
+        "image/png",
+        include_bytes!("../demo/vendor/leaflet/images/marker-shadow.png"),
+    ),
+    (
+        "/vendor/esri-leaflet/esri-leaflet.js",
+        "text/javascript",
+        include_bytes!("../demo/vendor/esri-leaflet/esri-leaflet.js"),
+    ),
+];
+
+/// Serves the demo page on its own origin; the page calls the proxy at
+/// `proxy_base`.
+pub async fn start_page(listener: TcpListener, proxy_base: String) {
+    let page = Bytes::from(PAGE.replace("__PROXY__", &proxy_base));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let page = page.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let page = page.clone();
+                async move {
+                    let path = req.uri().path();
+                    let (ct, body) = if path == "/" || path == "/index.html" {
+                        ("text/html; charset=utf-8", page)
+                    } else if let Some((_, ct, bytes)) = ASSETS.iter().find(|(p, _, _)| *p == path)
+                    {
+                        (*ct, Bytes::from_static(bytes))
+                    } else {
+                        return Ok::<_, Infallible>(crate::error::json_error(
+                            StatusCode::NOT_FOUND,
+                            "Not found.",
+                        ));
+                    };
+                    let mut resp = Response::new(body::full(body));
+                    resp.headers_mut()
+                        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+                    Ok(resp)
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
 /// The demo's config: the proxy on `listen` with an in-memory certificate,
 /// in front of the fake at `fake`.
 pub fn demo_config(listen: SocketAddr, fake: SocketAddr) -> Result<Config, String> {
@@ -227,6 +312,7 @@ pub fn demo_config(listen: SocketAddr, fake: SocketAddr) -> Result<Config, Strin
         r#"
 [server]
 listen = "{listen}"
+plain_listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 [referers]
 allowed = ["https://127.0.0.1:*", "https://localhost:*", "http://localhost:*", "http://127.0.0.1:*"]
@@ -259,8 +345,8 @@ token_in = "query"
     .map_err(|e| e.to_string())
 }
 
-/// `arcgis-app-proxy demo`.
-pub async fn run_cli(listen: SocketAddr) -> ExitCode {
+/// `arcgis-app-proxy demo`: the proxy on `listen`, the map page on `page`.
+pub async fn run_cli(listen: SocketAddr, page: SocketAddr) -> ExitCode {
     crate::init_logging(crate::config::LogFormat::Text);
     let fake = match start_fake_arcgis().await {
         Ok(a) => a,
@@ -289,10 +375,25 @@ pub async fn run_cli(listen: SocketAddr) -> ExitCode {
         .and_then(|l| l.local_addr().ok())
         .unwrap_or(listen);
     let admin_addr = listeners.admin.as_ref().and_then(|l| l.local_addr().ok());
+    let plain_addr = listeners.plain.as_ref().and_then(|l| l.local_addr().ok());
+    let page_listener = match TcpListener::bind(page).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("demo: cannot bind the map page on {page}: {e} (try --page 127.0.0.1:0)");
+            return ExitCode::FAILURE;
+        }
+    };
+    let page_addr = page_listener.local_addr().unwrap_or(page);
+    // The page calls the proxy's cleartext listener, so a browser does not
+    // trip over the demo's self-signed certificate.
+    let proxy_for_page = format!("http://{}", plain_addr.unwrap_or(proxy_addr));
+    tokio::spawn(start_page(page_listener, proxy_for_page.clone()));
     let p = format!("https://{proxy_addr}");
     let r = "-H 'Referer: http://localhost:8080/'";
     println!(
         "arcgis-app-proxy demo\n\n\
+         map page (Leaflet + esri-leaflet, through the proxy):      http://{page_addr}/\n\
+         proxy, cleartext listener used by the page:                {proxy_for_page}\n\
          fake ArcGIS (token endpoint, FeatureServer, Basemap Styles): http://{fake}\n\
          proxy (self-signed certificate, hence curl -k):            {p}\n\
          admin:                                                     http://{}\n\n\

@@ -45,6 +45,9 @@ enum Command {
         /// Address of the demo's HTTPS listener.
         #[arg(long, default_value = "127.0.0.1:8443")]
         listen: std::net::SocketAddr,
+        /// Address of the demo map page.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        page: std::net::SocketAddr,
     },
 }
 
@@ -63,7 +66,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Demo { listen }) => runtime.block_on(demo::run_cli(listen)),
+        Some(Command::Demo { listen, page }) => runtime.block_on(demo::run_cli(listen, page)),
         Some(Command::Check) => match Config::load(&cli.config, &ProcessEnv) {
             Ok(config) => {
                 for w in &config.warnings {

@@ -231,7 +231,10 @@ async fn rejected_credential_logs_the_arcgis_error_not_the_secret() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_features_without_a_client_token() {
-    let mut p = Proc::spawn(&["demo", "--listen", "127.0.0.1:0"], &[]);
+    let mut p = Proc::spawn(
+        &["demo", "--listen", "127.0.0.1:0", "--page", "127.0.0.1:0"],
+        &[],
+    );
     let line = p.wait_for("proxy (self-signed certificate");
     let base = line.split_whitespace().last().unwrap().to_string();
     let fake_line = p.wait_for("fake ArcGIS");

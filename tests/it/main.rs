@@ -1,6 +1,7 @@
 //! The one integration-test binary: the real TLS listener and pipeline,
 //! driven by real clients, in front of in-process fake ArcGIS servers.
 
+mod browser;
 mod cli;
 mod forwarding;
 mod leaks;

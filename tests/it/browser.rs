@@ -1,0 +1,127 @@
+//! The demo map in a real browser: headless Chromium (Debian's `chromium`,
+//! installed by .ci/run) loads the demo page, which draws the fake
+//! FeatureServer's parks through the proxy with Leaflet + esri-leaflet.
+//! Checked: the features are drawn, no response the browser received holds a
+//! token (Chromium's NetLog with response bytes), and no request failed.
+
+use std::path::Path;
+use std::process::Command;
+
+use base64::Engine;
+
+use crate::support::*;
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+#[test]
+fn demo_map_draws_features_and_the_browser_never_sees_a_token() {
+    if !Path::new(CHROMIUM).exists() {
+        // .ci/run installs Chromium; a developer machine may not have it.
+        eprintln!("SKIPPED: {CHROMIUM} not installed (apt-get install chromium)");
+        return;
+    }
+    let mut demo = Proc::spawn(
+        &["demo", "--listen", "127.0.0.1:0", "--page", "127.0.0.1:0"],
+        &[],
+    );
+    let page_line = demo.wait_for("map page");
+    let page = page_line.split_whitespace().last().unwrap().to_string();
+    let work = tempfile::tempdir().unwrap();
+    let netlog = work.path().join("netlog.json");
+    let out = Command::new(CHROMIUM)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=10000",
+            "--net-log-capture-mode=Everything",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            work.path().join("profile").display()
+        ))
+        .arg(format!("--log-net-log={}", netlog.display()))
+        .arg("--dump-dom")
+        .arg(&page)
+        .output()
+        .expect("run chromium");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dom.contains(r#"data-features="6""#),
+        "features not drawn; DOM:\n{dom}"
+    );
+    assert!(
+        dom.contains("6 parks drawn through arcgis-app-proxy"),
+        "{dom}"
+    );
+
+    // Every response body byte the browser read, from the NetLog.
+    let log = std::fs::read_to_string(&netlog).expect("netlog written");
+    let log: serde_json::Value = serde_json::from_str(&log)
+        .or_else(|_| {
+            // Chromium may leave the closing brackets off when it exits fast.
+            serde_json::from_str(&format!("{}]}}", log.trim_end().trim_end_matches(',')))
+        })
+        .expect("netlog is JSON");
+    let proxy_line = demo.wait_for("cleartext listener used by the page");
+    let proxy = proxy_line.split_whitespace().last().unwrap().to_string();
+    let events = log["events"].as_array().unwrap();
+    // URL requests to the proxy, by NetLog source id (the page's own files,
+    // esri-leaflet's source among them, may mention "token=" legitimately).
+    let proxied: std::collections::HashSet<u64> = events
+        .iter()
+        .filter(|e| {
+            e["params"]["url"]
+                .as_str()
+                .is_some_and(|u| u.starts_with(&proxy))
+        })
+        .filter_map(|e| e["source"]["id"].as_u64())
+        .collect();
+    assert!(!proxied.is_empty(), "no request to the proxy in the NetLog");
+    let mut received = Vec::new();
+    for event in events {
+        if !event["source"]["id"]
+            .as_u64()
+            .is_some_and(|id| proxied.contains(&id))
+        {
+            continue;
+        }
+        if let Some(b) = event["params"]["bytes"].as_str()
+            && let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(b)
+        {
+            received.extend(bytes);
+            received.push(b'\n');
+        }
+    }
+    let text = String::from_utf8_lossy(&received);
+    // The check must have seen the answers it is about.
+    assert!(
+        text.contains("Griffith Park"),
+        "NetLog holds no response bodies"
+    );
+    assert!(!text.contains("demo-token-"), "a token reached the browser");
+    assert!(
+        !text.to_ascii_lowercase().contains("token="),
+        "a token parameter reached the browser"
+    );
+
+    let (code, logs) = demo.terminate();
+    assert_eq!(code, 0);
+    // No request failed: every access line of the page's proxy calls is 200.
+    let access: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("access") && l.contains("/features/"))
+        .collect();
+    assert!(
+        !access.is_empty(),
+        "the page made no proxy request:\n{logs}"
+    );
+    for line in access {
+        assert!(line.contains("status=200"), "{line}");
+    }
+}
