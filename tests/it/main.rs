@@ -7,6 +7,7 @@ mod forwarding;
 mod leaks;
 mod listeners;
 mod ops;
+mod restjs;
 mod routing;
 mod smuggling;
 mod support;
