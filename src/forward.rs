@@ -34,14 +34,6 @@ pub type HttpClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 /// Header name for ArcGIS token injection.
 pub static X_ESRI_AUTHORIZATION: HeaderName = HeaderName::from_static("x-esri-authorization");
 
-/// Builds the upstream client from config.
-pub fn build_client(config: &Config) -> HttpClient {
-    client_with(
-        tls::client_config(&config.extra_ca),
-        config.limits.upstream_connect_timeout,
-    )
-}
-
 /// The upstream TLS settings with ALPN for HTTP/2 and HTTP/1.1, built once
 /// and shared by every client (the root store is the bulk of its memory).
 fn shared_tls(config: &Config) -> Arc<rustls::ClientConfig> {
@@ -101,27 +93,6 @@ impl Clients {
     pub fn shards(&self) -> usize {
         self.shards.len()
     }
-}
-
-/// Builds an upstream client with the given TLS config.
-pub fn client_with(tls: rustls::ClientConfig, connect_timeout: Duration) -> HttpClient {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_nodelay(true);
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(https)
 }
 
 /// Headers that describe one connection, never forwarded (RFC 9110 7.6.1).
