@@ -11,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -346,10 +347,14 @@ impl Proxy {
         } else if is_form {
             // Form bodies are parameters: read them (bounded) so a client's
             // `token` parameter can be removed, and keep them for a retry.
-            let bytes = collect_limited(body, limits.max_request_body_bytes).await?;
+            let bytes =
+                collect_limited(body, limits.max_request_body_bytes, limits.upstream_timeout)
+                    .await?;
             RequestBody::Kept(strip_form_token(bytes))
         } else if announced.is_some_and(|n| n <= limits.retry_body_bytes) {
-            RequestBody::Kept(collect_limited(body, limits.retry_body_bytes).await?)
+            RequestBody::Kept(
+                collect_limited(body, limits.retry_body_bytes, limits.upstream_timeout).await?,
+            )
         } else {
             RequestBody::Streaming(Some(
                 Limited::new(
@@ -709,15 +714,19 @@ impl RequestBody {
     }
 }
 
-async fn collect_limited<B>(body: B, limit: u64) -> Result<Bytes, ProxyError>
+/// Reads a body the proxy keeps (forms, small bodies for a retry), bounded
+/// in size and in time: a client trickling its body cannot hold a request
+/// open longer than an upstream may take to answer.
+async fn collect_limited<B>(body: B, limit: u64, within: Duration) -> Result<Bytes, ProxyError>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    match Limited::new(body, limit as usize).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ProxyError::BodyTooLarge),
+    match tokio::time::timeout(within, Limited::new(body, limit as usize).collect()).await {
         Err(_) => Err(ProxyError::BadBody),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ProxyError::BodyTooLarge),
+        Ok(Err(_)) => Err(ProxyError::BadBody),
     }
 }
 

@@ -205,3 +205,37 @@ async fn http2_rapid_reset_and_header_floods_do_not_take_it_down() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_trickled_body_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // upstream_timeout_secs = 2 in the standard config bounds kept bodies.
+    let pki = Pki::new();
+    let fake = FakeArcGis::start().await;
+    let proxy = TestProxy::start(&pki, &standard_config(&fake, "")).await;
+    let cfg = pki.client_config(&[&rustls::version::TLS13], &[b"http/1.1"]);
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /svc/echo/slow HTTP/1.1\r\nHost: localhost\r\n{REF}Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    // Never send the rest of the body; the proxy must answer and close.
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await;
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(raw_status(&out), Some(400), "{out}");
+    assert!(started.elapsed() < Duration::from_secs(8));
+    assert!(
+        fake.requests().is_empty(),
+        "a half-sent body reached upstream"
+    );
+    proxy.stop().await;
+}
