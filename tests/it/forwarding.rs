@@ -164,74 +164,74 @@ async fn large_responses_stream() {
     proxy.stop().await;
 }
 
-#[tokio::test]
-async fn request_bodies_stream_and_limits_hold() {
-    let (_pki, fake, proxy, client) = setup_with("").await;
-    // 900 KiB, chunked (no Content-Length): streams through, not kept.
-    let chunks: Vec<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>> = (0..90)
-        .map(|_| Ok(Frame::data(Bytes::from(vec![b'a'; 10 * 1024]))))
+/// A chunked (no Content-Length) body of `count` chunks of `size` bytes.
+fn chunked(count: usize, size: usize, byte: u8) -> TestBody {
+    let chunks: Vec<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>> = (0..count)
+        .map(|_| Ok(Frame::data(Bytes::from(vec![byte; size]))))
         .collect();
-    let body = StreamBody::new(futures_util::stream::iter(chunks)).boxed();
-    let a = client
+    StreamBody::new(futures_util::stream::iter(chunks)).boxed()
+}
+
+/// POSTs `body` with an allowed Referer.
+async fn post(client: &TestClient, path: &str, content_type: &str, body: TestBody) -> Answer {
+    client
         .send(
             client
-                .req("POST", "/svc/upload-stream")
+                .req("POST", path)
                 .header("referer", "https://app.example.com/")
-                .header("content-type", "application/octet-stream")
+                .header("content-type", content_type)
                 .body(body)
                 .unwrap(),
         )
-        .await;
+        .await
+}
+
+#[tokio::test]
+async fn request_bodies_stream_and_limits_hold() {
+    let (_pki, fake, proxy, client) = setup_with("").await;
+    const OCTETS: &str = "application/octet-stream";
+    // 900 KiB, chunked (no Content-Length): streams through, not kept.
+    let a = post(
+        &client,
+        "/svc/upload-stream",
+        OCTETS,
+        chunked(90, 10 * 1024, b'a'),
+    )
+    .await;
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(a.json()["received"], (90 * 10 * 1024).to_string());
 
     // Announced too large: refused before reading, upstream never sees it.
     let before = fake.requests().len();
-    let a = client
-        .send(
-            client
-                .req("POST", "/svc/upload-stream")
-                .header("referer", "https://app.example.com/")
-                .header("content-type", "application/octet-stream")
-                .body(full(vec![b'b'; 2 * 1024 * 1024]))
-                .unwrap(),
-        )
-        .await;
+    let a = post(
+        &client,
+        "/svc/upload-stream",
+        OCTETS,
+        full(vec![b'b'; 2 * 1024 * 1024]),
+    )
+    .await;
     a.assert_error(413);
     assert_eq!(fake.requests().len(), before);
 
     // Chunked and too large: discovered while streaming → 413.
-    let chunks: Vec<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>> = (0..40)
-        .map(|_| Ok(Frame::data(Bytes::from(vec![b'c'; 64 * 1024]))))
-        .collect();
-    let body = StreamBody::new(futures_util::stream::iter(chunks)).boxed();
-    let a = client
-        .send(
-            client
-                .req("POST", "/svc/upload-stream")
-                .header("referer", "https://app.example.com/")
-                .header("content-type", "application/octet-stream")
-                .body(body)
-                .unwrap(),
-        )
-        .await;
+    let a = post(
+        &client,
+        "/svc/upload-stream",
+        OCTETS,
+        chunked(40, 64 * 1024, b'c'),
+    )
+    .await;
     a.assert_error(413);
 
     // A form body over the limit is refused too.
-    let chunks: Vec<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>> = (0..40)
-        .map(|_| Ok(Frame::data(Bytes::from(vec![b'd'; 64 * 1024]))))
-        .collect();
-    let body = StreamBody::new(futures_util::stream::iter(chunks)).boxed();
-    let a = client
-        .send(
-            client
-                .req("POST", "/svc/echo/form")
-                .header("referer", "https://app.example.com/")
-                .header("content-type", "application/x-www-form-urlencoded")
-                .body(body)
-                .unwrap(),
-        )
-        .await;
+    let form = "application/x-www-form-urlencoded";
+    let a = post(
+        &client,
+        "/svc/echo/form",
+        form,
+        chunked(40, 64 * 1024, b'd'),
+    )
+    .await;
     a.assert_error(413);
     proxy.stop().await;
 }

@@ -30,10 +30,7 @@ async fn handshake(
     version: &'static rustls::SupportedProtocolVersion,
     alpn: &[&[u8]],
 ) -> (rustls::ProtocolVersion, Option<Vec<u8>>) {
-    let cfg = pki.client_config(&[version], alpn);
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+    let tls = tls_connect(pki, addr, version, alpn)
         .await
         .expect("handshake");
     let (_, conn) = tls.get_ref();
@@ -134,10 +131,7 @@ async fn oversized_heads_get_431() {
 async fn slow_headers_are_cut_off() {
     // header_read_timeout_secs = 2 in the standard config.
     let (pki, fake, proxy) = setup_with("", "").await;
-    let cfg = pki.client_config(&[&rustls::version::TLS13], &[b"http/1.1"]);
-    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+    let mut tls = tls_connect(&pki, proxy.addr, &rustls::version::TLS13, &[b"http/1.1"])
         .await
         .unwrap();
     tls.write_all(b"GET /svc/echo/x HTTP/1.1\r\nHost: localhost\r\n")

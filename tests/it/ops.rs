@@ -275,13 +275,7 @@ async fn reload_notes_settings_that_need_a_restart() {
 
 /// The leaf certificate a fresh TLS connection is shown.
 async fn peer_cert(pki: &Pki, addr: std::net::SocketAddr) -> Vec<u8> {
-    let cfg = pki.client_config(&[&rustls::version::TLS13], &[b"http/1.1"]);
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(
-            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
+    let tls = tls_connect(pki, addr, &rustls::version::TLS13, &[b"http/1.1"])
         .await
         .unwrap();
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()

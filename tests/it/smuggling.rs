@@ -135,17 +135,10 @@ async fn odd_request_targets_and_headers() {
 
 #[tokio::test]
 async fn http2_rapid_reset_and_header_floods_do_not_take_it_down() {
-    use std::sync::Arc;
     let pki = Pki::new();
     let fake = FakeArcGis::start().await;
     let proxy = TestProxy::start(&pki, &standard_config(&fake, "")).await;
-    let cfg = pki.client_config(&[&rustls::version::TLS13], &[b"h2"]);
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(
-            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
+    let tls = tls_connect(&pki, proxy.addr, &rustls::version::TLS13, &[b"h2"])
         .await
         .unwrap();
     let (mut h2, conn) = h2::client::handshake(tls).await.unwrap();
@@ -213,13 +206,7 @@ async fn a_trickled_body_is_cut_off() {
     let pki = Pki::new();
     let fake = FakeArcGis::start().await;
     let proxy = TestProxy::start(&pki, &standard_config(&fake, "")).await;
-    let cfg = pki.client_config(&[&rustls::version::TLS13], &[b"http/1.1"]);
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-        .connect(
-            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
+    let mut tls = tls_connect(&pki, proxy.addr, &rustls::version::TLS13, &[b"http/1.1"])
         .await
         .unwrap();
     let head = format!(

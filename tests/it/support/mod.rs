@@ -899,14 +899,24 @@ impl TestClient {
     }
 }
 
+/// A TLS connection to the proxy as `localhost`, trusting the test CA.
+pub async fn tls_connect(
+    pki: &Pki,
+    addr: SocketAddr,
+    version: &'static rustls::SupportedProtocolVersion,
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let cfg = pki.client_config(&[version], alpn);
+    let tcp = TcpStream::connect(addr).await?;
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+}
+
 /// Sends raw bytes over TLS and returns everything read until the server
 /// closes or `wait` passes.
 pub async fn raw_tls(pki: &Pki, addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let cfg = pki.client_config(&[&rustls::version::TLS13], &[b"http/1.1"]);
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-    let mut tls = connector
-        .connect(ServerName::try_from("localhost").unwrap(), stream)
+    let mut tls = tls_connect(pki, addr, &rustls::version::TLS13, &[b"http/1.1"])
         .await
         .unwrap();
     tls.write_all(bytes).await.unwrap();
