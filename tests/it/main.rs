@@ -4,6 +4,7 @@
 mod browser;
 mod cli;
 mod forwarding;
+mod kubernetes;
 mod leaks;
 mod listeners;
 mod ops;
