@@ -30,6 +30,17 @@ pub struct RouteLabel {
     pub route: String,
 }
 
+/// `app`, `route` labels for usage attribution.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppLabels {
+    /// The allowlist entry that admitted the request, as configured
+    /// (`none` when no Referer/Origin was sent and that is allowed). Never
+    /// the raw header: the label set stays as small as the allowlist.
+    pub app: String,
+    /// Route name.
+    pub route: String,
+}
+
 /// `credential` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CredentialLabel {
@@ -74,6 +85,10 @@ pub struct Metrics {
     pub open_connections: Gauge,
     /// Config reloads by outcome.
     pub reloads: Family<OutcomeLabel, Counter>,
+    /// Requests by allowlist entry and route (usage attribution).
+    pub app_requests: Family<AppLabels, Counter>,
+    /// Response body bytes by allowlist entry and route.
+    pub app_bytes: Family<AppLabels, Counter>,
 }
 
 /// `outcome` label.
@@ -106,6 +121,18 @@ impl Metrics {
         let rate_limited = Family::<RouteLabel, Counter>::default();
         let open_connections = Gauge::default();
         let reloads = Family::<OutcomeLabel, Counter>::default();
+        let app_requests = Family::<AppLabels, Counter>::default();
+        let app_bytes = Family::<AppLabels, Counter>::default();
+        registry.register(
+            "arcgis_proxy_app_requests",
+            "Requests by the allowlist entry that admitted them, and route",
+            app_requests.clone(),
+        );
+        registry.register(
+            "arcgis_proxy_app_response_bytes",
+            "Response body bytes sent, by allowlist entry and route",
+            app_bytes.clone(),
+        );
         registry.register(
             "arcgis_proxy_requests",
             "Requests answered, by route and HTTP status",
@@ -168,6 +195,8 @@ impl Metrics {
             rate_limited,
             open_connections,
             reloads,
+            app_requests,
+            app_bytes,
         }
     }
 

@@ -26,13 +26,14 @@ use crate::codec::Coding;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::forward::{self, Answer, Clients, Outgoing, Verdict};
-use crate::metrics::{CredentialLabel, Metrics, RequestLabels, RouteLabel};
+use crate::metrics::{AppLabels, CredentialLabel, Metrics, RequestLabels, RouteLabel};
 use crate::policy::client;
 use crate::policy::path::{self, PathError};
 use crate::policy::rate::RateLimiter;
 use crate::policy::route::{Route, TokenIn};
 use crate::scrub::{self, ScrubBody, ScrubPatterns, Scrubber, UrlRewriter};
 use crate::token::{Token, TokenSource, TokenState};
+use prometheus_client::metrics::counter::Counter;
 
 /// What the service knows about the connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -59,11 +60,14 @@ pub struct Proxy {
     scrub_cache: moka::sync::Cache<([u64; 3], bool), Arc<ScrubPatterns>>,
     /// Per-route metric handles for the common case, looked up once.
     route_metrics: Vec<RouteMetrics>,
+    /// Usage-attribution counters (requests, bytes) per (allowlist entry or
+    /// none) × route, created on first use.
+    app_metrics: Vec<std::sync::OnceLock<(Counter, Counter)>>,
 }
 
 /// Metric handles of one route (shared with the families in [`Metrics`]).
 struct RouteMetrics {
-    ok: prometheus_client::metrics::counter::Counter,
+    ok: Counter,
     upstream: prometheus_client::metrics::histogram::Histogram,
 }
 
@@ -123,8 +127,12 @@ impl Proxy {
                     .clone(),
             })
             .collect();
+        let app_metrics = (0..(config.referers.len() + 1) * config.routes.len().max(1))
+            .map(|_| std::sync::OnceLock::new())
+            .collect();
         Proxy {
             route_metrics,
+            app_metrics,
             limiter: RateLimiter::new(&config.routes),
             config,
             clients,
@@ -197,6 +205,7 @@ impl Proxy {
             },
             route: None,
             route_index: None,
+            app: None,
             referer: if access {
                 referer_origin(req.headers())
             } else {
@@ -234,11 +243,44 @@ impl Proxy {
                     .inc();
             }
         }
+        // Usage attribution, for requests that were admitted and routed.
+        let resp = match (log.app, log.route_index) {
+            (Some(entry), Some(route)) => {
+                let (requests, bytes) = self.app_counters(entry, route);
+                requests.inc();
+                resp.map(|b| CountedBody::wrap(b, bytes))
+            }
+            _ => resp,
+        };
         if access {
             resp.map(|b| LoggedBody::wrap(b, log))
         } else {
             resp
         }
+    }
+
+    /// The (requests, bytes) counters for an allowlist entry and a route.
+    fn app_counters(&self, entry: Option<usize>, route: usize) -> &(Counter, Counter) {
+        let routes = self.config.routes.len().max(1);
+        let slot = entry.map_or(0, |e| e + 1) * routes + route;
+        self.app_metrics[slot].get_or_init(|| {
+            let labels = AppLabels {
+                app: entry.map_or_else(
+                    || "none".to_string(),
+                    |e| self.config.referers.label(e).to_string(),
+                ),
+                route: self
+                    .config
+                    .routes
+                    .iter()
+                    .nth(route)
+                    .map_or_else(String::new, |r| r.name.clone()),
+            };
+            (
+                self.metrics.app_requests.get_or_create(&labels).clone(),
+                self.metrics.app_bytes.get_or_create(&labels).clone(),
+            )
+        })
     }
 
     async fn serve<B>(
@@ -276,10 +318,13 @@ impl Proxy {
             .get_all(header::REFERER)
             .iter()
             .chain(parts.headers.get_all(header::ORIGIN).iter());
-        if let Err(e) = cfg.referers.check_all(values) {
-            tracing::debug!(reason = %e, "referer check failed");
-            self.metrics.referer_rejections.inc();
-            return Err(ProxyError::RefererNotAllowed);
+        match cfg.referers.check_all(values) {
+            Ok(entry) => log.app = Some(entry),
+            Err(e) => {
+                tracing::debug!(reason = %e, "referer check failed");
+                self.metrics.referer_rejections.inc();
+                return Err(ProxyError::RefererNotAllowed);
+            }
         }
         *cors_origin = parts.headers.get(header::ORIGIN).cloned();
 
@@ -849,12 +894,61 @@ fn referer_origin(headers: &HeaderMap) -> Option<String> {
     }
 }
 
+/// Adds the bytes of a response body to a counter as they are sent (at once
+/// when the size is known up front).
+struct CountedBody {
+    inner: ProxyBody,
+    bytes: Counter,
+}
+
+impl CountedBody {
+    fn wrap(inner: ProxyBody, bytes: &Counter) -> ProxyBody {
+        if let Some(n) = inner.size_hint().exact() {
+            bytes.inc_by(n);
+            return inner;
+        }
+        CountedBody {
+            inner,
+            bytes: bytes.clone(),
+        }
+        .boxed()
+    }
+}
+
+impl Body for CountedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(d) = frame.data_ref()
+        {
+            self.bytes.inc_by(d.len() as u64);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// The access log record, written once the response body is finished.
 struct AccessLog {
     method: Method,
     path: String,
     route: Option<String>,
     route_index: Option<usize>,
+    /// Allowlist entry that admitted the request (inner `None`: no header).
+    app: Option<Option<usize>>,
     referer: Option<String>,
     client: IpAddr,
     status: u16,

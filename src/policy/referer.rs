@@ -18,7 +18,10 @@ pub struct RefererPolicy {
     /// Canonical `scheme://host[:port]` of entries that are a plain origin:
     /// a value equal to one, or continuing it with `/`, matches without a
     /// URL parse (the common case of a browser's own Origin or Referer).
-    exact_origins: Vec<String>,
+    /// Paired with the entry's index.
+    exact_origins: Vec<(String, usize)>,
+    /// The entries as configured, for usage attribution labels.
+    labels: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -64,7 +67,8 @@ impl RefererPolicy {
         if errors.is_empty() {
             let exact_origins = out
                 .iter()
-                .filter_map(|e| match e {
+                .enumerate()
+                .filter_map(|(i, e)| match e {
                     Entry::Pattern {
                         scheme,
                         host: HostPattern::Exact(h),
@@ -72,11 +76,14 @@ impl RefererPolicy {
                         path: None,
                     } => {
                         let default = if scheme == "https" { 443 } else { 80 };
-                        Some(if *port == default {
-                            format!("{scheme}://{h}")
-                        } else {
-                            format!("{scheme}://{h}:{port}")
-                        })
+                        Some((
+                            if *port == default {
+                                format!("{scheme}://{h}")
+                            } else {
+                                format!("{scheme}://{h}:{port}")
+                            },
+                            i,
+                        ))
                     }
                     _ => None,
                 })
@@ -85,6 +92,7 @@ impl RefererPolicy {
                 entries: out,
                 allow_missing,
                 exact_origins,
+                labels: entries.iter().map(|e| e.trim().to_string()).collect(),
             })
         } else {
             Err(errors)
@@ -97,7 +105,23 @@ impl RefererPolicy {
             entries: Vec::new(),
             allow_missing: false,
             exact_origins: Vec::new(),
+            labels: Vec::new(),
         }
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when the allowlist is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The configured text of entry `i` (a bounded label for metrics).
+    pub fn label(&self, i: usize) -> &str {
+        self.labels.get(i).map_or("", String::as_str)
     }
 
     /// Checks a request's Referer and Origin headers.
@@ -107,23 +131,26 @@ impl RefererPolicy {
         origin: Option<&HeaderValue>,
     ) -> Result<(), RefererError> {
         self.check_all([referer, origin].into_iter().flatten())
+            .map(|_| ())
     }
 
     /// Checks every Referer and Origin value a request carries (a repeated
-    /// header must match in each copy).
+    /// header must match in each copy). On success, the index of the entry
+    /// that matched the last value (Origin when present), or `None` when no
+    /// header was present and that is allowed.
     pub fn check_all<'a>(
         &self,
         values: impl IntoIterator<Item = &'a HeaderValue>,
-    ) -> Result<(), RefererError> {
-        let mut any = false;
+    ) -> Result<Option<usize>, RefererError> {
+        let mut matched = None;
         for value in values {
-            any = true;
-            if !self.allows(value.as_bytes()) {
-                return Err(RefererError::NotAllowed);
+            match self.matching_entry(value.as_bytes()) {
+                Some(i) => matched = Some(i),
+                None => return Err(RefererError::NotAllowed),
             }
         }
-        if any || self.allow_missing {
-            Ok(())
+        if matched.is_some() || self.allow_missing {
+            Ok(matched)
         } else {
             Err(RefererError::Missing)
         }
@@ -131,38 +158,61 @@ impl RefererPolicy {
 
     /// True when some entry accepts this header value.
     pub fn allows(&self, value: &[u8]) -> bool {
+        self.matching_entry(value).is_some()
+    }
+
+    /// The index of the entry that accepts this header value: an exact
+    /// origin before a wildcard, then config order, `*` last.
+    pub fn matching_entry(&self, value: &[u8]) -> Option<usize> {
+        if value.is_empty() {
+            return None;
+        }
+        // `*` accepts any present value, even one that is not a URL.
+        let any = self.entries.iter().position(|e| matches!(e, Entry::Any));
         let Ok(text) = std::str::from_utf8(value) else {
-            return false;
+            return any;
         };
-        if text.is_empty() {
-            return false;
-        }
-        if self.entries.iter().any(|e| matches!(e, Entry::Any)) {
-            return true;
-        }
         // WHATWG parsing silently drops tabs/newlines and trims spaces; a
         // header carrying them is not a URL a browser sent.
         if text.bytes().any(|b| b <= b' ' || b == 0x7f) {
-            return false;
+            return any;
         }
-        if self.exact_origins.iter().any(|o| {
+        if let Some((_, i)) = self.exact_origins.iter().find(|(o, _)| {
             text.strip_prefix(o.as_str()).is_some_and(|rest| {
                 rest.is_empty() || (rest.starts_with('/') && !rest.contains('\\'))
             })
         }) {
-            return true;
+            return Some(*i);
         }
         let Ok(url) = Url::parse(text) else {
-            return false;
+            return any;
         };
         let Some(host) = url.host_str() else {
-            return false;
+            return any;
         };
-        self.entries.iter().any(|e| e.matches(&url, host))
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| !matches!(e, Entry::Any) && e.matches(&url, host))
+            .min_by_key(|(i, e)| (!e.is_exact_origin(), *i))
+            .map(|(i, _)| i)
+            .or(any)
     }
 }
 
 impl Entry {
+    fn is_exact_origin(&self) -> bool {
+        matches!(
+            self,
+            Entry::Pattern {
+                host: HostPattern::Exact(_),
+                port: Some(_),
+                path: None,
+                ..
+            }
+        )
+    }
+
     fn compile(raw: &str) -> Result<Entry, String> {
         let raw = raw.trim();
         if raw == "*" {
@@ -341,6 +391,20 @@ mod tests {
                 "value {value:?} expected {expected}"
             );
         }
+    }
+
+    #[test]
+    fn matches_are_attributed_to_one_entry() {
+        let p = policy(&["https://*.example.com", "https://app.example.com", "*"]);
+        // Exact origin wins over the earlier wildcard, fast path or not.
+        assert_eq!(p.matching_entry(b"https://app.example.com/x"), Some(1));
+        assert_eq!(p.matching_entry(b"https://app.example.com:443/x"), Some(1));
+        assert_eq!(p.matching_entry(b"https://b.example.com/"), Some(0));
+        assert_eq!(p.matching_entry(b"https://other.example/"), Some(2));
+        assert_eq!(p.label(1), "https://app.example.com");
+        let ok = HeaderValue::from_static("https://b.example.com/");
+        let origin = HeaderValue::from_static("https://app.example.com");
+        assert_eq!(p.check_all([&ok, &origin]), Ok(Some(1)));
     }
 
     #[test]

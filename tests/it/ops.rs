@@ -98,6 +98,27 @@ async fn metrics_count_known_traffic() {
     assert!((7100.0..=7170.0).contains(&left), "{left}");
     let age = sample(&t, r#"arcgis_proxy_token_age_seconds{credential="online"}"#).unwrap();
     assert!((0.0..60.0).contains(&age), "{age}");
+    // Usage attribution: by the allowlist entry that admitted the request
+    // (as configured, not the raw Referer) and route; refused and unrouted
+    // requests are not attributed.
+    assert_eq!(
+        sample(
+            &t,
+            r#"arcgis_proxy_app_requests_total{app="https://app.example.com",route="/svc"}"#
+        ),
+        Some(3.0),
+        "{t}"
+    );
+    let bytes = sample(
+        &t,
+        r#"arcgis_proxy_app_response_bytes_total{app="https://app.example.com",route="/svc"}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        bytes,
+        3.0 * client.get("/svc/features").await.body.len() as f64
+    );
+    assert!(!t.contains("evil.example"), "a raw Referer became a label");
     // The client's keep-alive connection is open.
     assert!(sample(&t, "arcgis_proxy_open_connections").unwrap() >= 1.0);
     let a = admin
