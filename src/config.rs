@@ -46,6 +46,45 @@ pub struct RawConfig {
     credentials: BTreeMap<String, RawCredential>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+    rate_limit: Option<RawRateLimitStore>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimitStore {
+    store: String,
+    #[serde(default = "default_budget_ms")]
+    budget_ms: u64,
+    #[serde(default)]
+    on_store_error: StoreFallback,
+}
+
+fn default_budget_ms() -> u64 {
+    25
+}
+
+/// What per-client rate limits do when the shared store does not answer.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreFallback {
+    /// Use this process's own limiter.
+    #[default]
+    Local,
+    /// Admit the request.
+    Open,
+    /// Refuse it (429).
+    Closed,
+}
+
+/// `[rate_limit]`: a store shared by all replicas.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitStore {
+    /// `redis://host:port/db` (or `rediss://` for TLS).
+    pub url: String,
+    /// Time allowed for one store call.
+    pub budget: Duration,
+    /// What to do when the store does not answer in time.
+    pub on_error: StoreFallback,
 }
 
 #[derive(Debug, Deserialize)]
@@ -200,6 +239,8 @@ pub struct Config {
     pub credentials: BTreeMap<String, CredentialConfig>,
     /// Compiled route table.
     pub routes: RouteTable,
+    /// Shared rate-limit store, if any.
+    pub rate_limit_store: Option<RateLimitStore>,
     /// Non-fatal findings (inline secrets, cleartext upstreams), logged at start.
     pub warnings: Vec<String>,
 }
@@ -782,6 +823,22 @@ fn validate(
         p.add("routes", "no routes: add at least one [[routes]] table");
     }
 
+    let rate_limit_store = raw.rate_limit.and_then(|r| {
+        let ok_scheme = r.store.starts_with("redis://") || r.store.starts_with("rediss://");
+        if !ok_scheme || url::Url::parse(&r.store).is_err() {
+            p.add("rate_limit.store", "must be a redis:// or rediss:// URL");
+            return None;
+        }
+        if !(1..=5000).contains(&r.budget_ms) {
+            p.add("rate_limit.budget_ms", "must be between 1 and 5000");
+        }
+        Some(RateLimitStore {
+            url: r.store,
+            budget: Duration::from_millis(r.budget_ms),
+            on_error: r.on_store_error,
+        })
+    });
+
     Config {
         source: file.to_path_buf(),
         server: ServerConfig {
@@ -800,6 +857,7 @@ fn validate(
         extra_ca,
         credentials,
         routes: RouteTable::new(routes),
+        rate_limit_store,
         warnings,
     }
 }

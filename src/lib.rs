@@ -11,6 +11,7 @@
 //! - [`proxy`]: the pipeline of phases — ping, referer/origin, CORS, route and
 //!   path safety ([`policy`]), body, token ([`token`]), forward ([`forward`]),
 //!   response hygiene ([`scrub`]), access log.
+//! - [`shared_rate`]: optional Redis-backed rate limits shared by replicas.
 //! - [`error`]: every failure → one ArcGIS-shaped JSON response.
 //! - [`redact`]: every log line is scrubbed of token-like values on write.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` ([`metrics`]) on a separate
@@ -36,6 +37,7 @@ pub mod proxy;
 pub mod redact;
 pub mod scrub;
 pub mod server;
+pub mod shared_rate;
 pub mod tls;
 pub mod token;
 

@@ -89,6 +89,8 @@ pub struct Metrics {
     pub app_requests: Family<AppLabels, Counter>,
     /// Response body bytes by allowlist entry and route.
     pub app_bytes: Family<AppLabels, Counter>,
+    /// Shared rate-limit store calls that failed or ran over budget.
+    pub rate_limit_store_errors: Counter,
 }
 
 /// `outcome` label.
@@ -123,6 +125,12 @@ impl Metrics {
         let reloads = Family::<OutcomeLabel, Counter>::default();
         let app_requests = Family::<AppLabels, Counter>::default();
         let app_bytes = Family::<AppLabels, Counter>::default();
+        let rate_limit_store_errors = Counter::default();
+        registry.register(
+            "arcgis_proxy_rate_limit_store_errors",
+            "Shared rate-limit store calls that failed or exceeded their time budget",
+            rate_limit_store_errors.clone(),
+        );
         registry.register(
             "arcgis_proxy_app_requests",
             "Requests by the allowlist entry that admitted them, and route",
@@ -197,6 +205,7 @@ impl Metrics {
             reloads,
             app_requests,
             app_bytes,
+            rate_limit_store_errors,
         }
     }
 

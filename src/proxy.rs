@@ -23,7 +23,7 @@ use url::Url;
 
 use crate::body::{self, BoxError, ProxyBody};
 use crate::codec::Coding;
-use crate::config::Config;
+use crate::config::{Config, StoreFallback};
 use crate::error::ProxyError;
 use crate::forward::{self, Answer, Clients, Outgoing, Verdict};
 use crate::metrics::{AppLabels, CredentialLabel, Metrics, RequestLabels, RouteLabel};
@@ -32,6 +32,7 @@ use crate::policy::path::{self, PathError};
 use crate::policy::rate::RateLimiter;
 use crate::policy::route::{Route, TokenIn};
 use crate::scrub::{self, ScrubBody, ScrubPatterns, Scrubber, UrlRewriter};
+use crate::shared_rate::SharedStore;
 use crate::token::{Token, TokenSource, TokenState};
 use prometheus_client::metrics::counter::Counter;
 
@@ -53,6 +54,8 @@ pub struct Proxy {
     tokens: BTreeMap<String, TokenSource>,
     metrics: Arc<Metrics>,
     limiter: RateLimiter,
+    /// Rate limits shared with other replicas, when configured.
+    shared: Option<SharedStore>,
     /// Every route's upstream URL prefix, for `rewrite_urls`.
     rewrite_from: Vec<String>,
     /// Compiled body patterns by (token ids, rewriting?): built once per
@@ -130,7 +133,13 @@ impl Proxy {
         let app_metrics = (0..(config.referers.len() + 1) * config.routes.len().max(1))
             .map(|_| std::sync::OnceLock::new())
             .collect();
+        let shared = config.rate_limit_store.as_ref().and_then(|s| {
+            SharedStore::new(&s.url, s.budget, s.on_error)
+                .map_err(|e| tracing::error!(error = %e, "cannot use the rate-limit store; limits stay local"))
+                .ok()
+        });
         Proxy {
+            shared,
             route_metrics,
             app_metrics,
             limiter: RateLimiter::new(&config.routes),
@@ -259,6 +268,30 @@ impl Proxy {
         }
     }
 
+    /// One token from the client's bucket for `route`: from the shared store
+    /// when there is one (falling back as configured when it does not
+    /// answer), else from this process's limiter.
+    async fn rate_check(&self, route: &Route, client: IpAddr) -> Result<(), Duration> {
+        let Some((requests, per)) = route.rate_limit else {
+            return Ok(());
+        };
+        let Some(store) = &self.shared else {
+            return self.limiter.check(route.index, client);
+        };
+        match store.check(&route.name, client, requests, per).await {
+            Ok(None) => Ok(()),
+            Ok(Some(wait)) => Err(wait),
+            Err(()) => {
+                self.metrics.rate_limit_store_errors.inc();
+                match store.fallback {
+                    StoreFallback::Local => self.limiter.check(route.index, client),
+                    StoreFallback::Open => Ok(()),
+                    StoreFallback::Closed => Err(Duration::from_secs(1)),
+                }
+            }
+        }
+    }
+
     /// The (requests, bytes) counters for an allowlist entry and a route.
     fn app_counters(&self, entry: Option<usize>, route: usize) -> &(Counter, Counter) {
         let routes = self.config.routes.len().max(1);
@@ -357,7 +390,7 @@ impl Proxy {
         log.route_index = Some(route.index);
 
         // Phase: rate limit, per client IP per route.
-        if let Err(wait) = self.limiter.check(route.index, log.client) {
+        if let Err(wait) = self.rate_check(route, log.client).await {
             self.metrics
                 .rate_limited
                 .get_or_create(&RouteLabel {

@@ -10,6 +10,7 @@ mod listeners;
 mod ops;
 mod restjs;
 mod routing;
+mod shared_rate;
 mod smuggling;
 mod support;
 mod tokens;

@@ -1,0 +1,91 @@
+//! Cluster-wide rate limits: the same GCRA as [`crate::policy::rate`], kept
+//! in Redis so that N replicas together admit what one would.
+//!
+//! One Lua script per request does the whole decision atomically on the
+//! server (one round trip), using Redis' clock so replicas agree on time.
+//! Each call has a time budget; when Redis is slow or down the proxy falls
+//! back as configured — to its local limiter, or open (admit), or closed
+//! (refuse) — and counts it.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+
+use crate::config::StoreFallback;
+
+/// GCRA: `ARGV[1]` emission interval (ms), `ARGV[2]` bucket span (ms, the
+/// whole period). Returns 0 when admitted, else the wait in ms.
+const GCRA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local interval = tonumber(ARGV[1])
+local span = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allow_at = new_tat - span
+if allow_at > now then return allow_at - now end
+redis.call('SET', KEYS[1], new_tat, 'PX', span)
+return 0
+";
+
+/// The shared store and what to do without it.
+pub struct SharedStore {
+    conn: ConnectionManager,
+    script: redis::Script,
+    budget: Duration,
+    /// What to do when the store does not answer in time.
+    pub fallback: StoreFallback,
+}
+
+impl SharedStore {
+    /// Connects lazily to `url` (the first request opens the connection).
+    pub fn new(url: &str, budget: Duration, fallback: StoreFallback) -> redis::RedisResult<Self> {
+        let client = redis::Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(budget.max(Duration::from_millis(100))))
+            .set_response_timeout(Some(budget))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(2));
+        Ok(SharedStore {
+            conn: ConnectionManager::new_lazy_with_config(client, config)?,
+            script: redis::Script::new(GCRA),
+            budget,
+            fallback,
+        })
+    }
+
+    /// Takes one token from the bucket of `client` on `route`: `Ok(None)`
+    /// admitted, `Ok(Some(wait))` refused, `Err(())` the store did not
+    /// answer within the budget.
+    pub async fn check(
+        &self,
+        route: &str,
+        client: IpAddr,
+        requests: u32,
+        per: Duration,
+    ) -> Result<Option<Duration>, ()> {
+        let span = per.as_millis().max(1) as u64;
+        let interval = (span / u64::from(requests.max(1))).max(1);
+        let key = format!("arcgis-app-proxy:rl:{route}:{client}");
+        let mut conn = self.conn.clone();
+        let call = async move {
+            self.script
+                .key(key)
+                .arg(interval)
+                .arg(span)
+                .invoke_async::<u64>(&mut conn)
+                .await
+        };
+        match tokio::time::timeout(self.budget, call).await {
+            Ok(Ok(0)) => Ok(None),
+            Ok(Ok(wait_ms)) => Ok(Some(Duration::from_millis(wait_ms))),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "rate-limit store failed");
+                Err(())
+            }
+            Err(_) => Err(()),
+        }
+    }
+}

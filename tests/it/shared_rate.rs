@@ -1,0 +1,128 @@
+//! Cluster-wide rate limits: three proxy processes sharing a real
+//! `redis-server` admit, together, what one process would; with the store
+//! gone they fail closed (as configured) and count it.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::support::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_budget_and_fail_closed_without_redis() {
+    let Ok(redis_bin) = which("redis-server") else {
+        eprintln!("SKIPPED: redis-server not installed (apt-get install redis-server)");
+        return;
+    };
+    let port = free_port();
+    let mut redis = Command::new(redis_bin)
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until it accepts.
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let pki = Pki::new();
+    let fake = FakeArcGis::start().await;
+    let toml = standard_config(&fake, &format!(
+        "[rate_limit]\nstore = \"redis://127.0.0.1:{port}/\"\nbudget_ms = 200\non_store_error = \"closed\"\n"
+    ))
+    .replacen(
+        "credential = \"online\"\nmount = \"/svc\"",
+        "credential = \"online\"\nmount = \"/svc\"\nrate_limit = { requests = 10, per_secs = 60 }",
+        1,
+    );
+    let cfg = write_config(&pki, "shared.toml", &toml);
+    let mut procs = Vec::new();
+    let mut clients = Vec::new();
+    let mut admins = Vec::new();
+    for _ in 0..3 {
+        let mut p = Proc::spawn(&["--config", &cfg], &[("SECRET", SECRET)]);
+        let https: std::net::SocketAddr = addr_in(&p.wait_for(r#""listener":"https""#))
+            .parse()
+            .unwrap();
+        let admin: std::net::SocketAddr = addr_in(&p.wait_for(r#""listener":"admin""#))
+            .parse()
+            .unwrap();
+        p.wait_for("obtained token");
+        clients.push(TestClient::new(&pki, https));
+        admins.push(TestClient::plain(admin));
+        procs.push(p);
+    }
+    // 30 requests from one client address, spread over the three replicas.
+    let mut admitted = 0;
+    let mut limited = 0;
+    for i in 0..30 {
+        let a = clients[i % 3].get("/svc/features").await;
+        match a.status.as_u16() {
+            200 => admitted += 1,
+            429 => {
+                limited += 1;
+                assert!(a.headers.contains_key("retry-after"));
+            }
+            s => panic!("unexpected {s}: {}", a.text()),
+        }
+    }
+    assert_eq!(
+        admitted, 10,
+        "replicas together must admit one bucket's worth"
+    );
+    assert_eq!(limited, 20);
+
+    // Redis gone: configured to fail closed, and counted.
+    let _ = redis.kill();
+    let _ = redis.wait();
+    let started = std::time::Instant::now();
+    let a = clients[0].get("/svc/features").await;
+    a.assert_error(429);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the store call was not bounded"
+    );
+    let metrics = admins[0].get_with("/metrics", &[]).await.text();
+    let errors: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("arcgis_proxy_rate_limit_store_errors_total "))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(errors >= 1.0, "{metrics}");
+    // Routes without a rate limit are unaffected.
+    assert_eq!(clients[0].get("/q/features").await.status, 200);
+    for p in procs {
+        let (code, _) = p.terminate();
+        assert_eq!(code, 0);
+    }
+}
+
+fn which(name: &str) -> Result<String, ()> {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| format!("{d}/{name}"))
+        .find(|p| std::path::Path::new(p).exists())
+        .ok_or(())
+}
