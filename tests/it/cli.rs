@@ -301,7 +301,7 @@ async fn demo_serves_features_without_a_client_token() {
 }
 
 #[derive(Debug)]
-struct AcceptAny;
+pub(crate) struct AcceptAny;
 
 impl rustls::client::danger::ServerCertVerifier for AcceptAny {
     fn verify_server_cert(

@@ -226,3 +226,57 @@ async fn a_trickled_body_is_cut_off() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn odd_tls_handshakes_do_not_disturb_service() {
+    use std::sync::Arc;
+    let pki = Pki::new();
+    let fake = FakeArcGis::start().await;
+    let proxy = TestProxy::start(&pki, &standard_config(&fake, "")).await;
+    // A client naming another host (SNI evil.example), without verifying the
+    // certificate it gets: the proxy has one certificate and answers with it;
+    // what it serves does not depend on SNI.
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(crate::cli::AcceptAny))
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(
+            rustls_pki_types::ServerName::try_from("evil.example").unwrap(),
+            tcp,
+        )
+        .await;
+    assert!(
+        tls.is_ok(),
+        "handshake with an unknown SNI failed: {:?}",
+        tls.err()
+    );
+    // Garbage instead of a ClientHello, and a connection closed mid-handshake.
+    for junk in [
+        &b"\x16\x03\x01\xff\xffgarbage"[..],
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &b"\x16"[..],
+    ] {
+        use tokio::io::AsyncWriteExt;
+        let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let _ = tcp.write_all(junk).await;
+        drop(tcp);
+    }
+    // Normal clients are still served, over TLS 1.2 and 1.3.
+    assert_eq!(
+        TestClient::new(&pki, proxy.addr)
+            .get("/svc/echo/ok")
+            .await
+            .status,
+        200
+    );
+    let _ = tls_connect(&pki, proxy.addr, &rustls::version::TLS12, &[b"http/1.1"])
+        .await
+        .unwrap();
+    proxy.stop().await;
+}
