@@ -253,19 +253,15 @@ impl Proxy {
             }
         }
         // Usage attribution, for requests that were admitted and routed.
-        let resp = match (log.app, log.route_index) {
+        let bytes = match (log.app, log.route_index) {
             (Some(entry), Some(route)) => {
                 let (requests, bytes) = self.app_counters(entry, route);
                 requests.inc();
-                resp.map(|b| CountedBody::wrap(b, bytes))
+                Some(bytes)
             }
-            _ => resp,
+            _ => None,
         };
-        if access {
-            resp.map(|b| LoggedBody::wrap(b, log))
-        } else {
-            resp
-        }
+        resp.map(|b| ObservedBody::wrap(b, access.then_some(log), bytes))
     }
 
     /// One token from the client's bucket for `route`: from the shared store
@@ -927,53 +923,6 @@ fn referer_origin(headers: &HeaderMap) -> Option<String> {
     }
 }
 
-/// Adds the bytes of a response body to a counter as they are sent (at once
-/// when the size is known up front).
-struct CountedBody {
-    inner: ProxyBody,
-    bytes: Counter,
-}
-
-impl CountedBody {
-    fn wrap(inner: ProxyBody, bytes: &Counter) -> ProxyBody {
-        if let Some(n) = inner.size_hint().exact() {
-            bytes.inc_by(n);
-            return inner;
-        }
-        CountedBody {
-            inner,
-            bytes: bytes.clone(),
-        }
-        .boxed()
-    }
-}
-
-impl Body for CountedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(d) = frame.data_ref()
-        {
-            self.bytes.inc_by(d.len() as u64);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// The access log record, written once the response body is finished.
 struct AccessLog {
     method: Method,
@@ -1010,28 +959,42 @@ impl AccessLog {
     }
 }
 
-/// Counts bytes sent and writes the access log line when the body ends or is
-/// dropped (client gone).
-struct LoggedBody {
+/// Watches a response body on its way out: counts its bytes for usage
+/// attribution and the access log, and writes the access log line when the
+/// body ends or is dropped (client gone). One wrapper for both, and none when
+/// neither is wanted.
+struct ObservedBody {
     inner: ProxyBody,
     log: Option<AccessLog>,
+    bytes: Option<Counter>,
 }
 
-impl LoggedBody {
-    fn wrap(inner: ProxyBody, log: AccessLog) -> ProxyBody {
-        if inner.is_end_stream() {
-            log.emit(true);
+impl ObservedBody {
+    fn wrap(inner: ProxyBody, mut log: Option<AccessLog>, bytes: Option<&Counter>) -> ProxyBody {
+        // A body of known size is counted at once.
+        let mut bytes = bytes;
+        if let (Some(c), Some(n)) = (bytes, inner.size_hint().exact()) {
+            c.inc_by(n);
+            bytes = None;
+        }
+        if inner.is_end_stream()
+            && let Some(l) = log.take()
+        {
+            l.emit(true);
+        }
+        if log.is_none() && bytes.is_none() {
             return inner;
         }
-        LoggedBody {
+        ObservedBody {
             inner,
-            log: Some(log),
+            log,
+            bytes: bytes.cloned(),
         }
         .boxed()
     }
 }
 
-impl Body for LoggedBody {
+impl Body for ObservedBody {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -1043,8 +1006,14 @@ impl Body for LoggedBody {
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(d), Some(log)) = (frame.data_ref(), this.log.as_mut()) {
-                    log.bytes += d.len() as u64;
+                if let Some(d) = frame.data_ref() {
+                    let n = d.len() as u64;
+                    if let Some(c) = &this.bytes {
+                        c.inc_by(n);
+                    }
+                    if let Some(log) = this.log.as_mut() {
+                        log.bytes += n;
+                    }
                 }
                 // hyper stops polling once the body says it has ended.
                 if this.inner.is_end_stream()
@@ -1078,7 +1047,7 @@ impl Body for LoggedBody {
     }
 }
 
-impl Drop for LoggedBody {
+impl Drop for ObservedBody {
     fn drop(&mut self) {
         if let Some(log) = self.log.take() {
             log.emit(false);
