@@ -146,11 +146,7 @@ fn shipped_proxy_toml_is_valid() {
 async fn logs_of_a_full_run_hold_neither_token_nor_secret() {
     let pki = Pki::new();
     let fake = FakeArcGis::start().await;
-    let toml = standard_config(&fake, "")
-        .replace("{CERT}", pki.path("proxy.crt").to_str().unwrap())
-        .replace("{KEY}", pki.path("proxy.key").to_str().unwrap())
-        .replace("{CA}", pki.path("ca.pem").to_str().unwrap());
-    let cfg = write(pki.dir.path(), "run.toml", &toml);
+    let cfg = write_config(&pki, "run.toml", &standard_config(&fake, ""));
     let mut p = Proc::spawn(
         &["--config", &cfg],
         &[("SECRET", SECRET), ("RUST_LOG", "trace")],
@@ -204,11 +200,7 @@ async fn rejected_credential_logs_the_arcgis_error_not_the_secret() {
     let pki = Pki::new();
     let fake = FakeArcGis::start().await;
     fake.set_mode(TokenMode::Reject);
-    let toml = standard_config(&fake, "")
-        .replace("{CERT}", pki.path("proxy.crt").to_str().unwrap())
-        .replace("{KEY}", pki.path("proxy.key").to_str().unwrap())
-        .replace("{CA}", pki.path("ca.pem").to_str().unwrap());
-    let cfg = write(pki.dir.path(), "reject.toml", &toml);
+    let cfg = write_config(&pki, "reject.toml", &standard_config(&fake, ""));
     let mut p = Proc::spawn(
         &["--config", &cfg],
         &[("SECRET", SECRET), ("RUST_LOG", "debug")],

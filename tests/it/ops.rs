@@ -8,14 +8,6 @@ use std::time::Duration;
 
 use crate::support::*;
 
-/// The value of one sample in a Prometheus text exposition.
-fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test]
 async fn metrics_count_known_traffic() {
     let pki = Pki::new();

@@ -103,12 +103,7 @@ async fn three_replicas_share_one_budget_and_fail_closed_without_redis() {
         "the store call was not bounded"
     );
     let metrics = admins[0].get_with("/metrics", &[]).await.text();
-    let errors: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("arcgis_proxy_rate_limit_store_errors_total "))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
+    let errors = sample(&metrics, "arcgis_proxy_rate_limit_store_errors_total").unwrap();
     assert!(errors >= 1.0, "{metrics}");
     // Routes without a rate limit are unaffected.
     assert_eq!(clients[0].get("/q/features").await.status, 200);

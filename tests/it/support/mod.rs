@@ -703,12 +703,16 @@ pub fn set_key(toml: &str, section: &str, line: &str) -> String {
     )
 }
 
+/// Replaces `{CERT}`, `{KEY}`, `{CA}` with the PKI's files.
+pub fn fill_paths(pki: &Pki, toml: &str) -> String {
+    toml.replace("{CERT}", pki.path("proxy.crt").to_str().unwrap())
+        .replace("{KEY}", pki.path("proxy.key").to_str().unwrap())
+        .replace("{CA}", pki.path("ca.pem").to_str().unwrap())
+}
+
 /// Validates a test config (see [`TestProxy::start`] for the placeholders).
 pub fn test_config(pki: &Pki, toml: &str) -> Config {
-    let text = toml
-        .replace("{CERT}", pki.path("proxy.crt").to_str().unwrap())
-        .replace("{KEY}", pki.path("proxy.key").to_str().unwrap())
-        .replace("{CA}", pki.path("ca.pem").to_str().unwrap());
+    let text = fill_paths(pki, toml);
     let env = MapEnv(vec![
         ("SECRET", SECRET.to_string()),
         ("APIKEY", "API-KEY-123".into()),
@@ -913,6 +917,14 @@ pub async fn tls_connect(
         .await
 }
 
+/// The value of one sample in a Prometheus text exposition.
+pub fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// Sends raw bytes over TLS and returns everything read until the server
 /// closes or `wait` passes.
 pub async fn raw_tls(pki: &Pki, addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
@@ -943,11 +955,7 @@ pub fn write(dir: &Path, name: &str, text: &str) -> String {
 
 /// A config file for the real binary, placeholders filled in.
 pub fn write_config(pki: &Pki, name: &str, toml: &str) -> String {
-    let text = toml
-        .replace("{CERT}", pki.path("proxy.crt").to_str().unwrap())
-        .replace("{KEY}", pki.path("proxy.key").to_str().unwrap())
-        .replace("{CA}", pki.path("ca.pem").to_str().unwrap());
-    write(pki.dir.path(), name, &text)
+    write(pki.dir.path(), name, &fill_paths(pki, toml))
 }
 
 /// A child process whose stderr lines are collected on a thread.
