@@ -77,7 +77,7 @@ pub enum StoreFallback {
 }
 
 /// `[rate_limit]`: a store shared by all replicas.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct RateLimitStore {
     /// `redis://host:port/db` (or `rediss://` for TLS).
     pub url: String,
@@ -243,6 +243,17 @@ pub struct Config {
     pub rate_limit_store: Option<RateLimitStore>,
     /// Non-fatal findings (inline secrets, cleartext upstreams), logged at start.
     pub warnings: Vec<String>,
+}
+
+// Hand-written: a Redis URL may carry a password (`redis://:pw@host`).
+impl fmt::Debug for RateLimitStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitStore")
+            .field("url", &"<redacted>")
+            .field("budget", &self.budget)
+            .field("on_error", &self.on_error)
+            .finish()
+    }
 }
 
 /// `[server]`, validated.
