@@ -166,6 +166,8 @@ pub fn supported_encodings(value: &HeaderValue) -> Option<HeaderValue> {
 pub struct Outgoing<'a> {
     /// Full upstream URI (scheme, authority, path, query with token if any).
     pub uri: Uri,
+    /// `Host` header for that URI's authority.
+    pub host: &'a HeaderValue,
     /// Client headers.
     pub headers: &'a HeaderMap,
     /// Method.
@@ -185,7 +187,8 @@ pub struct Outgoing<'a> {
 /// Builds the upstream request.
 pub fn build_request(out: Outgoing<'_>, body: ProxyBody) -> Request<ProxyBody> {
     let listed = connection_listed(out.headers);
-    let mut headers = HeaderMap::with_capacity(out.headers.len() + 2);
+    let mut headers = HeaderMap::with_capacity(out.headers.len() + 3);
+    headers.insert(header::HOST, out.host.clone());
     for (name, value) in out.headers {
         if is_hop_by_hop(name)
             || strip_from_request(name)
@@ -326,9 +329,14 @@ pub async fn inspect(resp: Response<Incoming>) -> Result<Verdict, BoxError> {
     } else {
         read.concat().into()
     };
-    let decoded =
-        Coding::of(&parts.headers).and_then(|c| codec::decode_all(c, &whole, 4 * PEEK_LIMIT).ok());
-    if decoded.as_deref().is_some_and(is_token_error) {
+    let rejected = match Coding::of(&parts.headers) {
+        Some(Coding::Identity) => is_token_error(&whole),
+        Some(c) => codec::decode_all(c, &whole, 4 * PEEK_LIMIT)
+            .as_deref()
+            .is_ok_and(is_token_error),
+        None => false,
+    };
+    if rejected {
         return Ok(Verdict::Rejected);
     }
     Ok(Verdict::Pass(parts, Answer::Whole(whole)))
@@ -344,8 +352,13 @@ fn may_be_json_error(headers: &HeaderMap) -> bool {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_none_or(|ct| {
-            let ct = ct.to_ascii_lowercase();
-            ct.contains("json") || ct.contains("javascript") || ct.starts_with("text/")
+            let ct = ct.as_bytes();
+            let has = |word: &[u8]| ct.windows(word.len()).any(|w| w.eq_ignore_ascii_case(word));
+            has(b"json")
+                || has(b"javascript")
+                || ct
+                    .get(..5)
+                    .is_some_and(|p| p.eq_ignore_ascii_case(b"text/"))
         });
     small && texty
 }
@@ -359,7 +372,7 @@ pub fn is_token_error(body: &[u8]) -> bool {
         .position(|b| !b.is_ascii_whitespace())
         .unwrap_or(body.len());
     let head = &body[start..body.len().min(start + 64)];
-    if head.first() != Some(&b'{') || memchr::memmem::find(head, b"\"error\"").is_none() {
+    if head.first() != Some(&b'{') || !head.windows(7).any(|w| w == b"\"error\"") {
         return false;
     }
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
@@ -374,14 +387,47 @@ pub fn is_token_error(body: &[u8]) -> bool {
 
 /// Percent-encodes anything `http::Uri` would refuse, leaving valid URI
 /// characters (including `%` escapes) as they are.
-pub fn to_uri(s: &str) -> Option<Uri> {
+pub fn to_uri(s: String) -> Option<Uri> {
+    // Unreserved, reserved and `%`: what needs no escaping.
+    let safe = |b: u8| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b':'
+                    | b'/'
+                    | b'?'
+                    | b'#'
+                    | b'['
+                    | b']'
+                    | b'@'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b'%'
+            )
+    };
+    // The usual case: nothing to escape, and `Uri::try_from(String)` keeps
+    // the string's buffer (parsing a `&str` copies it).
+    if s.bytes().all(safe) {
+        return Uri::try_from(s).ok();
+    }
     if let Ok(u) = s.parse::<Uri>() {
         return Some(u);
     }
-    const SAFE: &[u8] = b"-._~:/?#[]@!$&'()*+,;=%";
     let mut out = String::with_capacity(s.len() + 16);
     for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || SAFE.contains(&b) {
+        if safe(b) {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));
@@ -393,6 +439,39 @@ pub fn to_uri(s: &str) -> Option<Uri> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_that_may_be_a_json_error() {
+        let with = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, HeaderValue::from_static(v));
+            }
+            may_be_json_error(&h)
+        };
+        assert!(with(&[]));
+        assert!(with(&[("content-type", "Application/JSON; charset=utf-8")]));
+        assert!(with(&[("content-type", "text/plain")]));
+        assert!(with(&[("content-type", "TEXT/html")]));
+        assert!(with(&[("content-type", "application/x-JavaScript")]));
+        assert!(!with(&[("content-type", "image/png")]));
+        assert!(!with(&[("content-type", "application/octet-stream")]));
+        assert!(!with(&[("content-type", "text")]));
+        assert!(!with(&[("content-length", "16385")]));
+        assert!(with(&[("content-length", "16384")]));
+    }
+
+    #[test]
+    fn token_errors_are_recognised_only_at_the_top() {
+        assert!(is_token_error(
+            br#"{"error":{"code":498,"message":"Invalid token."}}"#
+        ));
+        assert!(is_token_error(br#"  {"error":{"code":"499"}}"#));
+        assert!(!is_token_error(br#"{"error":{"code":400}}"#));
+        assert!(!is_token_error(br#"{"features":[{"error":{"code":498}}]}"#));
+        assert!(!is_token_error(b"{\"err"));
+        assert!(!is_token_error(b""));
+    }
 
     #[test]
     fn request_headers_are_cleaned() {
@@ -417,10 +496,12 @@ mod tests {
             h.append(k, HeaderValue::from_static(v));
         }
         let auth = HeaderValue::from_static("Bearer server");
+        let host = HeaderValue::from_static("up.example");
         let method = http::Method::GET;
         let req = build_request(
             Outgoing {
                 uri: "https://up.example/x".parse().unwrap(),
+                host: &host,
                 headers: &h,
                 method: &method,
                 auth_header: Some(&auth),
@@ -431,7 +512,8 @@ mod tests {
             crate::body::empty(),
         );
         let names: Vec<&str> = req.headers().keys().map(|k| k.as_str()).collect();
-        assert_eq!(names.len(), 4, "{names:?}");
+        assert_eq!(names.len(), 5, "{names:?}");
+        assert_eq!(req.headers()["host"], "up.example");
         assert_eq!(req.headers()["accept"], "application/json");
         assert_eq!(req.headers()["referer"], "https://app.example.com/");
         assert_eq!(req.headers()["origin"], "https://app.example.com");
@@ -441,6 +523,7 @@ mod tests {
         let req = build_request(
             Outgoing {
                 uri: "https://up.example/x".parse().unwrap(),
+                host: &host,
                 headers: &h,
                 method: &method,
                 auth_header: None,
@@ -507,15 +590,15 @@ mod tests {
     #[test]
     fn uri_fallback_encodes() {
         assert_eq!(
-            to_uri("https://h/x?q=\"a b\"").unwrap().to_string(),
+            to_uri("https://h/x?q=\"a b\"".into()).unwrap().to_string(),
             "https://h/x?q=%22a%20b%22"
         );
         assert_eq!(
-            to_uri("https://h/x?q={a}").unwrap().to_string(),
+            to_uri("https://h/x?q={a}".into()).unwrap().to_string(),
             "https://h/x?q={a}"
         );
         assert_eq!(
-            to_uri("https://h/a%20b").unwrap().to_string(),
+            to_uri("https://h/a%20b".into()).unwrap().to_string(),
             "https://h/a%20b"
         );
     }

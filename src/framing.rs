@@ -91,6 +91,21 @@ impl Framing {
     /// Feeds bytes read from the client; appends to `out` what hyper may see.
     pub fn feed(&mut self, mut data: &[u8], out: &mut Vec<u8>) {
         while !data.is_empty() {
+            // The usual case, a whole head in one read: judged where it lies,
+            // without holding it back in `head`.
+            if self.state == State::Head
+                && self.head.is_empty()
+                && let Some(end) = head_end(data, 0)
+            {
+                self.state = self.judge(&data[..end]);
+                if self.state == State::Poisoned {
+                    out.extend_from_slice(POISON);
+                    return;
+                }
+                out.extend_from_slice(&data[..end]);
+                data = &data[end..];
+                continue;
+            }
             match self.state {
                 State::Passthrough => {
                     out.append(&mut self.head);
@@ -218,21 +233,17 @@ fn trim(v: &[u8]) -> &[u8] {
 /// The end of a head (just past its empty line), searching from `from`;
 /// accepts CRLF and bare LF line ends, as the HTTP parser does.
 fn head_end(buf: &[u8], from: usize) -> Option<usize> {
-    let mut i = from;
     // Leading empty lines before a request line are skipped by hyper.
-    while i < buf.len() {
-        if buf[i] == b'\n' {
-            // Empty line: "\n\n" or "\n\r\n" — but not at the very start.
-            if i > 0 {
-                if buf.get(i + 1) == Some(&b'\n') {
-                    return Some(i + 2);
-                }
-                if buf.get(i + 1) == Some(&b'\r') && buf.get(i + 2) == Some(&b'\n') {
-                    return Some(i + 3);
-                }
+    for i in memchr::memchr_iter(b'\n', buf.get(from..)?).map(|i| i + from) {
+        // Empty line: "\n\n" or "\n\r\n" — but not at the very start.
+        if i > 0 {
+            if buf.get(i + 1) == Some(&b'\n') {
+                return Some(i + 2);
+            }
+            if buf.get(i + 1) == Some(&b'\r') && buf.get(i + 2) == Some(&b'\n') {
+                return Some(i + 3);
             }
         }
-        i += 1;
     }
     None
 }

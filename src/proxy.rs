@@ -60,7 +60,11 @@ pub struct Proxy {
     rewrite_from: Vec<String>,
     /// Compiled body patterns by (token ids, rewriting?): built once per
     /// token, not per request.
-    scrub_cache: moka::sync::Cache<([u64; 3], bool), Arc<ScrubPatterns>>,
+    scrub_cache: moka::sync::Cache<ScrubKey, Arc<ScrubPatterns>>,
+    /// The entry used last (without and with URL rewriting), checked before
+    /// the cache: nearly every request wants the same one, and this read is
+    /// cheaper than a cache lookup.
+    scrub_last: [arc_swap::ArcSwapOption<(ScrubKey, Arc<ScrubPatterns>)>; 2],
     /// Per-route metric handles for the common case, looked up once.
     route_metrics: Vec<RouteMetrics>,
     /// Usage-attribution counters (requests, bytes) per (allowlist entry or
@@ -152,6 +156,7 @@ impl Proxy {
                 .max_capacity(256)
                 .time_to_idle(std::time::Duration::from_secs(3600))
                 .build(),
+            scrub_last: Default::default(),
         }
     }
 
@@ -238,6 +243,12 @@ impl Proxy {
             h.append(header::VARY, HeaderValue::from_static("Origin"));
         }
         log.status = resp.status().as_u16();
+        if access {
+            log.route = log
+                .route_index
+                .and_then(|i| self.config.routes.iter().nth(i))
+                .map(|r| r.name.clone());
+        }
         match log.route_index {
             Some(i) if log.status == 200 => {
                 self.route_metrics[i].ok.inc();
@@ -246,7 +257,10 @@ impl Proxy {
                 self.metrics
                     .requests
                     .get_or_create(&RequestLabels {
-                        route: log.route.clone().unwrap_or_else(|| "none".into()),
+                        route: log
+                            .route_index
+                            .and_then(|i| self.config.routes.iter().nth(i))
+                            .map_or_else(|| "none".into(), |r| r.name.clone()),
                         status: log.status,
                     })
                     .inc();
@@ -382,7 +396,6 @@ impl Proxy {
             base.push_str(&route.upstream_path(rest));
             (route, base, parts.uri.query().map(str::to_string))
         };
-        log.route = Some(route.name.clone());
         log.route_index = Some(route.index);
 
         // Phase: rate limit, per client IP per route.
@@ -482,6 +495,7 @@ impl Proxy {
             let (body, content_length) = request_body.take(announced);
             let out = Outgoing {
                 uri,
+                host: route.host(),
                 headers: &parts.headers,
                 method: &parts.method,
                 auth_header: token
@@ -644,19 +658,12 @@ impl Proxy {
         }
         ids.sort_unstable();
         let key = (ids, route.rewrite_urls);
-        let pats = match self.scrub_cache.get(&key) {
-            Some(p) => p,
-            None => {
-                let prefixes: Vec<&str> = if route.rewrite_urls {
-                    self.rewrite_from.iter().map(String::as_str).collect()
-                } else {
-                    Vec::new()
-                };
-                let p = ScrubPatterns::new(secrets, &prefixes)?;
-                self.scrub_cache.insert(key, Arc::clone(&p));
-                p
-            }
+        let last = self.scrub_last[usize::from(key.1)].load();
+        let pats = match last.as_deref() {
+            Some((k, p)) if *k == key => Arc::clone(p),
+            _ => self.scrub_patterns(key, secrets)?,
         };
+        drop(last);
         let replacements = if route.rewrite_urls {
             let cfg = &self.config;
             cfg.routes
@@ -675,6 +682,26 @@ impl Proxy {
             Vec::new()
         };
         Some(Scrubber::with_patterns(pats, replacements))
+    }
+
+    /// The compiled patterns for `key` from the cache (compiled on a miss),
+    /// remembered as the last used.
+    fn scrub_patterns(&self, key: ScrubKey, secrets: &[&str]) -> Option<Arc<ScrubPatterns>> {
+        let pats = match self.scrub_cache.get(&key) {
+            Some(p) => p,
+            None => {
+                let prefixes: Vec<&str> = if key.1 {
+                    self.rewrite_from.iter().map(String::as_str).collect()
+                } else {
+                    Vec::new()
+                };
+                let p = ScrubPatterns::new(secrets, &prefixes)?;
+                self.scrub_cache.insert(key, Arc::clone(&p));
+                p
+            }
+        };
+        self.scrub_last[usize::from(key.1)].store(Some(Arc::new((key, Arc::clone(&pats)))));
+        Some(pats)
     }
 
     /// Sends one request on this serving thread's pool (the caller bounds
@@ -848,8 +875,12 @@ fn compose_uri(
             s.push_str(t.query_value());
         }
     }
-    forward::to_uri(&s).ok_or(ProxyError::BadRequest(PathError::MalformedTarget))
+    forward::to_uri(s).ok_or(ProxyError::BadRequest(PathError::MalformedTarget))
 }
+
+/// Scrub-pattern cache key: the (sorted) ids of the tokens searched for, and
+/// whether the route rewrites URLs.
+type ScrubKey = ([u64; 3], bool);
 
 /// True when a send failed because the request body (the client's stream)
 /// failed, which hyper reports as a user error of the body.

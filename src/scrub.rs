@@ -108,17 +108,25 @@ pub fn scrub_headers(headers: &mut HeaderMap, rewriter: &UrlRewriter<'_>, secret
             }
         }
     }
-    if secrets.is_empty() {
+    // A value shorter than every secret cannot hold one; most response
+    // headers are, so the searchers are built only for a long value.
+    let Some(shortest) = secrets.iter().map(|s| s.len()).filter(|&n| n > 0).min() else {
         return;
-    }
-    let finders: Vec<memchr::memmem::Finder<'_>> = secrets
-        .iter()
-        .filter(|s| !s.is_empty())
-        .map(|s| memchr::memmem::Finder::new(s.as_bytes()))
-        .collect();
+    };
+    let mut finders: Vec<memchr::memmem::Finder<'_>> = Vec::new();
     let mut changes = Vec::new();
     for (name, value) in headers.iter() {
         let bytes = value.as_bytes();
+        if bytes.len() < shortest {
+            continue;
+        }
+        if finders.is_empty() {
+            finders = secrets
+                .iter()
+                .filter(|s| !s.is_empty())
+                .map(|s| memchr::memmem::Finder::new(s.as_bytes()))
+                .collect();
+        }
         if finders.iter().any(|f| f.find(bytes).is_some()) {
             let cleaned = remove_secrets(&String::from_utf8_lossy(bytes), secrets);
             changes.push((name.clone(), value.clone(), cleaned));
@@ -528,23 +536,23 @@ pub fn is_binary_type(content_type: Option<&str>) -> bool {
     let Some(ct) = content_type else {
         return false;
     };
-    let ct = ct
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    ct.starts_with("image/")
-        || ct.starts_with("audio/")
-        || ct.starts_with("video/")
-        || ct.starts_with("font/")
-        || matches!(
-            ct.as_str(),
-            "application/x-protobuf"
-                | "application/vnd.mapbox-vector-tile"
-                | "application/x-font-ttf"
-                | "application/font-woff"
-        )
+    let ct = ct.split(';').next().unwrap_or("").trim().as_bytes();
+    let starts = |p: &str| {
+        ct.get(..p.len())
+            .is_some_and(|h| h.eq_ignore_ascii_case(p.as_bytes()))
+    };
+    starts("image/")
+        || starts("audio/")
+        || starts("video/")
+        || starts("font/")
+        || [
+            "application/x-protobuf",
+            "application/vnd.mapbox-vector-tile",
+            "application/x-font-ttf",
+            "application/font-woff",
+        ]
+        .iter()
+        .any(|t| ct.eq_ignore_ascii_case(t.as_bytes()))
 }
 
 /// A response body decoded, scrubbed and re-encoded on the fly.
@@ -758,6 +766,7 @@ mod body_tests {
             "application/x-protobuf",
             "font/woff2",
             "video/mp4",
+            "Application/Vnd.Mapbox-Vector-Tile ; q=1",
         ] {
             assert!(is_binary_type(Some(ct)), "{ct}");
         }
@@ -766,6 +775,8 @@ mod body_tests {
             "text/html",
             "application/octet-stream",
             "text/plain",
+            "image",
+            "application/x-protobuf-but-not",
         ] {
             assert!(!is_binary_type(Some(ct)), "{ct}");
         }

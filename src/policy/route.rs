@@ -46,6 +46,9 @@ pub struct Route {
     pub index: usize,
     /// `scheme://host[:port]`, default port omitted.
     origin: String,
+    /// `host[:port]` for the upstream `Host` header, built once (hyper's
+    /// client would otherwise format it for every request).
+    host: http::HeaderValue,
     /// Upstream path without trailing slash; empty for the root.
     base_path: String,
 }
@@ -62,6 +65,10 @@ impl Route {
         rate_limit: Option<(u32, Duration)>,
     ) -> Route {
         let origin = upstream.origin().ascii_serialization();
+        let host = http::HeaderValue::from_str(
+            &upstream[url::Position::BeforeHost..url::Position::AfterPort],
+        )
+        .expect("a parsed URL's host and port are a valid header value");
         let base_path = upstream.path().trim_end_matches('/').to_string();
         let basemap_styles = upstream.path().contains("/rest/services/styles/")
             || upstream.path().ends_with("/rest/services/styles");
@@ -76,8 +83,14 @@ impl Route {
             basemap_styles,
             index: 0,
             origin,
+            host,
             base_path,
         }
+    }
+
+    /// The upstream `Host` header value (`host[:port]`, default port omitted).
+    pub fn host(&self) -> &http::HeaderValue {
+        &self.host
     }
 
     /// `scheme://host[:port]` of the upstream.
