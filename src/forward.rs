@@ -21,7 +21,10 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Incoming};
+use hyper::body::Body;
+
+mod pool;
+pub use pool::{Pool, UpstreamBody};
 
 use crate::body::{BoxError, Prefixed, ProxyBody};
 use crate::codec::{self, Coding};
@@ -42,28 +45,39 @@ fn shared_tls(config: &Config) -> Arc<rustls::ClientConfig> {
     Arc::new(tls)
 }
 
-fn client_sharing(tls: &Arc<rustls::ClientConfig>, connect_timeout: Duration) -> HttpClient {
+/// How long an idle upstream connection is kept.
+const POOL_IDLE: Duration = Duration::from_secs(90);
+/// Idle upstream connections kept per origin and serving thread.
+const POOL_MAX_IDLE: usize = 256;
+
+fn connector(
+    tls: &Arc<rustls::ClientConfig>,
+    connect_timeout: Duration,
+) -> HttpsConnector<HttpConnector> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(connect_timeout));
     http.set_nodelay(true);
     http.set_keepalive(Some(Duration::from_secs(60)));
-    let https = HttpsConnector::from((http, Arc::clone(tls)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(https)
+    HttpsConnector::from((http, Arc::clone(tls)))
 }
 
-/// Upstream clients: one per serving thread, so a request and the pooled
+fn client_sharing(tls: &Arc<rustls::ClientConfig>, connect_timeout: Duration) -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE)
+        .pool_max_idle_per_host(POOL_MAX_IDLE)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector(tls, connect_timeout))
+}
+
+/// Upstream connections: a pool per serving thread, so a request and the
 /// upstream connection it uses live on the same thread and never wake each
-/// other across cores, plus one for token fetches and background work.
+/// other across cores, plus a client for token fetches and background work.
 #[derive(Clone)]
 pub struct Clients {
     control: HttpClient,
-    shards: Arc<[HttpClient]>,
+    shards: Arc<[Arc<Pool>]>,
 }
 
 impl Clients {
@@ -74,7 +88,13 @@ impl Clients {
         Clients {
             control: client_sharing(&tls, timeout),
             shards: (0..shards.max(1))
-                .map(|_| client_sharing(&tls, timeout))
+                .map(|_| {
+                    Arc::new(Pool::new(
+                        connector(&tls, timeout),
+                        POOL_IDLE,
+                        POOL_MAX_IDLE,
+                    ))
+                })
                 .collect(),
         }
     }
@@ -84,8 +104,8 @@ impl Clients {
         &self.control
     }
 
-    /// The client for serving thread `shard`.
-    pub fn shard(&self, shard: usize) -> &HttpClient {
+    /// The connection pool of serving thread `shard`.
+    pub fn shard(&self, shard: usize) -> &Arc<Pool> {
         &self.shards[shard % self.shards.len()]
     }
 
@@ -95,19 +115,20 @@ impl Clients {
     }
 }
 
-/// Headers that describe one connection, never forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Headers that describe one connection, never forwarded (RFC 9110 7.6.1),
+/// as `HeaderName`s: removing by `&str` parses the name each time.
+static HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(&name.as_str())
+    HOP_BY_HOP.contains(name)
 }
 
 /// Names listed in `Connection` headers (lower-case).
@@ -226,20 +247,18 @@ pub fn build_request(out: Outgoing<'_>, body: ProxyBody) -> Request<ProxyBody> {
 /// Removes headers from an upstream answer that must not reach the client:
 /// hop-by-hop, cookies, upstream CORS (the proxy sets its own).
 pub fn clean_response_headers(headers: &mut HeaderMap) {
+    // One pass over the names present; usually nothing is removed and
+    // nothing is allocated.
     let listed = connection_listed(headers);
-    for name in listed {
-        if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
-            headers.remove(n);
-        }
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
-    }
     let drop: Vec<HeaderName> = headers
         .keys()
-        .filter(|n| {
-            let n = n.as_str();
-            n == "set-cookie" || n == "set-cookie2" || n.starts_with("access-control-")
+        .filter(|name| {
+            let n = name.as_str();
+            is_hop_by_hop(name)
+                || n == "set-cookie"
+                || n == "set-cookie2"
+                || n.starts_with("access-control-")
+                || listed.iter().any(|l| l == n)
         })
         .cloned()
         .collect();
@@ -283,7 +302,7 @@ impl Answer {
 
 /// Classifies an upstream answer to a request that carried the proxy's token,
 /// reading at most [`PEEK_LIMIT`] bytes of candidate bodies.
-pub async fn inspect(resp: Response<Incoming>) -> Result<Verdict, BoxError> {
+pub async fn inspect(resp: Response<UpstreamBody>) -> Result<Verdict, BoxError> {
     if matches!(resp.status().as_u16(), 401 | 498 | 499) {
         return Ok(Verdict::Rejected);
     }
@@ -353,12 +372,9 @@ fn may_be_json_error(headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .is_none_or(|ct| {
             let ct = ct.as_bytes();
+            let starts = |p: &[u8]| ct.get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p));
             let has = |word: &[u8]| ct.windows(word.len()).any(|w| w.eq_ignore_ascii_case(word));
-            has(b"json")
-                || has(b"javascript")
-                || ct
-                    .get(..5)
-                    .is_some_and(|p| p.eq_ignore_ascii_case(b"text/"))
+            starts(b"application/json") || starts(b"text/") || has(b"json") || has(b"javascript")
         });
     small && texty
 }
@@ -371,8 +387,15 @@ pub fn is_token_error(body: &[u8]) -> bool {
         .iter()
         .position(|b| !b.is_ascii_whitespace())
         .unwrap_or(body.len());
-    let head = &body[start..body.len().min(start + 64)];
-    if head.first() != Some(&b'{') || !head.windows(7).any(|w| w == b"\"error\"") {
+    let rest = &body[start..];
+    let Some(after_brace) = rest.strip_prefix(b"{") else {
+        return false;
+    };
+    let first_member = after_brace
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .map_or(&b""[..], |i| &after_brace[i..]);
+    if !first_member.starts_with(b"\"error\"") {
         return false;
     }
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
@@ -385,14 +408,15 @@ pub fn is_token_error(body: &[u8]) -> bool {
     matches!(code, Some(498 | 499))
 }
 
-/// Percent-encodes anything `http::Uri` would refuse, leaving valid URI
-/// characters (including `%` escapes) as they are.
-pub fn to_uri(s: String) -> Option<Uri> {
-    // Unreserved, reserved and `%`: what needs no escaping.
-    let safe = |b: u8| {
-        b.is_ascii_alphanumeric()
+/// Bytes that need no escaping in a URI: unreserved, reserved and `%`.
+static URI_SAFE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
             || matches!(
-                b,
+                c,
                 b'-' | b'.'
                     | b'_'
                     | b'~'
@@ -415,8 +439,16 @@ pub fn to_uri(s: String) -> Option<Uri> {
                     | b';'
                     | b'='
                     | b'%'
-            )
-    };
+            );
+        b += 1;
+    }
+    t
+};
+
+/// Percent-encodes anything `http::Uri` would refuse, leaving valid URI
+/// characters (including `%` escapes) as they are.
+pub fn to_uri(s: String) -> Option<Uri> {
+    let safe = |b: u8| URI_SAFE[usize::from(b)];
     // The usual case: nothing to escape, and `Uri::try_from(String)` keeps
     // the string's buffer (parsing a `&str` copies it).
     if s.bytes().all(safe) {

@@ -172,7 +172,12 @@ impl Framing {
         }
         let mut lengths: Vec<&[u8]> = Vec::new();
         let mut encodings: Vec<&[u8]> = Vec::new();
-        for line in head.split(|b| *b == b'\n').skip(1) {
+        for line in lines(head).skip(1) {
+            // Only two names matter; most lines are ruled out by their first
+            // byte (whitespace kept: a folded line is judged like the rest).
+            if !matches!(line.first(), Some(b'c' | b'C' | b't' | b'T' | b' ' | b'\t')) {
+                continue;
+            }
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             let Some(colon) = line.iter().position(|b| *b == b':') else {
                 continue;
@@ -216,6 +221,22 @@ impl Framing {
             },
         }
     }
+}
+
+/// The `\n`-separated lines of a head (memchr, not a byte-by-byte split).
+fn lines(head: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = head;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (line, tail) = match memchr::memchr(b'\n', rest) {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, &rest[rest.len()..]),
+        };
+        rest = tail;
+        Some(line)
+    })
 }
 
 fn trim(v: &[u8]) -> &[u8] {

@@ -710,19 +710,19 @@ impl Proxy {
         &self,
         shard: usize,
         req: Request<ProxyBody>,
-    ) -> Result<Response<hyper::body::Incoming>, ProxyError> {
-        match self.clients.shard(shard).request(req).await {
+    ) -> Result<Response<forward::UpstreamBody>, ProxyError> {
+        match self.clients.shard(shard).send(req).await {
             Ok(resp) => Ok(resp),
             Err(e) => {
-                if chain_has::<http_body_util::LengthLimitError>(&e) {
+                if chain_has::<http_body_util::LengthLimitError>(&*e) {
                     return Err(ProxyError::BodyTooLarge);
                 }
                 // The client's own body failed (bad chunked framing, cut
                 // short): that is the client's error, not the upstream's.
-                if client_body_failed(&e) {
+                if client_body_failed(&*e) {
                     return Err(ProxyError::BadBody);
                 }
-                tracing::warn!(error = %crate::error::describe(&e), "upstream request failed");
+                tracing::warn!(error = %crate::error::describe(&*e), "upstream request failed");
                 Err(ProxyError::UpstreamUnreachable)
             }
         }

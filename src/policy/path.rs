@@ -67,8 +67,16 @@ fn has_forbidden(path: &str) -> bool {
 /// path characters (no `%` escapes) and no `.`/`..` segments. Most request
 /// paths are like this and skip the parser.
 fn already_normal(raw: &str) -> bool {
-    raw.bytes().all(|b| {
-        b.is_ascii_alphanumeric()
+    raw.bytes().all(|b| PATH_PLAIN[usize::from(b)]) && !has_dot_segment(raw.as_bytes())
+}
+
+/// RFC 3986 path characters other than `%`, as a lookup table.
+static PATH_PLAIN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric()
             || matches!(
                 b,
                 b'/' | b'-'
@@ -88,8 +96,16 @@ fn already_normal(raw: &str) -> bool {
                     | b'='
                     | b':'
                     | b'@'
-            )
-    }) && !raw.split('/').any(|seg| seg == "." || seg == "..")
+            );
+        i += 1;
+    }
+    t
+};
+
+/// True when a `/`-separated path has a `.` or `..` segment.
+fn has_dot_segment(path: &[u8]) -> bool {
+    path.split(|b| *b == b'/')
+        .any(|seg| seg == b"." || seg == b"..")
 }
 
 /// Normalises a mounted request path (`/basemaps/a/../b`) to its canonical
@@ -179,11 +195,11 @@ fn contains_ci(haystack: &str, needle: &str) -> bool {
 /// True when a query or form parameter name is `name`, compared after
 /// percent-decoding and case-insensitively (ArcGIS treats names that way).
 pub fn param_is(pair: &str, name: &str) -> bool {
-    let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+    let key = memchr::memchr(b'=', pair.as_bytes()).map_or(pair, |i| &pair[..i]);
     if key.len() < name.len() {
         return false;
     }
-    let decoded: Cow<'_, str> = if key.contains('%') || key.contains('+') {
+    let decoded: Cow<'_, str> = if key.bytes().any(|b| b == b'%' || b == b'+') {
         let spaced = key.replace('+', " ");
         Cow::Owned(percent_decode_str(&spaced).decode_utf8_lossy().into_owned())
     } else {
@@ -196,7 +212,13 @@ pub fn param_is(pair: &str, name: &str) -> bool {
 /// the others byte for byte.
 pub fn strip_params<'a>(query: &'a str, names: &[&str]) -> Cow<'a, str> {
     let drop = |pair: &str| names.iter().any(|n| param_is(pair, n));
-    if !query.split('&').any(drop) {
+    // Splitting bytes is cheaper than `str::split`; `&` is ASCII, so every
+    // piece is still valid UTF-8.
+    let any_dropped = query
+        .as_bytes()
+        .split(|b| *b == b'&')
+        .any(|pair| std::str::from_utf8(pair).is_ok_and(drop));
+    if !any_dropped {
         return Cow::Borrowed(query);
     }
     let kept: Vec<&str> = query

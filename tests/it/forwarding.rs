@@ -323,3 +323,30 @@ async fn routes_without_credential_get_no_token() {
     assert_eq!(rec.uri, "/open/thing?f=json");
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn upstream_connections_are_reused() {
+    let (_pki, fake, proxy, client) = setup_with("").await;
+    for _ in 0..20 {
+        let a = client.get("/svc/features/0/query?f=json").await;
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    // One pooled connection for the requests, plus the token fetch's.
+    let conns = fake.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(conns <= 2, "{conns} upstream connections for 20 requests");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_closing_its_connections_is_not_an_error() {
+    let (_pki, fake, proxy, client) = setup_with("").await;
+    for _ in 0..20 {
+        let a = client.get("/svc/close").await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(a.json()["closing"], true);
+        assert!(a.headers.get("connection").is_none());
+    }
+    let conns = fake.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(conns >= 20, "closed connections were reused: {conns}");
+    proxy.stop().await;
+}

@@ -161,6 +161,8 @@ pub struct FakeArcGis {
     pub lifetime_secs: AtomicUsize,
     /// When set, every token is treated as revoked.
     pub reject_all_tokens: std::sync::atomic::AtomicBool,
+    /// TCP connections accepted.
+    pub connections: AtomicUsize,
 }
 
 impl FakeArcGis {
@@ -185,6 +187,7 @@ impl FakeArcGis {
             requests: Mutex::new(Vec::new()),
             lifetime_secs: AtomicUsize::new(7200),
             reject_all_tokens: std::sync::atomic::AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
         });
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         let f = Arc::clone(&fake);
@@ -193,6 +196,7 @@ impl FakeArcGis {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                f.connections.fetch_add(1, Ordering::SeqCst);
                 let f = Arc::clone(&f);
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
@@ -479,6 +483,13 @@ impl FakeArcGis {
                 StatusCode::OK,
                 serde_json::json!({"received": String::from_utf8_lossy(&rec.body)}),
             );
+        }
+        if path.starts_with("/svc/close") {
+            // hyper closes the connection after this answer.
+            let mut resp = json(StatusCode::OK, serde_json::json!({"closing": true}));
+            resp.headers_mut()
+                .insert("connection", HeaderValue::from_static("close"));
+            return resp;
         }
         if path.starts_with("/svc/features") {
             return json(
