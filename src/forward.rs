@@ -207,18 +207,25 @@ pub struct Outgoing<'a> {
 
 /// Builds the upstream request.
 pub fn build_request(out: Outgoing<'_>, body: ProxyBody) -> Request<ProxyBody> {
-    let listed = connection_listed(out.headers);
     let mut headers = HeaderMap::with_capacity(out.headers.len() + 3);
-    headers.insert(header::HOST, out.host.clone());
+    let mut has_connection = false;
     for (name, value) in out.headers {
-        if is_hop_by_hop(name)
-            || strip_from_request(name)
-            || listed.iter().any(|l| l == name.as_str())
-        {
+        has_connection |= name == header::CONNECTION;
+        if is_hop_by_hop(name) || strip_from_request(name) {
             continue;
         }
         headers.append(name.clone(), value.clone());
     }
+    // Names a `Connection` header lists are hop-by-hop too; looked up only
+    // when there is one, and before the proxy adds its own headers.
+    if has_connection {
+        for name in connection_listed(out.headers) {
+            if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+                headers.remove(n);
+            }
+        }
+    }
+    headers.insert(header::HOST, out.host.clone());
     if let Some(r) = out.upstream_referer {
         headers.insert(header::REFERER, r.clone());
         // A browser Origin would contradict the referrer the credential is
@@ -249,19 +256,26 @@ pub fn build_request(out: Outgoing<'_>, body: ProxyBody) -> Request<ProxyBody> {
 pub fn clean_response_headers(headers: &mut HeaderMap) {
     // One pass over the names present; usually nothing is removed and
     // nothing is allocated.
-    let listed = connection_listed(headers);
-    let drop: Vec<HeaderName> = headers
+    let mut has_connection = false;
+    let mut drop: Vec<HeaderName> = headers
         .keys()
         .filter(|name| {
+            has_connection |= *name == header::CONNECTION;
             let n = name.as_str();
             is_hop_by_hop(name)
                 || n == "set-cookie"
                 || n == "set-cookie2"
                 || n.starts_with("access-control-")
-                || listed.iter().any(|l| l == n)
         })
         .cloned()
         .collect();
+    if has_connection {
+        drop.extend(
+            connection_listed(headers)
+                .iter()
+                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()),
+        );
+    }
     for n in drop {
         headers.remove(n);
     }
@@ -449,14 +463,12 @@ static URI_SAFE: [bool; 256] = {
 /// characters (including `%` escapes) as they are.
 pub fn to_uri(s: String) -> Option<Uri> {
     let safe = |b: u8| URI_SAFE[usize::from(b)];
-    // The usual case: nothing to escape, and `Uri::try_from(String)` keeps
-    // the string's buffer (parsing a `&str` copies it).
-    if s.bytes().all(safe) {
-        return Uri::try_from(s).ok();
-    }
-    if let Ok(u) = s.parse::<Uri>() {
+    // The usual case parses as it is, from the string's own buffer.
+    let bytes = Bytes::from(s);
+    if let Ok(u) = Uri::from_maybe_shared(bytes.clone()) {
         return Some(u);
     }
+    let s = String::from_utf8_lossy(&bytes);
     let mut out = String::with_capacity(s.len() + 16);
     for b in s.bytes() {
         if safe(b) {
@@ -471,6 +483,46 @@ pub fn to_uri(s: String) -> Option<Uri> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_listed_names_are_dropped_but_host_is_the_proxys() {
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static("keep-alive, X-Drop"));
+        h.append("connection", HeaderValue::from_static("host"));
+        h.append("x-drop", HeaderValue::from_static("1"));
+        h.append("x-keep", HeaderValue::from_static("2"));
+        h.append("host", HeaderValue::from_static("proxy.example"));
+        let host = HeaderValue::from_static("up.example:8443");
+        let method = http::Method::GET;
+        let req = build_request(
+            Outgoing {
+                uri: "https://up.example:8443/x".parse().unwrap(),
+                host: &host,
+                headers: &h,
+                method: &method,
+                auth_header: None,
+                upstream_referer: None,
+                content_length: None,
+                decodable_only: false,
+            },
+            crate::body::empty(),
+        );
+        let mut names: Vec<&str> = req.headers().keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["host", "x-keep"]);
+        assert_eq!(req.headers()["host"], "up.example:8443");
+
+        let mut resp = HeaderMap::new();
+        resp.append("connection", HeaderValue::from_static("x-internal"));
+        resp.append("x-internal", HeaderValue::from_static("secret"));
+        resp.append("set-cookie", HeaderValue::from_static("a=b"));
+        resp.append("access-control-allow-origin", HeaderValue::from_static("*"));
+        resp.append("transfer-encoding", HeaderValue::from_static("chunked"));
+        resp.append("content-type", HeaderValue::from_static("application/json"));
+        clean_response_headers(&mut resp);
+        let names: Vec<&str> = resp.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-type"]);
+    }
 
     #[test]
     fn answers_that_may_be_a_json_error() {
