@@ -214,6 +214,35 @@ def measured(server, fn):
     return r
 
 
+def callgrind_count(name, cmd, port, url, env, work, secs):
+    """User-space instructions per request of one server process run under
+    callgrind (one serving thread / worker): warm up, zero the counters,
+    drive it with wrk -c8 for `secs`, dump. Deterministic to about 1%, unlike
+    CPU time on a shared VM."""
+    out = f"{work}/callgrind.{name}"
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *cmd],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, timeout=120)
+        wrk(url, 8, 3)
+        subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+        r = wrk(url, 8, secs)
+        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    dumps = [f for f in os.listdir(work) if f.startswith(f"callgrind.{name}.")]
+    path = os.path.join(work, sorted(dumps, key=lambda f: os.path.getmtime(os.path.join(work, f)))[-1])
+    with open(path) as f:
+        total = next(int(l.split()[1]) for l in f if l.startswith(("summary:", "totals:")))
+    return {"requests": r["requests"], "instructions_per_req": total / max(r["requests"], 1),
+            "non_2xx": r["non_2xx"]}
+
+
 def median_round(results, key="rps"):
     ordered = sorted(results, key=lambda r: r[key])
     return ordered[len(ordered) // 2]
@@ -428,6 +457,24 @@ mount = "/raw"
                 rs[name] = stream(f"https://127.0.0.1:{port}/raw/big", server)
             results["stream_200mb"] = rs
 
+        if want("icount"):
+            # Same configs, one serving thread / one nginx worker without a
+            # master, each under callgrind on its own port.
+            ic_px, ic_px_admin, ic_ng = free_port(), free_port(), free_port()
+            with open(f"{work}/ic-proxy.toml", "w") as f:
+                f.write(proxy_conf(ic_px, ic_px_admin, f"http://127.0.0.1:{up_port}/sharing/rest/oauth2/token"))
+            with open(f"{work}/ic-ng.conf", "w") as f:
+                f.write(nginx_conf.replace("worker_processes 2;", "worker_processes 1;\nmaster_process off;")
+                        .replace(f"127.0.0.1:{ng_port}", f"127.0.0.1:{ic_ng}")
+                        .replace(f"{work}/ng.pid", f"{work}/ic-ng.pid"))
+            isecs = 3 if args.quick else 6
+            results["instructions_per_request"] = {
+                "proxy": callgrind_count("proxy", [args.binary, "--config", f"{work}/ic-proxy.toml", "--threads", "1"],
+                                         ic_px, f"https://127.0.0.1:{ic_px}/features{QUERY}", env, work, isecs),
+                "nginx": callgrind_count("nginx", ["nginx", "-c", f"{work}/ic-ng.conf", "-p", work],
+                                         ic_ng, f"https://127.0.0.1:{ic_ng}/features{QUERY}", None, work, isecs),
+            }
+
         if want("cold"):
             slow = SlowTokenEndpoint(0.5)
             port, admin = free_port(), free_port()
@@ -490,6 +537,11 @@ def print_report(r):
         c = r["cold_start_1000"]
         print(f"Cold start, 1000 concurrent requests, token endpoint slowed to 500 ms:")
         print(f"  succeeded {c['succeeded']}/1000, token requests {c['token_requests']} (target 1), all served in {c['seconds']:.2f} s")
+    if "instructions_per_request" in r:
+        c = r["instructions_per_request"]
+        print("User-space instructions per request under callgrind (TLS h1 keep-alive, wrk -c8, one thread/worker):")
+        row("instructions", c["proxy"]["instructions_per_req"] / 1000, c["nginx"]["instructions_per_req"] / 1000,
+            "k", "lower is better")
     i = r["idle_rss_mib"]
     print(f"Idle RSS after start: proxy {i['proxy']:.1f} MiB (target < 20), nginx (master + 2 workers) {i['nginx']:.1f} MiB")
 
