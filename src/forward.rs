@@ -131,16 +131,24 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name)
 }
 
-/// Names listed in `Connection` headers (lower-case).
-fn connection_listed(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
-        .collect()
+/// Names listed in `Connection` headers, other than `close` and the
+/// hop-by-hop ones (removed anyway); usually none, with no allocation.
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    let mut out = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        for token in value.as_bytes().split(|b| *b == b',') {
+            let token = token.trim_ascii();
+            if token.is_empty() || token.eq_ignore_ascii_case(b"close") {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token)
+                && !is_hop_by_hop(&name)
+            {
+                out.push(name);
+            }
+        }
+    }
+    out
 }
 
 /// Request headers that never go upstream, besides hop-by-hop ones.
@@ -220,9 +228,7 @@ pub fn build_request(out: Outgoing<'_>, body: ProxyBody) -> Request<ProxyBody> {
     // when there is one, and before the proxy adds its own headers.
     if has_connection {
         for name in connection_listed(out.headers) {
-            if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
-                headers.remove(n);
-            }
+            headers.remove(name);
         }
     }
     headers.insert(header::HOST, out.host.clone());
@@ -270,11 +276,7 @@ pub fn clean_response_headers(headers: &mut HeaderMap) {
         .cloned()
         .collect();
     if has_connection {
-        drop.extend(
-            connection_listed(headers)
-                .iter()
-                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()),
-        );
+        drop.extend(connection_listed(headers));
     }
     for n in drop {
         headers.remove(n);
