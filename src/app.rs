@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 
 use arc_swap::ArcSwap;
-use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tokio_rustls::TlsAcceptor;
 
@@ -42,7 +41,7 @@ pub struct Generation {
     /// The request pipeline.
     pub proxy: Arc<Proxy>,
     /// HTTP/1 + HTTP/2 connection settings from `[limits]`.
-    pub(crate) http: auto::Builder<TokioExecutor>,
+    pub(crate) http: auto::Builder<crate::server::BoxingExecutor>,
     /// TLS acceptor for the HTTPS listener.
     pub(crate) tls: Option<TlsAcceptor>,
 }

@@ -23,7 +23,7 @@ use crate::config::{Config, Limits};
 use crate::framing::FramingGuard;
 use crate::proxy::ConnInfo;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
@@ -71,9 +71,27 @@ impl Listeners {
     }
 }
 
+/// Spawns HTTP/2 streams boxed. hyper hands each stream's future (the
+/// request handler, several KiB) to the executor by value, and `tokio::spawn`
+/// moves it several times more before it runs; boxing it first turns those
+/// copies into pointer moves. A callgrind profile of an HTTP/2 request had
+/// 60 % of its instructions in those copies before this.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct BoxingExecutor;
+
+impl<F> hyper::rt::Executor<F> for BoxingExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(Box::pin(fut));
+    }
+}
+
 /// HTTP/1.1 + HTTP/2 connection settings from `[limits]`.
-pub(crate) fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
+pub(crate) fn http_builder(limits: &Limits) -> auto::Builder<BoxingExecutor> {
+    let mut b = auto::Builder::new(BoxingExecutor);
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
