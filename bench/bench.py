@@ -214,20 +214,27 @@ def measured(server, fn):
     return r
 
 
-def callgrind_count(name, cmd, port, url, env, work, secs):
+def h2load_n(url, n, conns=2, streams=16):
+    """h2load for exactly `n` requests; returns requests done and failures."""
+    out = run(["h2load", f"-n{n}", f"-c{conns}", f"-m{streams}", "-H", f"referer: {REFERER}", url])
+    done = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded", out)
+    return {"requests": int(done.group(3)), "non_2xx": int(done.group(3)) - int(done.group(4))}
+
+
+def callgrind_count(name, cmd, port, url, env, work, secs, h2=False):
     """User-space instructions per request of one server process run under
     callgrind (one serving thread / worker): warm up, zero the counters,
-    drive it with wrk -c8 for `secs`, dump. Deterministic to about 1%, unlike
-    CPU time on a shared VM."""
+    drive it (wrk -c8 for `secs`, or h2load for a fixed count), dump.
+    Deterministic to about 1%, unlike CPU time on a shared VM."""
     out = f"{work}/callgrind.{name}"
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *cmd],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port, timeout=120)
-        wrk(url, 8, 3)
+        h2load_n(url, 2000) if h2 else wrk(url, 8, 3)
         subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
-        r = wrk(url, 8, secs)
+        r = h2load_n(url, 4000 * secs) if h2 else wrk(url, 8, secs)
         subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -468,11 +475,17 @@ mount = "/raw"
                         .replace(f"127.0.0.1:{ng_port}", f"127.0.0.1:{ic_ng}")
                         .replace(f"{work}/ng.pid", f"{work}/ic-ng.pid"))
             isecs = 3 if args.quick else 6
+            px_cmd = [args.binary, "--config", f"{work}/ic-proxy.toml", "--threads", "1"]
+            ng_cmd = ["nginx", "-c", f"{work}/ic-ng.conf", "-p", work]
+            px_url = f"https://127.0.0.1:{ic_px}/features{QUERY}"
+            ng_url = f"https://127.0.0.1:{ic_ng}/features{QUERY}"
             results["instructions_per_request"] = {
-                "proxy": callgrind_count("proxy", [args.binary, "--config", f"{work}/ic-proxy.toml", "--threads", "1"],
-                                         ic_px, f"https://127.0.0.1:{ic_px}/features{QUERY}", env, work, isecs),
-                "nginx": callgrind_count("nginx", ["nginx", "-c", f"{work}/ic-ng.conf", "-p", work],
-                                         ic_ng, f"https://127.0.0.1:{ic_ng}/features{QUERY}", None, work, isecs),
+                "proxy": callgrind_count("proxy", px_cmd, ic_px, px_url, env, work, isecs),
+                "nginx": callgrind_count("nginx", ng_cmd, ic_ng, ng_url, None, work, isecs),
+            }
+            results["instructions_per_request_h2"] = {
+                "proxy": callgrind_count("proxy-h2", px_cmd, ic_px, px_url, env, work, isecs, h2=True),
+                "nginx": callgrind_count("nginx-h2", ng_cmd, ic_ng, ng_url, None, work, isecs, h2=True),
             }
 
         if want("cold"):
@@ -540,6 +553,11 @@ def print_report(r):
     if "instructions_per_request" in r:
         c = r["instructions_per_request"]
         print("User-space instructions per request under callgrind (TLS h1 keep-alive, wrk -c8, one thread/worker):")
+        row("instructions", c["proxy"]["instructions_per_req"] / 1000, c["nginx"]["instructions_per_req"] / 1000,
+            "k", "lower is better")
+    if "instructions_per_request_h2" in r:
+        c = r["instructions_per_request_h2"]
+        print("User-space instructions per request under callgrind (HTTP/2, h2load -c2 -m16, one thread/worker):")
         row("instructions", c["proxy"]["instructions_per_req"] / 1000, c["nginx"]["instructions_per_req"] / 1000,
             "k", "lower is better")
     i = r["idle_rss_mib"]

@@ -285,6 +285,23 @@ mod tests {
                 proptest::prop_assert_eq!(normalise_path_with_parser(&raw).unwrap(), raw);
             }
         }
+
+        // The pre-check that lets most queries skip decoding must never
+        // keep a parameter the full comparison would drop.
+        #[test]
+        fn token_pre_check_agrees_with_the_full_comparison(
+            q in "[a-zA-Z0-9=&%+]{0,12}(token|TOKEN|ToKeN|%74oken|tok%65n|t+oken|echotoken|echoToken)?[a-zA-Z0-9=&%+]{0,12}"
+        ) {
+            for names in [&["token"][..], &["token", "echotoken"][..]] {
+                let full: Vec<&str> = q
+                    .split('&')
+                    .filter(|p| !p.is_empty() && !names.iter().any(|n| param_is(p, n)))
+                    .collect();
+                let any_dropped = q.split('&').any(|p| names.iter().any(|n| param_is(p, n)));
+                let expected = if any_dropped { full.join("&") } else { q.clone() };
+                proptest::prop_assert_eq!(strip_params(&q, names).into_owned(), expected, "{:?}", q);
+            }
+        }
     }
 
     #[test]
