@@ -350,3 +350,49 @@ async fn upstream_closing_its_connections_is_not_an_error() {
     assert!(conns >= 20, "closed connections were reused: {conns}");
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn an_http2_upstream_is_shared_by_requests_and_bodies() {
+    let pki = Pki::new();
+    // The upstream offers h2 first, so the pool talks HTTP/2 to it.
+    let fake = FakeArcGis::start_tls(pki.server_config(&[b"h2", b"http/1.1"])).await;
+    let toml = standard_config(&fake, "").replace(
+        &fake.url(),
+        &format!("https://localhost:{}", fake.addr.port()),
+    );
+    let proxy = TestProxy::start(&pki, &toml).await;
+    let client = TestClient::new(&pki, proxy.addr);
+    for i in 0..10 {
+        let a = client.get(&format!("/svc/echo/n{i}?f=json")).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(a.json()["token_ok"], true);
+    }
+    let a = post(
+        &client,
+        "/svc/upload-stream",
+        "application/octet-stream",
+        chunked(20, 8 * 1024, b'a'),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["received"], (20 * 8 * 1024).to_string());
+    let a = post(
+        &client,
+        "/svc/echo/form",
+        "application/x-www-form-urlencoded",
+        full("f=json&token=CLIENT&where=1%3D1"),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    let rec = fake.last();
+    assert_eq!(rec.method, http::Method::POST);
+    assert_eq!(String::from_utf8_lossy(&rec.body), "f=json&where=1%3D1");
+    assert!(
+        rec.headers.get("host").is_none(),
+        "HTTP/2 carries :authority, not Host"
+    );
+    // The token fetch's connection and one shared HTTP/2 connection.
+    let conns = fake.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(conns <= 2, "{conns} upstream connections");
+    proxy.stop().await;
+}
