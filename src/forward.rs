@@ -138,12 +138,15 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
     for value in headers.get_all(header::CONNECTION) {
         for token in value.as_bytes().split(|b| *b == b',') {
             let token = token.trim_ascii();
-            if token.is_empty() || token.eq_ignore_ascii_case(b"close") {
+            if token.is_empty()
+                || token.eq_ignore_ascii_case(b"close")
+                || HOP_BY_HOP
+                    .iter()
+                    .any(|h| token.eq_ignore_ascii_case(h.as_str().as_bytes()))
+            {
                 continue;
             }
-            if let Ok(name) = HeaderName::from_bytes(token)
-                && !is_hop_by_hop(&name)
-            {
+            if let Ok(name) = HeaderName::from_bytes(token) {
                 out.push(name);
             }
         }
