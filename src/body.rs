@@ -77,3 +77,38 @@ impl Body for Prefixed {
         hint
     }
 }
+
+/// A body that keeps `T` alive until hyper has finished with it (dropped it):
+/// how a connection's "request in progress" mark lasts until the answer has
+/// been written.
+pub struct Holding<T> {
+    inner: ProxyBody,
+    _held: T,
+}
+
+impl<T: Send + Sync + Unpin + 'static> Holding<T> {
+    /// Wraps `inner`, holding `held` as long as the body lives.
+    pub fn wrap(inner: ProxyBody, held: T) -> ProxyBody {
+        Holding { inner, _held: held }.boxed()
+    }
+}
+
+impl<T: Unpin> Body for Holding<T> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

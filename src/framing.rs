@@ -14,11 +14,13 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 /// What hyper is given instead of a head with conflicting framing: not a
 /// request line, so hyper answers 400 Bad Request and closes.
@@ -81,6 +83,11 @@ impl Framing {
     /// True while part of a head is held back.
     fn holding_head(&self) -> bool {
         self.state == State::Head && !self.head.is_empty()
+    }
+
+    /// True between requests: no part of a head held, none being checked.
+    fn waiting_for_head(&self) -> bool {
+        self.state == State::Head && self.head.is_empty()
     }
 
     /// True when bytes may go straight to hyper without inspection.
@@ -358,6 +365,98 @@ fn step_chunked(mut chunk: Chunk, data: &[u8]) -> (usize, State) {
     (i, State::Chunked(chunk))
 }
 
+/// Requests in progress on one HTTP/1 connection, and since when there has
+/// been none. The service holds a [`Busy`] from a request's arrival until
+/// its answer has been written (the guard travels with the response body);
+/// [`FramingGuard`] closes a connection that has had no request in progress
+/// and no complete head for the head timeout.
+///
+/// This replaces hyper's own header-read timer, which hyper arms and drops
+/// for every request (an allocation, a timer-wheel insert and removal); here
+/// a request costs two atomic updates and a clock read, and one timer per
+/// connection fires at most once per timeout period.
+#[derive(Debug)]
+pub struct Activity {
+    busy: AtomicUsize,
+    /// Nanoseconds since [`clock_base`] when `busy` last dropped to zero.
+    idle_since: AtomicU64,
+}
+
+/// A request in progress on a connection (see [`Activity`]).
+#[derive(Debug)]
+pub struct Busy(Arc<Activity>);
+
+fn clock_base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+fn nanos_since_base(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(clock_base()).as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Activity {
+    /// A connection that starts idle now.
+    pub fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            busy: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(nanos_since_base(Instant::now())),
+        })
+    }
+
+    /// Marks a request in progress until the returned guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        Busy(Arc::clone(self))
+    }
+
+    /// How long the connection has had no request in progress; `None` while
+    /// one is.
+    fn idle_for(&self, now: Instant) -> Option<Duration> {
+        if self.busy.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since = self.idle_since.load(Ordering::Acquire);
+        Some(Duration::from_nanos(
+            nanos_since_base(now).saturating_sub(since),
+        ))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        // Idle from now on if this was the last request in progress.
+        self.0
+            .idle_since
+            .store(nanos_since_base(Instant::now()), Ordering::Release);
+        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The idle check of one connection: a single timer, re-armed lazily.
+struct IdleTimer {
+    activity: Arc<Activity>,
+    timeout: Duration,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl IdleTimer {
+    /// True once the connection has been idle for the timeout; otherwise
+    /// makes sure the task is woken when it could be.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            let next = match self.activity.idle_for(now) {
+                Some(idle) if idle >= self.timeout => return true,
+                Some(idle) => now + (self.timeout - idle),
+                None => now + self.timeout,
+            };
+            self.sleep.as_mut().reset(next);
+        }
+        false
+    }
+}
+
 /// An I/O wrapper that applies [`Framing`] to what it reads.
 ///
 /// Because hyper sees a head only once it is complete, hyper's own
@@ -371,6 +470,7 @@ pub struct FramingGuard<IO> {
     scratch: Box<[u8]>,
     head_timeout: Duration,
     deadline: Option<Pin<Box<Sleep>>>,
+    idle: Option<IdleTimer>,
 }
 
 impl<IO> FramingGuard<IO> {
@@ -386,7 +486,20 @@ impl<IO> FramingGuard<IO> {
             scratch: vec![0u8; 8192].into_boxed_slice(),
             head_timeout,
             deadline: None,
+            idle: None,
         }
+    }
+
+    /// Also closes the connection once it has had no request in progress
+    /// (per `activity`) and no complete head for `timeout`. Must be called
+    /// within a tokio runtime.
+    pub fn with_idle_timeout(mut self, activity: Arc<Activity>, timeout: Duration) -> Self {
+        self.idle = Some(IdleTimer {
+            activity,
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+        });
+        self
     }
 }
 
@@ -424,6 +537,15 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
                         return Poll::Ready(Err(io::Error::new(
                             io::ErrorKind::TimedOut,
                             "request head not complete in time",
+                        )));
+                    }
+                    if this.framing.waiting_for_head()
+                        && let Some(idle) = this.idle.as_mut()
+                        && idle.expired(cx)
+                    {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "connection idle",
                         )));
                     }
                     return Poll::Pending;
@@ -487,6 +609,51 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for FramingGuard<IO> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reads from a guard over a silent peer until it fails or `wait`
+    /// passes (paused clock): the error kind, if any.
+    async fn silent_read(
+        guard: &mut FramingGuard<tokio::io::DuplexStream>,
+        wait: Duration,
+    ) -> Option<io::ErrorKind> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 16];
+        match tokio::time::timeout(wait, guard.read(&mut buf)).await {
+            Err(_) => None,
+            Ok(Ok(n)) => panic!("read {n} bytes from a silent peer"),
+            Ok(Err(e)) => Some(e.kind()),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_times_out_and_a_busy_one_does_not() {
+        let timeout = Duration::from_secs(10);
+        let (_peer, io) = tokio::io::duplex(1024);
+        let activity = Activity::new();
+        let mut guard =
+            FramingGuard::new(io, 1024, timeout).with_idle_timeout(Arc::clone(&activity), timeout);
+        // Idle from the start: open until the timeout, closed at it.
+        assert_eq!(silent_read(&mut guard, Duration::from_secs(9)).await, None);
+        assert_eq!(
+            silent_read(&mut guard, Duration::from_secs(2)).await,
+            Some(io::ErrorKind::TimedOut)
+        );
+
+        let (_peer, io) = tokio::io::duplex(1024);
+        let activity = Activity::new();
+        let mut guard =
+            FramingGuard::new(io, 1024, timeout).with_idle_timeout(Arc::clone(&activity), timeout);
+        // A request in progress for 35 s: never idle meanwhile.
+        let busy = activity.begin();
+        assert_eq!(silent_read(&mut guard, Duration::from_secs(35)).await, None);
+        // Idle from its end: the full timeout again, not what is left of it.
+        drop(busy);
+        assert_eq!(silent_read(&mut guard, Duration::from_secs(9)).await, None);
+        assert_eq!(
+            silent_read(&mut guard, Duration::from_secs(2)).await,
+            Some(io::ErrorKind::TimedOut)
+        );
+    }
 
     fn run(input: &[u8], chunk: usize) -> (Vec<u8>, bool) {
         let mut f = Framing::new(65536);

@@ -5,7 +5,9 @@
 //! future. A connection permit is taken *before* `accept`, so beyond
 //! `max_connections` new connections wait unaccepted in the kernel backlog.
 //! The TLS handshake and the request head share the `header_read_timeout`
-//! budget (slow-loris guard). On shutdown the loops stop accepting, every
+//! budget (slow-loris guard); an HTTP/1 connection with no request in
+//! progress and no complete head for that long is closed (the framing
+//! guard's idle timer, see `framing::Activity`). On shutdown the loops stop accepting, every
 //! connection is asked to finish (HTTP/2 GOAWAY, HTTP/1 close after the
 //! current response), and stragglers are cut after `shutdown_grace`.
 
@@ -19,8 +21,9 @@ use std::time::Duration;
 
 use crate::admin;
 use crate::app::App;
+use crate::body::Holding;
 use crate::config::{Config, Limits};
-use crate::framing::FramingGuard;
+use crate::framing::{Activity, FramingGuard};
 use crate::proxy::ConnInfo;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -94,7 +97,10 @@ pub(crate) fn http_builder(limits: &Limits) -> auto::Builder<BoxingExecutor> {
     let mut b = auto::Builder::new(BoxingExecutor);
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // Heads and idle connections are timed by the framing guard instead
+        // (see `framing::Activity`): hyper's timer costs an allocation and a
+        // timer-wheel insert and removal per request.
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
     b.http2()
@@ -266,9 +272,16 @@ async fn accept_loop(
             let head_limit = generation.proxy.config().limits.max_header_bytes;
             let info = ConnInfo { peer, tls, shard };
             let svc_app = Arc::clone(&app);
+            let activity = Activity::new();
+            let svc_activity = Arc::clone(&activity);
             let svc = service_fn(move |req| {
                 let proxy = svc_app.proxy();
-                async move { Ok::<_, Infallible>(proxy.handle(req, &info).await) }
+                // In progress from here until the answer has been written.
+                let busy = svc_activity.begin();
+                async move {
+                    let resp = proxy.handle(req, &info).await;
+                    Ok::<_, Infallible>(resp.map(|b| Holding::wrap(b, busy)))
+                }
             });
             let result = if tls {
                 match generation.tls.clone() {
@@ -279,7 +292,8 @@ async fn accept_loop(
                             Ok(Ok(tls_stream)) => {
                                 // HTTP/2 passes the guard untouched after its preface.
                                 let guarded =
-                                    FramingGuard::new(tls_stream, head_limit, handshake_timeout);
+                                    FramingGuard::new(tls_stream, head_limit, handshake_timeout)
+                                        .with_idle_timeout(activity, handshake_timeout);
                                 let conn = generation
                                     .http
                                     .serve_connection(TokioIo::new(guarded), svc)
@@ -293,7 +307,8 @@ async fn accept_loop(
                 }
             } else {
                 // HTTP/1 (or h2c prior knowledge, which the guard lets through).
-                let guarded = FramingGuard::new(stream, head_limit, handshake_timeout);
+                let guarded = FramingGuard::new(stream, head_limit, handshake_timeout)
+                    .with_idle_timeout(activity, handshake_timeout);
                 let conn = generation
                     .http
                     .serve_connection(TokioIo::new(guarded), svc)

@@ -157,6 +157,65 @@ async fn slow_headers_are_cut_off() {
     proxy.stop().await;
 }
 
+/// Reads until the server closes; the time it took and what was read.
+async fn read_until_closed<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    limit: Duration,
+) -> (Option<Duration>, String) {
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(limit, s.read_to_end(&mut buf)).await;
+    (
+        r.is_ok().then(|| started.elapsed()),
+        String::from_utf8_lossy(&buf).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_after_the_head_timeout() {
+    // header_read_timeout_secs = 2 in the standard config.
+    let (pki, _fake, proxy) = setup_with("", "").await;
+    let connect = || tls_connect(&pki, proxy.addr, &rustls::version::TLS13, &[b"http/1.1"]);
+
+    // Nothing sent after the handshake.
+    let mut tls = connect().await.unwrap();
+    let (closed, _) = read_until_closed(&mut tls, Duration::from_secs(8)).await;
+    let took = closed.expect("silent connection kept open");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "closed too early: {took:?}"
+    );
+
+    // Idle after a complete request and answer on a keep-alive connection.
+    let mut tls = connect().await.unwrap();
+    tls.write_all(
+        b"GET /svc/echo/x HTTP/1.1\r\nHost: localhost\r\nReferer: https://app.example.com/\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (closed, text) = read_until_closed(&mut tls, Duration::from_secs(8)).await;
+    let took = closed.expect("idle keep-alive connection kept open");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "closed too early: {took:?}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_answer_is_not_cut_by_the_idle_timer() {
+    // The upstream takes 5 s; the head timeout is 2 s and must not apply
+    // while a request is in progress, on HTTP/1 (guarded) or HTTP/2.
+    let (pki, _fake, proxy) = setup_with("", "upstream_timeout_secs = 8").await;
+    let a = TestClient::new(&pki, proxy.addr).get("/svc/slow").await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["slow"], true);
+    let a = TestClient::h2(&pki, proxy.addr).get("/svc/slow").await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn connection_limit_holds_new_connections() {
     let (pki, _fake, proxy) = setup_with("", "max_connections = 2").await;
