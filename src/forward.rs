@@ -428,41 +428,7 @@ pub fn is_token_error(body: &[u8]) -> bool {
 }
 
 /// Bytes that need no escaping in a URI: unreserved, reserved and `%`.
-static URI_SAFE: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut b = 0;
-    while b < 256 {
-        let c = b as u8;
-        t[b] = c.is_ascii_alphanumeric()
-            || matches!(
-                c,
-                b'-' | b'.'
-                    | b'_'
-                    | b'~'
-                    | b':'
-                    | b'/'
-                    | b'?'
-                    | b'#'
-                    | b'['
-                    | b']'
-                    | b'@'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'*'
-                    | b'+'
-                    | b','
-                    | b';'
-                    | b'='
-                    | b'%'
-            );
-        b += 1;
-    }
-    t
-};
+static URI_SAFE: [bool; 256] = crate::policy::path::ascii_set(b"-._~:/?#[]@!$&'()*+,;=%");
 
 /// Percent-encodes anything `http::Uri` would refuse, leaving valid URI
 /// characters (including `%` escapes) as they are.
