@@ -151,8 +151,7 @@ async fn logs_of_a_full_run_hold_neither_token_nor_secret() {
         &["--config", &cfg],
         &[("SECRET", SECRET), ("RUST_LOG", "trace")],
     );
-    let https = addr_in(&p.wait_for(r#""listener":"https""#));
-    let addr: std::net::SocketAddr = https.parse().unwrap();
+    let addr = p.listener("https");
     p.wait_for("obtained token");
     let client = TestClient::new(&pki, addr);
     assert_eq!(
@@ -205,7 +204,7 @@ async fn rejected_credential_logs_the_arcgis_error_not_the_secret() {
         &["--config", &cfg],
         &[("SECRET", SECRET), ("RUST_LOG", "debug")],
     );
-    let https = addr_in(&p.wait_for(r#""listener":"https""#));
+    let https = p.listener("https");
     let line = p.wait_for("token endpoint rejected the credential");
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["level"], "ERROR");
@@ -213,7 +212,7 @@ async fn rejected_credential_logs_the_arcgis_error_not_the_secret() {
     assert_eq!(v["arcgis_code"], 400);
     assert_eq!(v["arcgis_message"], "Invalid client_id");
     assert_eq!(v["message"], "token endpoint rejected the credential");
-    let client = TestClient::new(&pki, https.parse().unwrap());
+    let client = TestClient::new(&pki, https);
     client.get("/svc/features").await.assert_error(502);
     let (code, logs) = p.terminate();
     assert_eq!(code, 0);

@@ -332,7 +332,7 @@ async fn upstream_connections_are_reused() {
         assert_eq!(a.status, 200, "{}", a.text());
     }
     // One pooled connection for the requests, plus the token fetch's.
-    let conns = fake.connections.load(std::sync::atomic::Ordering::SeqCst);
+    let conns = fake.connection_count();
     assert!(conns <= 2, "{conns} upstream connections for 20 requests");
     proxy.stop().await;
 }
@@ -346,7 +346,7 @@ async fn upstream_closing_its_connections_is_not_an_error() {
         assert_eq!(a.json()["closing"], true);
         assert!(a.headers.get("connection").is_none());
     }
-    let conns = fake.connections.load(std::sync::atomic::Ordering::SeqCst);
+    let conns = fake.connection_count();
     assert!(conns >= 20, "closed connections were reused: {conns}");
     proxy.stop().await;
 }
@@ -392,7 +392,7 @@ async fn an_http2_upstream_is_shared_by_requests_and_bodies() {
         "HTTP/2 carries :authority, not Host"
     );
     // The token fetch's connection and one shared HTTP/2 connection.
-    let conns = fake.connections.load(std::sync::atomic::Ordering::SeqCst);
+    let conns = fake.connection_count();
     assert!(conns <= 2, "{conns} upstream connections");
     proxy.stop().await;
 }

@@ -301,9 +301,7 @@ async fn sighup_reloads_config_and_certificates_and_rejects_bad_ones() {
     let toml = standard_config(&fake, "");
     let cfg = write_config(&pki, "hup.toml", &toml);
     let mut p = Proc::spawn(&["--config", &cfg], &[("SECRET", SECRET)]);
-    let addr: std::net::SocketAddr = addr_in(&p.wait_for(r#""listener":"https""#))
-        .parse()
-        .unwrap();
+    let addr: std::net::SocketAddr = p.listener("https");
     p.wait_for("obtained token");
     let client = TestClient::new(&pki, addr);
     assert_eq!(client.get("/svc/features").await.status, 200);
@@ -376,12 +374,8 @@ async fn sigterm_lets_the_in_flight_request_finish() {
     );
     let cfg = write_config(&pki, "term.toml", &toml);
     let mut p = Proc::spawn(&["--config", &cfg], &[("SECRET", SECRET)]);
-    let addr: std::net::SocketAddr = addr_in(&p.wait_for(r#""listener":"https""#))
-        .parse()
-        .unwrap();
-    let admin: std::net::SocketAddr = addr_in(&p.wait_for(r#""listener":"admin""#))
-        .parse()
-        .unwrap();
+    let addr: std::net::SocketAddr = p.listener("https");
+    let admin: std::net::SocketAddr = p.listener("admin");
     p.wait_for("obtained token");
     let client = Arc::new(TestClient::new(&pki, addr));
     let c = Arc::clone(&client);

@@ -61,12 +61,8 @@ async fn three_replicas_share_one_budget_and_fail_closed_without_redis() {
     let mut admins = Vec::new();
     for _ in 0..3 {
         let mut p = Proc::spawn(&["--config", &cfg], &[("SECRET", SECRET)]);
-        let https: std::net::SocketAddr = addr_in(&p.wait_for(r#""listener":"https""#))
-            .parse()
-            .unwrap();
-        let admin: std::net::SocketAddr = addr_in(&p.wait_for(r#""listener":"admin""#))
-            .parse()
-            .unwrap();
+        let https: std::net::SocketAddr = p.listener("https");
+        let admin: std::net::SocketAddr = p.listener("admin");
         p.wait_for("obtained token");
         clients.push(TestClient::new(&pki, https));
         admins.push(TestClient::plain(admin));

@@ -8,11 +8,27 @@ use crate::support::*;
 
 const REF: &str = "Referer: https://app.example.com/\r\n";
 
-#[tokio::test]
-async fn conflicting_or_malformed_framing_is_400_and_closed() {
+async fn setup() -> (Pki, std::sync::Arc<FakeArcGis>, TestProxy) {
     let pki = Pki::new();
     let fake = FakeArcGis::start().await;
     let proxy = TestProxy::start(&pki, &standard_config(&fake, "")).await;
+    (pki, fake, proxy)
+}
+
+/// An ordinary client is still served after the abuse.
+async fn still_serves(pki: &Pki, proxy: &TestProxy) {
+    assert_eq!(
+        TestClient::new(pki, proxy.addr)
+            .get("/svc/echo/ok")
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn conflicting_or_malformed_framing_is_400_and_closed() {
+    let (pki, fake, proxy) = setup().await;
     let cases = [
         format!(
             "POST /svc/echo/a HTTP/1.1\r\nHost: localhost\r\n{REF}Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /svc/echo/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -48,9 +64,7 @@ async fn conflicting_or_malformed_framing_is_400_and_closed() {
 
 #[tokio::test]
 async fn pipelined_keep_alive_requests_still_work() {
-    let pki = Pki::new();
-    let fake = FakeArcGis::start().await;
-    let proxy = TestProxy::start(&pki, &standard_config(&fake, "")).await;
+    let (pki, fake, proxy) = setup().await;
     let raw = format!(
         "GET /svc/echo/one HTTP/1.1\r\nHost: localhost\r\n{REF}\r\n\
 POST /svc/echo/two HTTP/1.1\r\nHost: localhost\r\n{REF}Content-Type: application/json\r\nContent-Length: 7\r\n\r\n{{\"a\":1}}\
@@ -81,9 +95,7 @@ GET /svc/echo/four HTTP/1.1\r\nHost: localhost\r\n{REF}Connection: close\r\n\r\n
 
 #[tokio::test]
 async fn odd_request_targets_and_headers() {
-    let pki = Pki::new();
-    let fake = FakeArcGis::start().await;
-    let proxy = TestProxy::start(&pki, &standard_config(&fake, "")).await;
+    let (pki, fake, proxy) = setup().await;
     let long = "a".repeat(70_000);
     let cases: Vec<(String, &[u16])> = vec![
         // Absolute-form (forward-proxy style) targets.
@@ -123,21 +135,13 @@ async fn odd_request_targets_and_headers() {
         assert_eq!(rec.headers["host"], fake.addr.to_string().as_str());
     }
     // Still serving.
-    assert_eq!(
-        TestClient::new(&pki, proxy.addr)
-            .get("/svc/echo/ok")
-            .await
-            .status,
-        200
-    );
+    still_serves(&pki, &proxy).await;
     proxy.stop().await;
 }
 
 #[tokio::test]
 async fn http2_rapid_reset_and_header_floods_do_not_take_it_down() {
-    let pki = Pki::new();
-    let fake = FakeArcGis::start().await;
-    let proxy = TestProxy::start(&pki, &standard_config(&fake, "")).await;
+    let (pki, _fake, proxy) = setup().await;
     let tls = tls_connect(&pki, proxy.addr, &rustls::version::TLS13, &[b"h2"])
         .await
         .unwrap();
@@ -189,13 +193,7 @@ async fn http2_rapid_reset_and_header_floods_do_not_take_it_down() {
         answer.is_none_or(|a| a.status == 431),
         "oversized h2 header list served"
     );
-    assert_eq!(
-        TestClient::new(&pki, proxy.addr)
-            .get("/svc/echo/ok")
-            .await
-            .status,
-        200
-    );
+    still_serves(&pki, &proxy).await;
     proxy.stop().await;
 }
 
@@ -203,9 +201,7 @@ async fn http2_rapid_reset_and_header_floods_do_not_take_it_down() {
 async fn a_trickled_body_is_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // upstream_timeout_secs = 2 in the standard config bounds kept bodies.
-    let pki = Pki::new();
-    let fake = FakeArcGis::start().await;
-    let proxy = TestProxy::start(&pki, &standard_config(&fake, "")).await;
+    let (pki, fake, proxy) = setup().await;
     let mut tls = tls_connect(&pki, proxy.addr, &rustls::version::TLS13, &[b"http/1.1"])
         .await
         .unwrap();
@@ -230,9 +226,7 @@ async fn a_trickled_body_is_cut_off() {
 #[tokio::test]
 async fn odd_tls_handshakes_do_not_disturb_service() {
     use std::sync::Arc;
-    let pki = Pki::new();
-    let fake = FakeArcGis::start().await;
-    let proxy = TestProxy::start(&pki, &standard_config(&fake, "")).await;
+    let (pki, _fake, proxy) = setup().await;
     // A client naming another host (SNI evil.example), without verifying the
     // certificate it gets: the proxy has one certificate and answers with it;
     // what it serves does not depend on SNI.
@@ -268,13 +262,7 @@ async fn odd_tls_handshakes_do_not_disturb_service() {
         drop(tcp);
     }
     // Normal clients are still served, over TLS 1.2 and 1.3.
-    assert_eq!(
-        TestClient::new(&pki, proxy.addr)
-            .get("/svc/echo/ok")
-            .await
-            .status,
-        200
-    );
+    still_serves(&pki, &proxy).await;
     let _ = tls_connect(&pki, proxy.addr, &rustls::version::TLS12, &[b"http/1.1"])
         .await
         .unwrap();

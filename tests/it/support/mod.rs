@@ -235,6 +235,10 @@ impl FakeArcGis {
         self.token_requests.load(Ordering::SeqCst)
     }
 
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
     pub fn issued(&self) -> Vec<String> {
         self.issued.lock().unwrap().clone()
     }
@@ -1025,6 +1029,14 @@ impl Proc {
     }
 
     /// Sends a signal by name (`HUP`, `TERM`).
+    /// The address of the listener named `name` (`https`, `admin`, …),
+    /// from its start-up log line.
+    pub fn listener(&mut self, name: &str) -> SocketAddr {
+        addr_in(&self.wait_for(&format!(r#""listener":"{name}""#)))
+            .parse()
+            .unwrap()
+    }
+
     pub fn signal(&self, sig: &str) {
         let _ = std::process::Command::new("kill")
             .args([&format!("-{sig}"), &self.child.id().to_string()])
