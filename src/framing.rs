@@ -85,9 +85,9 @@ impl Framing {
         self.state == State::Head && !self.head.is_empty()
     }
 
-    /// True between requests: no part of a head held, none being checked.
-    fn waiting_for_head(&self) -> bool {
-        self.state == State::Head && self.head.is_empty()
+    /// True while the next bytes are (part of) a request head.
+    fn reading_head(&self) -> bool {
+        self.state == State::Head
     }
 
     /// True when bytes may go straight to hyper without inspection.
@@ -539,7 +539,10 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
                             "request head not complete in time",
                         )));
                     }
-                    if this.framing.waiting_for_head()
+                    // Idle time counts until a head is complete, as
+                    // hyper's own timer did: a head begun late in the idle
+                    // period does not get the full time again.
+                    if this.framing.reading_head()
                         && let Some(idle) = this.idle.as_mut()
                         && idle.expired(cx)
                     {
@@ -649,6 +652,23 @@ mod tests {
         // Idle from its end: the full timeout again, not what is left of it.
         drop(busy);
         assert_eq!(silent_read(&mut guard, Duration::from_secs(9)).await, None);
+        assert_eq!(
+            silent_read(&mut guard, Duration::from_secs(2)).await,
+            Some(io::ErrorKind::TimedOut)
+        );
+
+        // A head begun late in the idle period must still be complete by its
+        // end (not get a full head timeout of its own from its first byte).
+        use tokio::io::AsyncWriteExt;
+        let (mut peer, io) = tokio::io::duplex(1024);
+        let activity = Activity::new();
+        let mut guard =
+            FramingGuard::new(io, 1024, timeout).with_idle_timeout(Arc::clone(&activity), timeout);
+        assert_eq!(silent_read(&mut guard, Duration::from_secs(6)).await, None);
+        peer.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        assert_eq!(silent_read(&mut guard, Duration::from_secs(3)).await, None);
         assert_eq!(
             silent_read(&mut guard, Duration::from_secs(2)).await,
             Some(io::ErrorKind::TimedOut)
