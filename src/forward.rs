@@ -24,7 +24,7 @@ use http_body_util::BodyExt;
 use hyper::body::Body;
 
 mod pool;
-pub use pool::{Pool, UpstreamBody};
+pub use pool::{Http1Error, Pool, UpstreamBody};
 
 use crate::body::{BoxError, Prefixed, ProxyBody};
 use crate::codec::{self, Coding};

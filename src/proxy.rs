@@ -892,6 +892,11 @@ fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
         {
             return true;
         }
+        if let Some(h) = err.downcast_ref::<forward::Http1Error>()
+            && h.is_request_body()
+        {
+            return true;
+        }
         cur = err.source();
     }
     false

@@ -1,33 +1,41 @@
 //! Upstream connections for one serving thread: idle HTTP/1.1 connections
-//! kept per origin and reused oldest first, one shared HTTP/2 connection per
-//! origin.
+//! kept per origin and reused most recent first, one shared HTTP/2
+//! connection per origin.
 //!
 //! This replaces hyper-util's legacy `Client` on the request path. That
 //! client does more per request than a proxy with a handful of fixed
 //! upstreams needs — it clones itself, races a pool checkout against a lazy
 //! connect, and spawns a task to put each HTTP/1 connection back — which
 //! showed as about a tenth of the proxy's user CPU in a profile. Here a
-//! request takes an idle connection from a short list and its response body
-//! puts the connection back when it ends. What the legacy client guaranteed
-//! is kept: the same verifying TLS connector, a request that a reused
-//! connection refused before writing it is sent again on another
-//! connection, and idle connections expire.
+//! request takes an idle connection from a short list, the exchange runs in
+//! the request's task ([`h1`]) and the response body puts the connection
+//! back when it ends. What the legacy client guaranteed is kept: the same
+//! verifying TLS connector, a request without a body that a reused
+//! connection turned out closed for is sent again on another connection,
+//! and idle connections expire (a sweeper also closes those the upstream
+//! closed while nobody asked).
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::{Request, Response, Uri, header};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::{BoxError, ProxyBody};
+
+mod h1;
+pub use h1::Error as Http1Error;
 
 /// Idle connections per origin for one serving thread.
 pub struct Pool {
@@ -35,18 +43,20 @@ pub struct Pool {
     origins: Mutex<Vec<Origin>>,
     idle_timeout: Duration,
     max_idle: usize,
+    sweeping: AtomicBool,
 }
 
 /// The connections to one `scheme://authority`.
 struct Origin {
     scheme: String,
     authority: String,
-    idle: VecDeque<(http1::SendRequest<ProxyBody>, Instant)>,
+    /// Most recently used last.
+    idle: VecDeque<(h1::Conn, Instant)>,
     h2: Option<http2::SendRequest<ProxyBody>>,
 }
 
 enum Conn {
-    H1(http1::SendRequest<ProxyBody>),
+    H1(h1::Conn),
     H2(http2::SendRequest<ProxyBody>),
 }
 
@@ -63,6 +73,7 @@ impl Pool {
             origins: Mutex::new(Vec::new()),
             idle_timeout,
             max_idle,
+            sweeping: AtomicBool::new(false),
         }
     }
 
@@ -70,42 +81,45 @@ impl Pool {
     /// or a new one.
     pub async fn send(
         self: &Arc<Self>,
-        mut req: Request<ProxyBody>,
+        req: Request<ProxyBody>,
     ) -> Result<Response<UpstreamBody>, BoxError> {
         let target = req.uri().clone();
         let slot = self.slot(&target)?;
+        let mut req = Some(req);
+        let mut encoded: Option<h1::Outbound> = None;
         loop {
-            let (conn, reused) = match self.checkout(slot).await {
+            let (conn, reused) = match self.checkout(slot) {
                 Some(conn) => (conn, true),
                 None => (self.connect(slot, &target).await?, false),
             };
             match conn {
                 Conn::H2(mut sender) => {
+                    let Some(mut req) = req.take() else {
+                        return Err("upstream changed from HTTP/1.1 to HTTP/2 mid-request".into());
+                    };
                     // `:authority` carries the host on HTTP/2.
                     req.headers_mut().remove(header::HOST);
                     let resp = sender.send_request(req).await?;
-                    return Ok(resp.map(|b| UpstreamBody::new(b, None)));
+                    return Ok(resp.map(|b| UpstreamBody(Inner::H2(b))));
                 }
-                Conn::H1(mut sender) => {
-                    *req.uri_mut() = origin_form(&target);
-                    match sender.try_send_request(req).await {
-                        Ok(resp) => {
-                            let keep = Keep {
-                                sender,
-                                pool: Arc::clone(self),
-                                slot,
-                            };
-                            return Ok(resp.map(|b| UpstreamBody::new(b, Some(keep))));
+                Conn::H1(mut conn) => {
+                    let out = match &mut encoded {
+                        Some(out) => out,
+                        None => {
+                            let req = req.take().ok_or("request already sent")?;
+                            encoded.insert(h1::Outbound::new(req)?)
                         }
-                        Err(mut e) => match e.take_message() {
-                            // Refused before a byte was written: a reused
-                            // connection the upstream had just closed.
-                            Some(back) if reused => {
-                                req = back;
-                                *req.uri_mut() = target.clone();
-                            }
-                            _ => return Err(e.into_error().into()),
-                        },
+                    };
+                    match h1::exchange(&mut conn, out).await {
+                        Ok(answer) => {
+                            let resp = answer.into_response(conn, Arc::clone(self), slot);
+                            return Ok(resp.map(|b| UpstreamBody(Inner::H1(b))));
+                        }
+                        // A reused connection the upstream had closed
+                        // while it was idle; nothing of the request was
+                        // acted on, so it goes out again.
+                        Err(h1::Error::Closed(_)) if reused && out.replayable() => {}
+                        Err(e) => return Err(e.into()),
                     }
                 }
             }
@@ -133,33 +147,28 @@ impl Pool {
         Ok(origins.len() - 1)
     }
 
-    /// A live connection to the origin in `slot`, if one is idle.
-    async fn checkout(&self, slot: usize) -> Option<Conn> {
-        loop {
-            let candidate = {
-                let mut origins = self.origins.lock().unwrap_or_else(|p| p.into_inner());
-                let origin = &mut origins[slot];
-                if let Some(h2) = origin.h2.as_ref() {
-                    if !h2.is_closed() {
-                        return Some(Conn::H2(h2.clone()));
-                    }
-                    origin.h2 = None;
-                }
-                origin.idle.pop_front()?
-            };
-            let (mut sender, since) = candidate;
-            if sender.is_closed() || since.elapsed() >= self.idle_timeout {
-                continue;
+    /// A live connection to the origin in `slot`, if one is idle: the most
+    /// recently used, so that connections beyond what the load needs stay
+    /// idle and expire.
+    fn checkout(&self, slot: usize) -> Option<Conn> {
+        let mut origins = self.origins.lock().unwrap_or_else(|p| p.into_inner());
+        let origin = &mut origins[slot];
+        if let Some(h2) = origin.h2.as_ref() {
+            if !h2.is_closed() {
+                return Some(Conn::H2(h2.clone()));
             }
-            // Put back as soon as its answer ended, the connection may not
-            // have noticed yet; it is ready once it has.
-            if sender.ready().await.is_ok() {
-                return Some(Conn::H1(sender));
+            origin.h2 = None;
+        }
+        while let Some((mut conn, since)) = origin.idle.pop_back() {
+            if since.elapsed() < self.idle_timeout && !conn.is_dead() {
+                return Some(Conn::H1(conn));
             }
         }
+        None
     }
 
-    async fn connect(&self, slot: usize, uri: &Uri) -> Result<Conn, BoxError> {
+    async fn connect(self: &Arc<Self>, slot: usize, uri: &Uri) -> Result<Conn, BoxError> {
+        self.start_sweeping();
         let mut connector = self.connector.clone();
         let stream = tower_service::Service::call(&mut connector, uri.clone()).await?;
         if stream.connected().is_negotiated_h2() {
@@ -176,29 +185,54 @@ impl Pool {
             origins[slot].h2 = Some(sender.clone());
             Ok(Conn::H2(sender))
         } else {
-            let (sender, conn) = http1::handshake(stream).await?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream connection ended");
-                }
-            });
-            Ok(Conn::H1(sender))
+            Ok(Conn::H1(h1::Conn::new(h1::Io::from_connector(stream))))
         }
     }
 
     /// Keeps an HTTP/1 connection whose answer has ended for a later request.
-    /// Oldest first: the one just put back may not have noticed its answer
-    /// ended yet, the oldest has, and expired ones are found first.
-    fn put_back(&self, slot: usize, sender: http1::SendRequest<ProxyBody>) {
-        if sender.is_closed() {
-            return;
-        }
+    fn put_back(&self, slot: usize, conn: h1::Conn) {
         let now = Instant::now();
         let mut origins = self.origins.lock().unwrap_or_else(|p| p.into_inner());
         let idle = &mut origins[slot].idle;
-        if idle.len() < self.max_idle {
-            idle.push_back((sender, now));
+        while idle
+            .front()
+            .is_some_and(|(_, since)| now.duration_since(*since) >= self.idle_timeout)
+        {
+            idle.pop_front();
         }
+        if idle.len() < self.max_idle {
+            idle.push_back((conn, now));
+        }
+    }
+
+    /// Closes idle connections that expired or that the upstream closed,
+    /// also while no request comes to find them.
+    fn sweep(&self) {
+        let now = Instant::now();
+        let mut origins = self.origins.lock().unwrap_or_else(|p| p.into_inner());
+        for origin in origins.iter_mut() {
+            origin.idle.retain_mut(|(conn, since)| {
+                now.duration_since(*since) < self.idle_timeout && !conn.is_dead()
+            });
+        }
+    }
+
+    /// Starts the sweeping task on first use; it ends with the pool.
+    fn start_sweeping(self: &Arc<Self>) {
+        if self.sweeping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let pool: Weak<Pool> = Arc::downgrade(self);
+        let every = (self.idle_timeout / 3).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else { return };
+                pool.sweep();
+            }
+        });
     }
 
     /// Idle HTTP/1 connections held, all origins (for tests).
@@ -209,75 +243,50 @@ impl Pool {
     }
 }
 
-/// `/path?query` of an absolute URI: what goes on an HTTP/1 request line.
-fn origin_form(uri: &Uri) -> Uri {
-    let pq = uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    Uri::from(pq)
+/// An upstream response body. An HTTP/1 connection goes back to its pool
+/// when the body has been read to the end; dropped earlier, it is closed.
+pub struct UpstreamBody(Inner);
+
+enum Inner {
+    H1(h1::Body),
+    H2(Incoming),
 }
 
-/// An HTTP/1 connection on loan to one response.
-struct Keep {
-    sender: http1::SendRequest<ProxyBody>,
-    pool: Arc<Pool>,
-    slot: usize,
-}
-
-/// An upstream response body; an HTTP/1 connection goes back to its pool
-/// when the body has been read to the end (dropped earlier, hyper closes
-/// it).
-pub struct UpstreamBody {
-    inner: Incoming,
-    keep: Option<Keep>,
-}
-
-impl UpstreamBody {
-    fn new(inner: Incoming, keep: Option<Keep>) -> UpstreamBody {
-        let mut body = UpstreamBody { inner, keep };
-        body.release_if_ended();
-        body
-    }
-
-    fn release_if_ended(&mut self) {
-        if self.inner.is_end_stream()
-            && let Some(k) = self.keep.take()
-        {
-            k.pool.put_back(k.slot, k.sender);
-        }
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0 {
+            Inner::H1(_) => "UpstreamBody(HTTP/1.1)",
+            Inner::H2(_) => "UpstreamBody(HTTP/2)",
+        })
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        match &frame {
-            None => {
-                if let Some(k) = this.keep.take() {
-                    k.pool.put_back(k.slot, k.sender);
-                }
-            }
-            Some(Ok(_)) => this.release_if_ended(),
-            // The connection is not reusable after a body error.
-            Some(Err(_)) => this.keep = None,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.0 {
+            Inner::H1(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            Inner::H2(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
         }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.0 {
+            Inner::H1(b) => b.is_end_stream(),
+            Inner::H2(b) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.0 {
+            Inner::H1(b) => b.size_hint(),
+            Inner::H2(b) => b.size_hint(),
+        }
     }
 }
 
@@ -350,6 +359,538 @@ mod tests {
     async fn text(resp: Response<UpstreamBody>) -> String {
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
         String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    /// What a scripted upstream does with one request.
+    enum Act {
+        /// Writes these bytes.
+        Send(Vec<u8>),
+        /// Writes these bytes, then keeps the connection open without
+        /// reading for a while.
+        SendHold(Vec<u8>),
+        /// Writes these bytes and closes.
+        SendClose(Vec<u8>),
+        /// Closes the connection without answering.
+        Close,
+    }
+
+    /// Reads one request (head, and a body framed by Content-Length or
+    /// chunked) from `buf`/`s`; `None` at EOF.
+    async fn read_request(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+        let find = |buf: &[u8], pat: &[u8]| buf.windows(pat.len()).position(|w| w == pat);
+        async fn more(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> bool {
+            let mut chunk = [0u8; 16 * 1024];
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => false,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    true
+                }
+            }
+        }
+        let head_end = loop {
+            if let Some(i) = find(buf, b"\r\n\r\n") {
+                break i + 4;
+            }
+            if !more(s, buf).await {
+                return None;
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let end = if let Some(cl) = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+        {
+            head_end + cl.trim().parse::<usize>().unwrap()
+        } else if head.contains("transfer-encoding: chunked") {
+            loop {
+                if let Some(i) = find(&buf[head_end..], b"0\r\n\r\n") {
+                    break head_end + i + 5;
+                }
+                if !more(s, buf).await {
+                    return None;
+                }
+            }
+        } else {
+            head_end
+        };
+        while buf.len() < end {
+            if !more(s, buf).await {
+                return None;
+            }
+        }
+        Some(buf.drain(..end).collect())
+    }
+
+    /// A raw upstream acting out `script(connection, request, raw request)`
+    /// (both counted from 0); counts connections.
+    async fn scripted<F>(script: F) -> (u16, Arc<AtomicUsize>)
+    where
+        F: Fn(usize, usize, &[u8]) -> Act + Send + Sync + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&conns);
+        let script = Arc::new(script);
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let c = counted.fetch_add(1, Ordering::SeqCst);
+                let script = Arc::clone(&script);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for i in 0.. {
+                        let Some(req) = read_request(&mut s, &mut buf).await else {
+                            return;
+                        };
+                        match script(c, i, &req) {
+                            Act::Send(b) => {
+                                if s.write_all(&b).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Act::SendHold(b) => {
+                                let _ = s.write_all(&b).await;
+                                tokio::time::sleep(Duration::from_secs(2)).await;
+                                return;
+                            }
+                            Act::SendClose(b) => {
+                                let _ = s.write_all(&b).await;
+                                return;
+                            }
+                            Act::Close => return,
+                        }
+                    }
+                });
+            }
+        });
+        (port, conns)
+    }
+
+    /// An upstream giving every request the same raw answer.
+    async fn answering(raw: &'static [u8]) -> (u16, Arc<AtomicUsize>) {
+        scripted(move |_, _, _| Act::Send(raw.to_vec())).await
+    }
+
+    /// Sends `req` and reads the whole answer: status, body, trailers.
+    async fn fetch(
+        pool: &Arc<Pool>,
+        req: Request<ProxyBody>,
+    ) -> Result<(u16, Bytes, Option<http::HeaderMap>), BoxError> {
+        let resp = pool.send(req).await?;
+        let status = resp.status().as_u16();
+        let collected = resp.into_body().collect().await?;
+        let trailers = collected.trailers().cloned();
+        Ok((status, collected.to_bytes(), trailers))
+    }
+
+    fn with_method(
+        mut req: Request<ProxyBody>,
+        method: http::Method,
+        body: ProxyBody,
+    ) -> Request<ProxyBody> {
+        *req.method_mut() = method;
+        *req.body_mut() = body;
+        req
+    }
+
+    #[tokio::test]
+    async fn answer_bodies_are_framed_by_length_chunks_or_close() {
+        // Chunked with an extension and trailers; reused afterwards.
+        let (port, conns) = answering(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 1\r\n\r\n",
+        )
+        .await;
+        let pool = pool();
+        for _ in 0..3 {
+            let (status, body, trailers) = fetch(&pool, get(port, "/")).await.unwrap();
+            assert_eq!((status, &body[..]), (200, &b"hello world"[..]));
+            assert_eq!(trailers.unwrap()["x-t"], "1");
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.idle_count(), 1);
+
+        // Chunked without trailers (and a size with leading zeros).
+        let (port, conns) =
+            answering(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n000000000000000002\r\nok\r\n0\r\n\r\n").await;
+        let pool = self::pool();
+        for _ in 0..3 {
+            let (status, body, trailers) = fetch(&pool, get(port, "/")).await.unwrap();
+            assert_eq!((status, &body[..], trailers), (200, &b"ok"[..], None));
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
+
+        // Until the upstream closes: never reused.
+        let (port, conns) = scripted(|_, _, _| {
+            Act::SendClose(b"HTTP/1.1 200 OK\r\nx: y\r\n\r\nuntil the end".to_vec())
+        })
+        .await;
+        let pool = self::pool();
+        for _ in 0..2 {
+            let (status, body, _) = fetch(&pool, get(port, "/")).await.unwrap();
+            assert_eq!((status, &body[..]), (200, &b"until the end"[..]));
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.idle_count(), 0);
+
+        // No body for HEAD, 204 and 304 whatever their headers say; a 1xx
+        // before the answer is skipped. All on one connection.
+        let (port, conns) = scripted(|_, i, _| {
+            Act::Send(match i {
+                0 => b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n".to_vec(),
+                1 => b"HTTP/1.1 204 No Content\r\ncontent-length: 10\r\n\r\n".to_vec(),
+                2 => b"HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n".to_vec(),
+                3 => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+                _ => b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec(),
+            })
+        })
+        .await;
+        let pool = self::pool();
+        let head = with_method(get(port, "/"), http::Method::HEAD, crate::body::empty());
+        assert_eq!(fetch(&pool, head).await.unwrap().0, 200);
+        let (status, body, _) = fetch(&pool, get(port, "/")).await.unwrap();
+        assert_eq!((status, body.len()), (204, 0));
+        let (status, body, _) = fetch(&pool, get(port, "/")).await.unwrap();
+        assert_eq!((status, body.len()), (304, 0));
+        let (status, body, _) = fetch(&pool, get(port, "/")).await.unwrap();
+        assert_eq!((status, &body[..]), (200, &b"ok"[..]));
+        let resp = pool.send(get(port, "/")).await.unwrap();
+        assert!(
+            resp.body().is_end_stream(),
+            "Content-Length: 0 is an ended body"
+        );
+        drop(resp);
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn hostile_answers_are_errors_and_their_connections_are_dropped() {
+        let huge_head = format!(
+            "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 0\r\n\r\n",
+            "a".repeat(70 * 1024)
+        );
+        let many_headers = format!(
+            "HTTP/1.1 200 OK\r\n{}content-length: 0\r\n\r\n",
+            "x-h: 1\r\n".repeat(101)
+        );
+        let long_chunk_line = format!(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;{}\r\nhello\r\n0\r\n\r\n",
+            "x".repeat(5000)
+        );
+        let huge_trailers = format!(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n{}\r\n",
+            "x-t: 1\r\n".repeat(3000)
+        );
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("conflicting lengths", b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd".to_vec()),
+            ("conflicting length list", b"HTTP/1.1 200 OK\r\ncontent-length: 3, 4\r\n\r\nabcd".to_vec()),
+            ("negative length", b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n".to_vec()),
+            ("overflowing length", b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n".to_vec()),
+            ("signed length", b"HTTP/1.1 200 OK\r\ncontent-length: +4\r\n\r\nabcd".to_vec()),
+            ("chunk size not hex", b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".to_vec()),
+            ("chunk size overflow", b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n10000000000000000\r\nhello\r\n".to_vec()),
+            ("chunk size with garbage", b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5 x\r\nhello\r\n0\r\n\r\n".to_vec()),
+            ("chunk without CRLF", b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n".to_vec()),
+            ("bare LF chunk line", b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n".to_vec()),
+            ("chunk line too long", long_chunk_line.into_bytes()),
+            ("trailers too large", huge_trailers.into_bytes()),
+            ("head too large", huge_head.into_bytes()),
+            ("too many headers", many_headers.into_bytes()),
+            ("folded header", b"HTTP/1.1 200 OK\r\nx-a: a\r\n b\r\ncontent-length: 0\r\n\r\n".to_vec()),
+            ("protocol switch", b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n".to_vec()),
+            ("status out of range", b"HTTP/1.1 2000 OK\r\ncontent-length: 0\r\n\r\n".to_vec()),
+            ("not HTTP", b"SSH-2.0-OpenSSH_9.2\r\n\r\n".to_vec()),
+        ];
+        for (what, raw) in cases {
+            let raw = Arc::new(raw);
+            let (port, _) = scripted(move |_, _, _| Act::SendHold(raw.to_vec())).await;
+            let pool = pool();
+            let result = fetch(&pool, get(port, "/")).await;
+            assert!(result.is_err(), "{what}: accepted as {result:?}");
+            assert_eq!(pool.idle_count(), 0, "{what}: connection kept");
+        }
+
+        // Cut short: the announced length never arrives.
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort"[..],
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel"[..],
+            &b"HTTP/1.1 200 OK\r\ncontent-le"[..],
+        ] {
+            let (port, _) = scripted(move |_, _, _| Act::SendClose(raw.to_vec())).await;
+            let pool = pool();
+            assert!(fetch(&pool, get(port, "/")).await.is_err(), "{raw:?}");
+            assert_eq!(pool.idle_count(), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_that_may_not_share_a_connection_are_not_reused() {
+        for raw in [
+            // Both framings: read as chunked, then the connection is done.
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"[..],
+            &b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"[..],
+            &b"HTTP/1.1 200 OK\r\nconnection: keep-alive, Close\r\ncontent-length: 2\r\n\r\nok"[..],
+            &b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok"[..],
+            // More than the answer: something the upstream was not asked.
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"[..],
+        ] {
+            let (port, conns) = answering(raw).await;
+            let pool = pool();
+            for _ in 0..2 {
+                let (status, body, _) = fetch(&pool, get(port, "/")).await.unwrap();
+                assert_eq!((status, &body[..]), (200, &b"ok"[..]), "{raw:?}");
+            }
+            assert_eq!(conns.load(Ordering::SeqCst), 2, "{raw:?}");
+        }
+        // HTTP/1.0 asking to be kept is kept.
+        let (port, conns) =
+            answering(b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+        let pool = pool();
+        for _ in 0..2 {
+            fetch(&pool, get(port, "/")).await.unwrap();
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
+    }
+
+    /// The raw bytes of each request, answered with them as the body.
+    async fn mirror() -> u16 {
+        scripted(|_, _, req| {
+            let mut a =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", req.len()).into_bytes();
+            a.extend_from_slice(req);
+            Act::Send(a)
+        })
+        .await
+        .0
+    }
+
+    fn streamed(pieces: Vec<Result<Bytes, BoxError>>) -> ProxyBody {
+        let frames = futures_util::stream::iter(pieces.into_iter().map(|p| p.map(Frame::data)));
+        http_body_util::StreamBody::new(frames).boxed()
+    }
+
+    #[tokio::test]
+    async fn request_bodies_are_framed_as_announced() {
+        let port = mirror().await;
+        let pool = pool();
+        let text = |b: Bytes| String::from_utf8(b.to_vec()).unwrap();
+
+        // Unknown length: chunked, small pieces copied, a large one not.
+        let big = Bytes::from(vec![b'y'; 5000]);
+        let body = streamed(vec![
+            Ok(Bytes::from_static(b"abc")),
+            Ok(Bytes::new()),
+            Ok(big.clone()),
+        ]);
+        let (_, raw, _) = fetch(
+            &pool,
+            with_method(get(port, "/up"), http::Method::POST, body),
+        )
+        .await
+        .unwrap();
+        let raw = text(raw);
+        assert!(raw.starts_with("POST /up HTTP/1.1\r\n"), "{raw}");
+        assert!(raw.contains("\r\ntransfer-encoding: chunked\r\n"), "{raw}");
+        let expected = format!(
+            "\r\n\r\n3\r\nabc\r\n1388\r\n{}\r\n0\r\n\r\n",
+            "y".repeat(5000)
+        );
+        assert!(raw.ends_with(&expected), "{raw}");
+
+        // Announced length: the bytes as they are.
+        let mut req = with_method(
+            get(port, "/len"),
+            http::Method::PUT,
+            crate::body::full("hello"),
+        );
+        req.headers_mut().insert(header::CONTENT_LENGTH, 5.into());
+        let raw = text(fetch(&pool, req).await.unwrap().1);
+        assert!(
+            raw.contains("\r\ncontent-length: 5\r\n") && raw.ends_with("\r\n\r\nhello"),
+            "{raw}"
+        );
+        assert!(!raw.contains("transfer-encoding"), "{raw}");
+
+        // Empty POST: an explicit zero length; empty GET: no framing at all.
+        let post = with_method(get(port, "/p"), http::Method::POST, crate::body::empty());
+        let raw = text(fetch(&pool, post).await.unwrap().1);
+        assert!(raw.ends_with("content-length: 0\r\n\r\n"), "{raw}");
+        let raw = text(fetch(&pool, get(port, "/g?x=1")).await.unwrap().1);
+        assert!(
+            raw.starts_with("GET /g?x=1 HTTP/1.1\r\nhost: 127.0.0.1:"),
+            "{raw}"
+        );
+        assert!(
+            !raw.contains("content-length") && !raw.contains("transfer-encoding"),
+            "{raw}"
+        );
+
+        // A body that disagrees with its announced length is refused.
+        for (announced, body) in [(3u64, "toolong"), (9, "short")] {
+            let mut req = with_method(
+                get(port, "/bad"),
+                http::Method::PUT,
+                crate::body::full(body),
+            );
+            req.headers_mut()
+                .insert(header::CONTENT_LENGTH, announced.into());
+            let err = pool.send(req).await.expect_err(body);
+            let err = err.downcast_ref::<Http1Error>().expect("an HTTP/1 error");
+            assert!(err.is_request_body(), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_request_body_never_reaches_the_upstream_whole() {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&received);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let seen = Arc::clone(&seen);
+                tokio::spawn(async move {
+                    let mut all = Vec::new();
+                    let _ = s.read_to_end(&mut all).await;
+                    seen.lock().unwrap().push(all);
+                });
+            }
+        });
+        let pool = pool();
+        // Fails before its first piece: nothing is written at all.
+        let body = streamed(vec![Err("client framing broken".into())]);
+        let err = pool
+            .send(with_method(get(port, "/x"), http::Method::POST, body))
+            .await
+            .expect_err("a failed body");
+        assert!(err.downcast_ref::<Http1Error>().unwrap().is_request_body());
+        // Fails after a piece: the upstream sees an unfinished chunked body.
+        let body = streamed(vec![Ok(Bytes::from_static(b"abc")), Err("cut".into())]);
+        assert!(
+            pool.send(with_method(get(port, "/y"), http::Method::POST, body))
+                .await
+                .is_err()
+        );
+        assert_eq!(pool.idle_count(), 0);
+        for _ in 0..100 {
+            if received.lock().unwrap().len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut got = received.lock().unwrap().clone();
+        got.sort_by_key(Vec::len);
+        assert_eq!(got.len(), 2);
+        assert!(got[0].is_empty(), "{:?}", String::from_utf8_lossy(&got[0]));
+        let partial = String::from_utf8_lossy(&got[1]).to_string();
+        assert!(partial.ends_with("\r\n\r\n3\r\nabc\r\n"), "{partial}");
+    }
+
+    #[tokio::test]
+    async fn an_answer_before_the_upload_ended_is_delivered() {
+        // Answers as soon as the head arrives and stops reading, as an
+        // upstream refusing a large upload does.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\r\ntoo much")
+                .await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        // 64 MiB, far more than socket buffers hold.
+        let piece = Bytes::from(vec![b'z'; 1 << 20]);
+        let body = streamed((0..64).map(|_| Ok(piece.clone())).collect());
+        let pool = pool();
+        let (status, body, _) = fetch(
+            &pool,
+            with_method(get(port, "/up"), http::Method::POST, body),
+        )
+        .await
+        .unwrap();
+        assert_eq!((status, &body[..]), (413, &b"too much"[..]));
+        assert_eq!(
+            pool.idle_count(),
+            0,
+            "half-sent request: connection not reusable"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reused_connection_found_closed_is_retried_only_when_safe() {
+        // Each connection answers once, then closes on the next request
+        // without a word: the race with an upstream's idle timeout.
+        let script = |_, i, _: &[u8]| match i {
+            0 => Act::Send(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()),
+            _ => Act::Close,
+        };
+        let (port, conns) = scripted(script).await;
+        let pool = pool();
+        for _ in 0..3 {
+            let (status, _, _) = fetch(&pool, get(port, "/")).await.unwrap();
+            assert_eq!(status, 200);
+        }
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            3,
+            "each GET after the first retried once"
+        );
+
+        // A POST may have been acted on: its failure is reported, not
+        // repeated.
+        let (port, conns) = scripted(script).await;
+        let pool = self::pool();
+        fetch(&pool, get(port, "/")).await.unwrap();
+        let post = with_method(get(port, "/"), http::Method::POST, crate::body::full("x"));
+        let mut post = post;
+        post.headers_mut().insert(header::CONTENT_LENGTH, 1.into());
+        let err = pool.send(post).await.expect_err("closed without an answer");
+        assert!(
+            matches!(
+                err.downcast_ref::<Http1Error>(),
+                Some(Http1Error::Closed(_))
+            ),
+            "{err}"
+        );
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_expire_and_closed_ones_are_swept() {
+        // Kept open by the upstream: expires after the idle timeout.
+        let (port, _) = answering(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+        let pool = pool();
+        fetch(&pool, get(port, "/")).await.unwrap();
+        pool.sweep();
+        assert_eq!(pool.idle_count(), 1);
+        tokio::time::advance(Duration::from_secs(91)).await;
+        pool.sweep();
+        assert_eq!(pool.idle_count(), 0);
+
+        // Closed by the upstream while idle: swept without waiting.
+        let (port, _) = scripted(|_, _, _| {
+            Act::SendClose(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec())
+        })
+        .await;
+        fetch(&pool, get(port, "/")).await.unwrap();
+        assert_eq!(pool.idle_count(), 1);
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+            pool.sweep();
+            if pool.idle_count() == 0 {
+                break;
+            }
+            // Lets the event loop see the close (a real wait: sockets).
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(pool.idle_count(), 0);
     }
 
     #[tokio::test]

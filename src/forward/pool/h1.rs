@@ -1,0 +1,1022 @@
+//! HTTP/1.1 exchanges on a pooled upstream connection, driven by the
+//! request's own task.
+//!
+//! hyper's client runs every connection as a task of its own and passes
+//! each request to it, and the answer back, through channels: per request two
+//! tasks wake each other, and the answer head is parsed in one task and read
+//! in the other. Profiled, that connection task was about a quarter of the
+//! proxy's instructions per request. Here the task serving the client writes
+//! the request, reads the answer head and then the body straight from the
+//! socket; the connection goes back to its pool when the body has ended.
+//! Parsing is httparse's, as in hyper; framing follows RFC 9112 section 6.
+//! Only HTTP/1.1 is done here: an upstream that negotiates HTTP/2 goes
+//! through hyper.
+
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Version};
+use hyper::body::{Body as _, Frame, SizeHint};
+use hyper_rustls::MaybeHttpsStream;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::io::poll_read_buf;
+
+use super::Pool;
+use crate::body::{BoxError, ProxyBody};
+
+/// Most header fields accepted in an answer head (hyper's default).
+const MAX_HEADERS: usize = 100;
+/// Largest answer head accepted.
+const MAX_HEAD: usize = 64 * 1024;
+/// Longest chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+/// Largest trailer section.
+const MAX_TRAILERS: usize = 16 * 1024;
+/// Read size at the start of each answer; doubled while reads fill it, so a
+/// large download is read in large pieces and a small answer costs little.
+const READ_MIN: usize = 8 * 1024;
+const READ_MAX: usize = 256 * 1024;
+/// Request body chunks up to this size are copied next to their framing, so
+/// both go out in one write.
+const COPY_MAX: usize = 4 * 1024;
+
+type TlsIo = tokio_rustls::client::TlsStream<TokioIo<TokioIo<TcpStream>>>;
+
+/// The byte stream of one upstream connection.
+pub enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsIo>),
+}
+
+impl Io {
+    /// The stream the (verifying) connector opened.
+    pub fn from_connector(stream: MaybeHttpsStream<TokioIo<TcpStream>>) -> Io {
+        match stream {
+            MaybeHttpsStream::Http(s) => Io::Plain(s.into_inner()),
+            MaybeHttpsStream::Https(s) => Io::Tls(Box::new(s.into_inner())),
+        }
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// What went wrong in an upstream HTTP/1.1 exchange.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The upstream closed the connection (or reset it) before a byte of
+    /// an answer arrived.
+    #[error("upstream closed the connection before answering")]
+    Closed(#[source] Option<io::Error>),
+    #[error("upstream connection: {0}")]
+    Io(#[from] io::Error),
+    /// The answer is not well-formed HTTP/1.1.
+    #[error("malformed upstream answer: {0}")]
+    Malformed(&'static str),
+    /// The answer ended before its announced length.
+    #[error("upstream answer cut short")]
+    Incomplete,
+    /// The request body the client sent failed (or broke its own framing).
+    #[error("request body: {0}")]
+    RequestBody(#[source] BoxError),
+}
+
+impl Error {
+    /// Whether the client's request body caused this error.
+    pub fn is_request_body(&self) -> bool {
+        matches!(self, Error::RequestBody(_))
+    }
+}
+
+/// One upstream HTTP/1.1 connection and what it has read but not yet used.
+pub struct Conn {
+    io: Io,
+    buf: BytesMut,
+}
+
+impl Conn {
+    pub fn new(io: Io) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Whether an idle connection can no longer carry a request: the upstream
+    /// closed it, reset it, or sent something unasked. Costs no system call
+    /// unless the event loop has seen the socket become readable.
+    pub fn is_dead(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return true;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut probe = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut probe);
+        !Pin::new(&mut self.io)
+            .poll_read(&mut cx, &mut probe)
+            .is_pending()
+    }
+}
+
+/// How a request body goes on the wire.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Framing {
+    /// No body.
+    Empty,
+    /// `Content-Length` bytes, this many still to send.
+    Length(u64),
+    Chunked,
+}
+
+/// A request encoded for HTTP/1.1: its head, and its body still to send.
+pub struct Outbound {
+    head: Bytes,
+    body: Option<ProxyBody>,
+    framing: Framing,
+    head_request: bool,
+    /// Sent again on another connection if a reused one turns out closed.
+    replayable: bool,
+}
+
+impl Outbound {
+    /// Encodes `req` (origin-form target, `Host` among its headers).
+    pub fn new(req: http::Request<ProxyBody>) -> Result<Outbound, Error> {
+        let (parts, body) = req.into_parts();
+        let declared = match parts.headers.get(header::CONTENT_LENGTH) {
+            Some(v) => Some(
+                std::str::from_utf8(v.as_bytes())
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .ok_or(Error::Malformed("request Content-Length"))?,
+            ),
+            None => None,
+        };
+        let (framing, extra): (Framing, &[u8]) = match declared {
+            Some(n) => (Framing::Length(n), b""),
+            None if body.is_end_stream() => {
+                let expects_body =
+                    matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
+                (
+                    Framing::Empty,
+                    if expects_body {
+                        b"content-length: 0\r\n"
+                    } else {
+                        b""
+                    },
+                )
+            }
+            None => (Framing::Chunked, b"transfer-encoding: chunked\r\n"),
+        };
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let mut size = parts.method.as_str().len() + target.len() + extra.len() + 16;
+        for (name, value) in &parts.headers {
+            size += name.as_str().len() + value.len() + 4;
+        }
+        let mut head = BytesMut::with_capacity(size);
+        head.put_slice(parts.method.as_str().as_bytes());
+        head.put_u8(b' ');
+        head.put_slice(target.as_bytes());
+        head.put_slice(b" HTTP/1.1\r\n");
+        for (name, value) in &parts.headers {
+            head.put_slice(name.as_str().as_bytes());
+            head.put_slice(b": ");
+            head.put_slice(value.as_bytes());
+            head.put_slice(b"\r\n");
+        }
+        head.put_slice(extra);
+        head.put_slice(b"\r\n");
+        let idempotent = matches!(
+            parts.method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::PUT
+                | Method::DELETE
+                | Method::TRACE
+        );
+        Ok(Outbound {
+            head: head.freeze(),
+            replayable: framing == Framing::Empty && idempotent,
+            body: (framing != Framing::Empty).then_some(body),
+            framing,
+            head_request: parts.method == Method::HEAD,
+        })
+    }
+
+    /// Whether this request may be sent again after a reused connection
+    /// turned out to be closed: nothing of it can have been acted on twice.
+    pub fn replayable(&self) -> bool {
+        self.replayable
+    }
+}
+
+/// Writes `out` on `conn` and reads the answer head; the answer body is
+/// then read through [`Body`].
+pub async fn exchange(conn: &mut Conn, out: &mut Outbound) -> Result<Answer, Error> {
+    let mut writer = Writer {
+        head: out.head.clone(),
+        out: BytesMut::new(),
+        big: Bytes::new(),
+        tail: b"",
+        body: out.body.take(),
+        framing: out.framing,
+        started: false,
+        done: false,
+        failed: None,
+    };
+    let head_request = out.head_request;
+    std::future::poll_fn(|cx| poll_exchange(conn, &mut writer, head_request, cx)).await
+}
+
+fn poll_exchange(
+    conn: &mut Conn,
+    w: &mut Writer,
+    head_request: bool,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Answer, Error>> {
+    if !w.done && w.failed.is_none() {
+        match w.poll_write(&mut conn.io, cx) {
+            Poll::Ready(Ok(())) => w.done = true,
+            // The upstream may have answered and stopped reading (a 413,
+            // say): its answer is still read below.
+            Poll::Ready(Err(WriteError::Io(e))) => w.failed = Some(e),
+            Poll::Ready(Err(WriteError::Body(e))) => return Poll::Ready(Err(e)),
+            Poll::Pending => {}
+        }
+    }
+    loop {
+        if !conn.buf.is_empty() {
+            match parse_head(&mut conn.buf, head_request)? {
+                Some(Parsed::Informational) => continue,
+                Some(Parsed::Final(mut answer)) => {
+                    // Answered before the request was all sent: what is
+                    // left of it can never be sent on this connection.
+                    if !w.done {
+                        answer.reusable = false;
+                    }
+                    return Poll::Ready(Ok(answer));
+                }
+                None if conn.buf.len() >= MAX_HEAD => {
+                    return Poll::Ready(Err(Error::Malformed("head too large")));
+                }
+                None => {}
+            }
+        }
+        conn.buf.reserve(READ_MIN);
+        match ready!(poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf)) {
+            Ok(0) if conn.buf.is_empty() => {
+                return Poll::Ready(Err(Error::Closed(w.failed.take())));
+            }
+            Ok(0) => return Poll::Ready(Err(Error::Malformed("head cut short"))),
+            Ok(_) => {}
+            Err(e) if conn.buf.is_empty() => return Poll::Ready(Err(Error::Closed(Some(e)))),
+            Err(e) => return Poll::Ready(Err(Error::Io(e))),
+        }
+    }
+}
+
+enum WriteError {
+    Io(io::Error),
+    Body(Error),
+}
+
+/// The request bytes still to send: the head, then framing and small chunks
+/// in `out`, a large chunk in `big` and the line end after it in `tail`.
+struct Writer {
+    head: Bytes,
+    out: BytesMut,
+    big: Bytes,
+    tail: &'static [u8],
+    body: Option<ProxyBody>,
+    framing: Framing,
+    /// The body was polled before the head went out.
+    started: bool,
+    /// All sent and flushed.
+    done: bool,
+    failed: Option<io::Error>,
+}
+
+impl Writer {
+    fn pending(&self) -> usize {
+        self.head.len() + self.out.len() + self.big.len() + self.tail.len()
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        let k = n.min(self.head.len());
+        self.head.advance(k);
+        n -= k;
+        let k = n.min(self.out.len());
+        self.out.advance(k);
+        n -= k;
+        let k = n.min(self.big.len());
+        self.big.advance(k);
+        n -= k;
+        self.tail = &self.tail[n.min(self.tail.len())..];
+    }
+
+    fn stage(&mut self, data: Bytes, tail: &'static [u8]) {
+        if data.len() <= COPY_MAX {
+            self.out.put_slice(&data);
+            self.out.put_slice(tail);
+        } else {
+            self.big = data;
+            self.tail = tail;
+        }
+    }
+
+    fn poll_write(&mut self, io: &mut Io, cx: &mut Context<'_>) -> Poll<Result<(), WriteError>> {
+        // A body whose first piece is already here goes out with the head;
+        // one that fails at once (broken framing from the client) stops the
+        // request before any of it reaches the upstream.
+        if !self.started {
+            self.started = true;
+            if let Poll::Ready(r) = self.pull(cx) {
+                r?;
+            }
+        }
+        loop {
+            if self.pending() > 0 {
+                let slices = [
+                    IoSlice::new(&self.head),
+                    IoSlice::new(&self.out),
+                    IoSlice::new(&self.big),
+                    IoSlice::new(self.tail),
+                ];
+                let n = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices))
+                    .map_err(WriteError::Io)?;
+                if n == 0 {
+                    return Poll::Ready(Err(WriteError::Io(io::ErrorKind::WriteZero.into())));
+                }
+                self.advance(n);
+                continue;
+            }
+            if self.body.is_none() {
+                return Pin::new(&mut *io).poll_flush(cx).map_err(WriteError::Io);
+            }
+            match self.pull(cx) {
+                Poll::Ready(r) => r?,
+                Poll::Pending => {
+                    // What is written so far must reach the upstream while
+                    // the client's next piece is awaited.
+                    ready!(Pin::new(&mut *io).poll_flush(cx)).map_err(WriteError::Io)?;
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    /// Takes the body's next frame and stages it with its framing; ready
+    /// once something was staged or the body ended.
+    fn pull(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WriteError>> {
+        let body_error =
+            |msg: &str| Poll::Ready(Err(WriteError::Body(Error::RequestBody(msg.into()))));
+        loop {
+            let Some(body) = self.body.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            match ready!(Pin::new(body).poll_frame(cx)) {
+                None => {
+                    self.body = None;
+                    return match self.framing {
+                        Framing::Chunked => {
+                            self.out.put_slice(b"0\r\n\r\n");
+                            Poll::Ready(Ok(()))
+                        }
+                        Framing::Length(0) | Framing::Empty => Poll::Ready(Ok(())),
+                        Framing::Length(_) => {
+                            body_error("request body shorter than its Content-Length")
+                        }
+                    };
+                }
+                Some(Err(e)) => {
+                    self.body = None;
+                    return Poll::Ready(Err(WriteError::Body(Error::RequestBody(e))));
+                }
+                Some(Ok(frame)) => {
+                    // Trailers of a client's body are not forwarded.
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    match &mut self.framing {
+                        Framing::Length(left) => {
+                            let Some(rest) = left.checked_sub(data.len() as u64) else {
+                                return body_error("request body longer than its Content-Length");
+                            };
+                            *left = rest;
+                            self.stage(data, b"");
+                        }
+                        Framing::Chunked => {
+                            let mut size = [0u8; 18];
+                            let line = chunk_size_line(data.len(), &mut size);
+                            self.out.put_slice(line);
+                            self.stage(data, b"\r\n");
+                        }
+                        Framing::Empty => {
+                            return body_error("request body where none was announced");
+                        }
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+    }
+}
+
+/// `len` in hex followed by CRLF, written into `buf`.
+fn chunk_size_line(len: usize, buf: &mut [u8; 18]) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut i = 16;
+    let mut n = len;
+    loop {
+        i -= 1;
+        buf[i] = HEX[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    buf[16] = b'\r';
+    buf[17] = b'\n';
+    &buf[i..]
+}
+
+/// An answer head, and how to read its body from the connection.
+pub struct Answer {
+    pub parts: http::response::Parts,
+    decoder: Decoder,
+    /// The connection can carry another request once the body has ended.
+    reusable: bool,
+}
+
+impl Answer {
+    /// The answer, its body reading from `conn`; the connection goes back to
+    /// `pool` (slot `slot`) when the body has ended cleanly.
+    pub fn into_response(self, conn: Conn, pool: Arc<Pool>, slot: usize) -> Response<Body> {
+        let mut body = Body {
+            conn: Some(conn),
+            decoder: self.decoder,
+            reusable: self.reusable,
+            pool: Some((pool, slot)),
+            read_size: READ_MIN,
+        };
+        if body.decoder == Decoder::Done {
+            body.finish();
+        }
+        Response::from_parts(self.parts, body)
+    }
+}
+
+enum Parsed {
+    /// A 1xx answer before the final one, skipped.
+    Informational,
+    Final(Answer),
+}
+
+/// Parses an answer head at the start of `buf` and removes it; `None` while
+/// the head is incomplete.
+fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, Error> {
+    let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut res, buf, &mut slots)
+    {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Error::Malformed("too many headers")),
+        Err(_) => return Err(Error::Malformed("invalid head")),
+    };
+    let code = res.code.unwrap_or(0);
+    let status = StatusCode::from_u16(code).map_err(|_| Error::Malformed("status code"))?;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        // Never asked for: the proxy strips Upgrade.
+        return Err(Error::Malformed("unrequested protocol switch"));
+    }
+    if status.is_informational() {
+        buf.advance(len);
+        return Ok(Some(Parsed::Informational));
+    }
+    let version = if res.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let mut headers = HeaderMap::with_capacity(res.headers.len());
+    let mut length: Option<u64> = None;
+    let mut transfer_encoding = false;
+    let mut chunked = false;
+    let mut close = version == Version::HTTP_10;
+    for h in res.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| Error::Malformed("header name"))?;
+        let value =
+            HeaderValue::from_bytes(h.value).map_err(|_| Error::Malformed("header value"))?;
+        if name == header::CONTENT_LENGTH {
+            let n = parse_content_length(h.value).ok_or(Error::Malformed("Content-Length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(Error::Malformed("conflicting Content-Length"));
+            }
+            length = Some(n);
+        } else if name == header::TRANSFER_ENCODING {
+            transfer_encoding = true;
+            // Chunked only if it is the last coding applied.
+            chunked = h
+                .value
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONNECTION {
+            for token in h.value.split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
+                    close = false;
+                }
+            }
+        }
+        headers.append(name, value);
+    }
+    buf.advance(len);
+    let decoder =
+        if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+            Decoder::Done
+        } else if transfer_encoding {
+            // Both framings at once is how responses get smuggled: the body is
+            // read as chunked (RFC 9112 6.3) and the connection not reused.
+            if length.is_some() {
+                close = true;
+            }
+            if chunked {
+                Decoder::Chunked(Chunk::Size)
+            } else {
+                close = true;
+                Decoder::UntilClose
+            }
+        } else if let Some(n) = length {
+            if n == 0 {
+                Decoder::Done
+            } else {
+                Decoder::Length(n)
+            }
+        } else {
+            close = true;
+            Decoder::UntilClose
+        };
+    let mut parts = Response::new(()).into_parts().0;
+    parts.status = status;
+    parts.version = version;
+    parts.headers = headers;
+    Ok(Some(Parsed::Final(Answer {
+        parts,
+        decoder,
+        reusable: !close,
+    })))
+}
+
+/// A `Content-Length` value: digits, or a list of equal ones.
+fn parse_content_length(value: &[u8]) -> Option<u64> {
+    let mut found: Option<u64> = None;
+    for item in value.split(|b| *b == b',') {
+        let item = item.trim_ascii();
+        if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = std::str::from_utf8(item).ok()?.parse::<u64>().ok()?;
+        if found.is_some_and(|f| f != n) {
+            return None;
+        }
+        found = Some(n);
+    }
+    found
+}
+
+/// Where reading an answer body stands.
+#[derive(Debug, PartialEq)]
+enum Decoder {
+    /// This many bytes still to come.
+    Length(u64),
+    Chunked(Chunk),
+    /// Everything until the upstream closes.
+    UntilClose,
+    Done,
+}
+
+#[derive(Debug, PartialEq)]
+enum Chunk {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers {
+        seen: usize,
+        fields: Option<Box<HeaderMap>>,
+    },
+}
+
+enum Step {
+    Frame(Frame<Bytes>),
+    NeedMore,
+    End,
+}
+
+impl Decoder {
+    /// The next piece of the body from `buf`.
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Step, Error> {
+        loop {
+            match self {
+                Decoder::Done => return Ok(Step::End),
+                Decoder::Length(0) => {
+                    *self = Decoder::Done;
+                    return Ok(Step::End);
+                }
+                Decoder::Length(left) => {
+                    if buf.is_empty() {
+                        return Ok(Step::NeedMore);
+                    }
+                    let take = (*left).min(buf.len() as u64);
+                    *left -= take;
+                    let data = buf.split_to(take as usize).freeze();
+                    if *left == 0 {
+                        *self = Decoder::Done;
+                    }
+                    return Ok(Step::Frame(Frame::data(data)));
+                }
+                Decoder::UntilClose => {
+                    if buf.is_empty() {
+                        return Ok(Step::NeedMore);
+                    }
+                    return Ok(Step::Frame(Frame::data(buf.split().freeze())));
+                }
+                Decoder::Chunked(Chunk::Size) => {
+                    let window = &buf[..buf.len().min(MAX_CHUNK_LINE)];
+                    let Some(nl) = memchr::memchr(b'\n', window) else {
+                        if buf.len() >= MAX_CHUNK_LINE {
+                            return Err(Error::Malformed("chunk size line too long"));
+                        }
+                        return Ok(Step::NeedMore);
+                    };
+                    let size = parse_chunk_size(&buf[..nl])?;
+                    buf.advance(nl + 1);
+                    *self = Decoder::Chunked(if size == 0 {
+                        Chunk::Trailers {
+                            seen: 0,
+                            fields: None,
+                        }
+                    } else {
+                        Chunk::Data(size)
+                    });
+                }
+                Decoder::Chunked(Chunk::Data(left)) => {
+                    if buf.is_empty() {
+                        return Ok(Step::NeedMore);
+                    }
+                    let take = (*left).min(buf.len() as u64);
+                    *left -= take;
+                    let data = buf.split_to(take as usize).freeze();
+                    if *left == 0 {
+                        *self = Decoder::Chunked(Chunk::DataEnd);
+                    }
+                    return Ok(Step::Frame(Frame::data(data)));
+                }
+                Decoder::Chunked(Chunk::DataEnd) => {
+                    if buf.len() < 2 {
+                        return Ok(Step::NeedMore);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(Error::Malformed("chunk not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    *self = Decoder::Chunked(Chunk::Size);
+                }
+                Decoder::Chunked(Chunk::Trailers { seen, fields }) => {
+                    let Some(nl) = memchr::memchr(b'\n', buf) else {
+                        if *seen + buf.len() > MAX_TRAILERS {
+                            return Err(Error::Malformed("trailers too large"));
+                        }
+                        return Ok(Step::NeedMore);
+                    };
+                    *seen += nl + 1;
+                    if *seen > MAX_TRAILERS {
+                        return Err(Error::Malformed("trailers too large"));
+                    }
+                    let line = buf.split_to(nl + 1);
+                    let line = line
+                        .strip_suffix(b"\r\n")
+                        .ok_or(Error::Malformed("trailer line without CRLF"))?;
+                    if line.is_empty() {
+                        let fields = fields.take();
+                        *self = Decoder::Done;
+                        return Ok(match fields {
+                            Some(map) => Step::Frame(Frame::trailers(*map)),
+                            None => Step::End,
+                        });
+                    }
+                    let (name, value) = parse_trailer(line)?;
+                    fields.get_or_insert_default().append(name, value);
+                }
+            }
+        }
+    }
+}
+
+/// The size on a chunk-size line (without its `\n`): hex digits, then
+/// optionally whitespace and `;` extensions, then `\r`.
+fn parse_chunk_size(line: &[u8]) -> Result<u64, Error> {
+    let line = line
+        .strip_suffix(b"\r")
+        .ok_or(Error::Malformed("chunk size line without CRLF"))?;
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 {
+        return Err(Error::Malformed("chunk size"));
+    }
+    let rest = line[digits..].trim_ascii_start();
+    if !(rest.is_empty() || rest[0] == b';') {
+        return Err(Error::Malformed("chunk size"));
+    }
+    let hex = std::str::from_utf8(&line[..digits]).map_err(|_| Error::Malformed("chunk size"))?;
+    u64::from_str_radix(hex, 16).map_err(|_| Error::Malformed("chunk size"))
+}
+
+fn parse_trailer(line: &[u8]) -> Result<(HeaderName, HeaderValue), Error> {
+    let colon = memchr::memchr(b':', line).ok_or(Error::Malformed("trailer field"))?;
+    let name =
+        HeaderName::from_bytes(&line[..colon]).map_err(|_| Error::Malformed("trailer field"))?;
+    let value = HeaderValue::from_bytes(line[colon + 1..].trim_ascii())
+        .map_err(|_| Error::Malformed("trailer field"))?;
+    Ok((name, value))
+}
+
+/// An answer body read from its connection.
+pub struct Body {
+    conn: Option<Conn>,
+    decoder: Decoder,
+    reusable: bool,
+    pool: Option<(Arc<Pool>, usize)>,
+    read_size: usize,
+}
+
+impl Body {
+    /// The body has ended: the connection goes back to its pool if it can
+    /// carry another request (nothing unasked was read after the answer).
+    fn finish(&mut self) {
+        self.decoder = Decoder::Done;
+        let conn = self.conn.take();
+        if let (Some(conn), Some((pool, slot))) = (conn, self.pool.take())
+            && self.reusable
+            && conn.buf.is_empty()
+        {
+            pool.put_back(slot, conn);
+        }
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = &mut *self;
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match this.decoder.decode(&mut conn.buf) {
+                Ok(Step::Frame(frame)) => {
+                    if this.decoder == Decoder::Done {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Ok(Step::End) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Step::NeedMore) => {}
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            conn.buf.reserve(this.read_size);
+            let room = conn.buf.capacity() - conn.buf.len();
+            match ready!(poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf)) {
+                Ok(0) if this.decoder == Decoder::UntilClose => {
+                    this.reusable = false;
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(Error::Incomplete)));
+                }
+                Ok(n) => {
+                    if n == room {
+                        this.read_size = (this.read_size * 2).min(READ_MAX);
+                    }
+                }
+                Err(e) => {
+                    this.conn = None;
+                    return Poll::Ready(Some(Err(Error::Io(e))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.decoder == Decoder::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decoder {
+            Decoder::Length(n) => SizeHint::with_exact(n),
+            Decoder::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Body data, trailers, and the bytes left after the body.
+    type Decoded = (Vec<u8>, Option<HeaderMap>, Vec<u8>);
+
+    /// Feeds `wire` to a decoder in pieces cut at `cuts`, as reads would
+    /// deliver it; returns the data, the trailers and what was left unread.
+    fn decode_in_pieces(
+        mut decoder: Decoder,
+        wire: &[u8],
+        cuts: &[usize],
+    ) -> Result<Decoded, Error> {
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
+        cuts.push(wire.len());
+        cuts.sort_unstable();
+        let (mut data, mut trailers) = (Vec::new(), None);
+        let mut buf = BytesMut::new();
+        let mut fed = 0;
+        let mut cuts = cuts.into_iter();
+        loop {
+            match decoder.decode(&mut buf)? {
+                Step::Frame(f) => match f.into_data() {
+                    Ok(d) => data.extend_from_slice(&d),
+                    Err(f) => trailers = f.into_trailers().ok(),
+                },
+                Step::End => return Ok((data, trailers, buf.to_vec())),
+                Step::NeedMore => {
+                    let Some(to) = cuts.next() else {
+                        return Err(Error::Incomplete);
+                    };
+                    buf.extend_from_slice(&wire[fed..to]);
+                    fed = to;
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn chunked_bodies_decode_whatever_the_reads(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..300), 0..8),
+            ext in proptest::option::of("[a-z]{1,8}=[a-z0-9]{0,8}"),
+            trailer in proptest::option::of("[a-z]{1,10}"),
+            cuts in proptest::collection::vec(any::<usize>(), 0..12),
+        ) {
+            let mut wire = Vec::new();
+            for c in &chunks {
+                wire.extend_from_slice(format!("{:X}", c.len()).as_bytes());
+                if let Some(e) = &ext {
+                    wire.extend_from_slice(format!(" ;{e}").as_bytes());
+                }
+                wire.extend_from_slice(b"\r\n");
+                wire.extend_from_slice(c);
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire.extend_from_slice(b"0\r\n");
+            if let Some(t) = &trailer {
+                wire.extend_from_slice(format!("x-{t}: v\r\n").as_bytes());
+            }
+            wire.extend_from_slice(b"\r\nNEXT");
+            let (data, trailers, rest) =
+                decode_in_pieces(Decoder::Chunked(Chunk::Size), &wire, &cuts).unwrap();
+            prop_assert_eq!(data, chunks.concat());
+            prop_assert_eq!(trailers.map(|t| t.len()), trailer.map(|_| 1));
+            // The decoder never reads past the body's end.
+            prop_assert!(b"NEXT".starts_with(&rest), "{:?}", rest);
+        }
+
+        #[test]
+        fn length_bodies_stop_at_their_length(
+            body in proptest::collection::vec(any::<u8>(), 1..2000),
+            cuts in proptest::collection::vec(any::<usize>(), 0..12),
+        ) {
+            let mut wire = body.clone();
+            wire.extend_from_slice(b"NEXT");
+            let (data, _, rest) =
+                decode_in_pieces(Decoder::Length(body.len() as u64), &wire, &cuts).unwrap();
+            prop_assert_eq!(data, body);
+            prop_assert!(b"NEXT".starts_with(&rest), "{:?}", rest);
+        }
+    }
+
+    #[test]
+    fn chunk_size_lines_are_hex_and_strict() {
+        let mut b = [0u8; 18];
+        assert_eq!(chunk_size_line(0, &mut b), b"0\r\n");
+        assert_eq!(chunk_size_line(5000, &mut b), b"1388\r\n");
+        assert_eq!(chunk_size_line(usize::MAX, &mut b), b"ffffffffffffffff\r\n");
+        assert_eq!(parse_chunk_size(b"1388\r").unwrap(), 5000);
+        assert_eq!(parse_chunk_size(b"A ; name=\"v\"\r").unwrap(), 10);
+        for bad in [
+            &b"\r"[..],
+            b"1388",
+            b"-1\r",
+            b"0x10\r",
+            b"1 2\r",
+            b"10000000000000000\r",
+        ] {
+            assert!(parse_chunk_size(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_content_length(b"42"), Some(42));
+        assert_eq!(parse_content_length(b"42, 42"), Some(42));
+        for bad in [
+            &b""[..],
+            b"4 2",
+            b"42,43",
+            b"0x2",
+            b"-0",
+            b",",
+            b"99999999999999999999",
+        ] {
+            assert_eq!(parse_content_length(bad), None, "{bad:?}");
+        }
+    }
+}
