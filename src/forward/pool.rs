@@ -90,7 +90,10 @@ impl Pool {
         loop {
             let (conn, reused) = match self.checkout(slot) {
                 Some(conn) => (conn, true),
-                None => (self.connect(slot, &target).await?, false),
+                // Boxed: the connect and HTTP/2 handshake state is several
+                // KiB, and every request's future would carry (and move)
+                // that much for what happens once per connection.
+                None => (Box::pin(self.connect(slot, &target)).await?, false),
             };
             match conn {
                 Conn::H2(mut sender) => {
