@@ -196,9 +196,12 @@ pub fn supported_encodings(value: &HeaderValue) -> Option<HeaderValue> {
 
 /// What the forwarder needs to build one upstream request.
 pub struct Outgoing<'a> {
-    /// Full upstream URI (scheme, authority, path, query with token if any).
-    pub uri: Uri,
-    /// `Host` header for that URI's authority.
+    /// `scheme://authority` of the upstream.
+    pub origin: &'a str,
+    /// Request target, `/path?query` (token included when it goes in the
+    /// query), made only of bytes valid in a URI (see [`request_target`]).
+    pub target: &'a str,
+    /// `Host` header for the origin's authority.
     pub host: &'a HeaderValue,
     /// Client headers.
     pub headers: &'a HeaderMap,
@@ -216,48 +219,69 @@ pub struct Outgoing<'a> {
     pub decodable_only: bool,
 }
 
-/// Builds the upstream request.
-pub fn build_request(out: Outgoing<'_>, body: ProxyBody) -> Request<ProxyBody> {
-    let mut headers = HeaderMap::with_capacity(out.headers.len() + 3);
-    let mut has_connection = false;
+/// Calls `emit` with each header of the upstream request, in order: the
+/// client's headers that may cross, then the proxy's own (`Host`, the
+/// credential's referrer, the token header, the body length). The one place
+/// the forwarding rules live, for the HTTP/1.1 encoder and for
+/// [`build_request`] alike.
+pub fn each_upstream_header(out: &Outgoing<'_>, mut emit: impl FnMut(&HeaderName, &HeaderValue)) {
+    // Names a `Connection` header lists are hop-by-hop too; looked up only
+    // when there is one. They never remove the proxy's own headers.
+    let listed = if out.headers.contains_key(header::CONNECTION) {
+        connection_listed(out.headers)
+    } else {
+        Vec::new()
+    };
+    let mut accept_encoding_seen = false;
     for (name, value) in out.headers {
-        has_connection |= name == header::CONNECTION;
-        if is_hop_by_hop(name) || strip_from_request(name) {
+        if is_hop_by_hop(name) || strip_from_request(name) || listed.contains(name) {
             continue;
         }
-        headers.append(name.clone(), value.clone());
-    }
-    // Names a `Connection` header lists are hop-by-hop too; looked up only
-    // when there is one, and before the proxy adds its own headers.
-    if has_connection {
-        for name in connection_listed(out.headers) {
-            headers.remove(name);
-        }
-    }
-    headers.insert(header::HOST, out.host.clone());
-    if let Some(r) = out.upstream_referer {
-        headers.insert(header::REFERER, r.clone());
         // A browser Origin would contradict the referrer the credential is
         // restricted to.
-        headers.remove(header::ORIGIN);
+        if out.upstream_referer.is_some() && (name == header::REFERER || name == header::ORIGIN) {
+            continue;
+        }
+        if out.decodable_only && name == header::ACCEPT_ENCODING {
+            // The first value, reduced to codings the proxy can decode.
+            if !accept_encoding_seen {
+                accept_encoding_seen = true;
+                if let Some(kept) = supported_encodings(value) {
+                    emit(name, &kept);
+                }
+            }
+            continue;
+        }
+        emit(name, value);
+    }
+    emit(&header::HOST, out.host);
+    if let Some(r) = out.upstream_referer {
+        emit(&header::REFERER, r);
     }
     if let Some(auth) = out.auth_header {
-        headers.insert(X_ESRI_AUTHORIZATION.clone(), auth.clone());
+        emit(&X_ESRI_AUTHORIZATION, auth);
     }
     if let Some(len) = out.content_length {
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        emit(&header::CONTENT_LENGTH, &HeaderValue::from(len));
     }
-    if out.decodable_only
-        && let Some(ae) = headers.remove(header::ACCEPT_ENCODING)
-        && let Some(kept) = supported_encodings(&ae)
-    {
-        headers.insert(header::ACCEPT_ENCODING, kept);
-    }
+}
+
+/// Builds the upstream request as an `http::Request` (absolute URI, `Host`
+/// set), for hyper's HTTP/2 client.
+pub fn build_request(out: &Outgoing<'_>, body: ProxyBody) -> Result<Request<ProxyBody>, BoxError> {
+    let mut headers = HeaderMap::with_capacity(out.headers.len() + 3);
+    each_upstream_header(out, |name, value| {
+        headers.append(name.clone(), value.clone());
+    });
+    let mut absolute = String::with_capacity(out.origin.len() + out.target.len());
+    absolute.push_str(out.origin);
+    absolute.push_str(out.target);
+    let uri = to_uri(absolute).ok_or("upstream request target is not a URI")?;
     let mut req = Request::new(body);
     *req.method_mut() = out.method.clone();
-    *req.uri_mut() = out.uri;
+    *req.uri_mut() = uri;
     *req.headers_mut() = headers;
-    req
+    Ok(req)
 }
 
 /// Removes headers from an upstream answer that must not reach the client:
@@ -451,6 +475,37 @@ pub fn to_uri(s: String) -> Option<Uri> {
     out.parse().ok()
 }
 
+/// Bytes a request target carries as they are: visible ASCII that
+/// `http::Uri` takes in a path or query as it is (so `{z}` or `|` pass as
+/// before), without `#` (a fragment never goes upstream), `"`, `<`, `>`.
+static TARGET_SAFE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0x21;
+    while b < 0x7f {
+        t[b] = !matches!(b as u8, b'#' | b'"' | b'<' | b'>');
+        b += 1;
+    }
+    t
+};
+
+/// A request target (`/path?query`) that is safe to put on a request line:
+/// `target` itself in the usual case, else with every other byte (space,
+/// control, `#`, non-ASCII) percent-encoded.
+pub fn request_target(target: String) -> String {
+    if target.bytes().all(|b| TARGET_SAFE[usize::from(b)]) {
+        return target;
+    }
+    let mut out = String::with_capacity(target.len() + 16);
+    for b in target.bytes() {
+        if TARGET_SAFE[usize::from(b)] {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,8 +521,9 @@ mod tests {
         let host = HeaderValue::from_static("up.example:8443");
         let method = http::Method::GET;
         let req = build_request(
-            Outgoing {
-                uri: "https://up.example:8443/x".parse().unwrap(),
+            &Outgoing {
+                origin: "https://up.example:8443",
+                target: "/x",
                 host: &host,
                 headers: &h,
                 method: &method,
@@ -477,7 +533,8 @@ mod tests {
                 decodable_only: false,
             },
             crate::body::empty(),
-        );
+        )
+        .unwrap();
         let mut names: Vec<&str> = req.headers().keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, ["host", "x-keep"]);
@@ -554,8 +611,9 @@ mod tests {
         let host = HeaderValue::from_static("up.example");
         let method = http::Method::GET;
         let req = build_request(
-            Outgoing {
-                uri: "https://up.example/x".parse().unwrap(),
+            &Outgoing {
+                origin: "https://up.example",
+                target: "/x",
                 host: &host,
                 headers: &h,
                 method: &method,
@@ -565,7 +623,8 @@ mod tests {
                 decodable_only: false,
             },
             crate::body::empty(),
-        );
+        )
+        .unwrap();
         let names: Vec<&str> = req.headers().keys().map(|k| k.as_str()).collect();
         assert_eq!(names.len(), 5, "{names:?}");
         assert_eq!(req.headers()["host"], "up.example");
@@ -576,8 +635,9 @@ mod tests {
 
         let referer = HeaderValue::from_static("https://registered.example/");
         let req = build_request(
-            Outgoing {
-                uri: "https://up.example/x".parse().unwrap(),
+            &Outgoing {
+                origin: "https://up.example",
+                target: "/x",
                 host: &host,
                 headers: &h,
                 method: &method,
@@ -587,7 +647,8 @@ mod tests {
                 decodable_only: false,
             },
             crate::body::empty(),
-        );
+        )
+        .unwrap();
         assert_eq!(req.headers()["referer"], "https://registered.example/");
         assert!(req.headers().get("origin").is_none());
         assert!(req.headers().get("x-esri-authorization").is_none());
@@ -640,6 +701,41 @@ mod tests {
             br#"{"features":[{"attributes":{"code":498}}]}"#
         ));
         assert!(!is_token_error(b"not json"));
+    }
+
+    #[test]
+    fn request_targets_carry_only_request_line_safe_bytes() {
+        for (raw, expected) in [
+            ("/a/b?where=1%3D1&f=json", "/a/b?where=1%3D1&f=json"),
+            ("/tiles/{z}/{y}/{x}?a=[1]|b", "/tiles/{z}/{y}/{x}?a=[1]|b"),
+            ("/x?q=\"a b\"", "/x?q=%22a%20b%22"),
+            (
+                "/x HTTP/1.1\r\nHost: evil\r\n\r\n",
+                "/x%20HTTP/1.1%0D%0AHost:%20evil%0D%0A%0D%0A",
+            ),
+            ("/x#frag", "/x%23frag"),
+            ("/x?<script>", "/x?%3Cscript%3E"),
+            ("/caf\u{e9}\t\0\x7f", "/caf%C3%A9%09%00%7F"),
+        ] {
+            assert_eq!(request_target(raw.to_string()), expected, "{raw:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_target_becomes_one_request_line_token(raw in "\\PC*|[\\x00-\\x7f]*") {
+            let t = request_target(raw.clone());
+            proptest::prop_assert!(
+                t.bytes().all(|b| (0x21..0x7f).contains(&b) && !b"#\"<>".contains(&b)),
+                "{t:?}"
+            );
+            // Encoding is the only change (`%` passes as it is, so inputs
+            // holding one are left out of this check).
+            if !raw.contains('%') {
+                let decoded: Vec<u8> = percent_encoding::percent_decode_str(&t).collect();
+                proptest::prop_assert_eq!(decoded, raw.into_bytes());
+            }
+        }
     }
 
     #[test]

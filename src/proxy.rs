@@ -379,12 +379,14 @@ impl Proxy {
         // Phase: route resolution and path safety.
         // `upstream_base` is `scheme://host[:port]/path` of the target, already
         // normalised and under the route; `query` is the client's query.
-        let (route, upstream_base, query): (&Route, String, Option<String>) = if is_proxy_form {
+        // `origin_len` bytes of it are `scheme://host[:port]`.
+        let (route, upstream_base, origin_len, query) = if is_proxy_form {
             let raw = parts.uri.query().ok_or(PathError::MissingTarget)?;
             let url = path::parse_target(raw)?;
             let route = cfg.routes.by_url(&url).ok_or(ProxyError::NotProxied)?;
             let base = url[..url::Position::AfterPath].to_string();
-            (route, base, url.query().map(str::to_string))
+            let origin_len = url[..url::Position::BeforePath].len();
+            (route, base, origin_len, url.query().map(str::to_string))
         } else {
             let normalised = path::normalise_path(parts.uri.path())?;
             let (route, rest) = cfg
@@ -394,8 +396,15 @@ impl Proxy {
             let mut base = String::with_capacity(route.origin().len() + normalised.len() + 32);
             base.push_str(route.origin());
             base.push_str(&route.upstream_path(rest));
-            (route, base, parts.uri.query().map(str::to_string))
+            let origin_len = route.origin().len();
+            (
+                route,
+                base,
+                origin_len,
+                parts.uri.query().map(str::to_string),
+            )
         };
+        let route: &Route = route;
         log.route_index = Some(route.index);
 
         // Phase: rate limit, per client IP per route.
@@ -491,10 +500,12 @@ impl Proxy {
         let mut attempt = 0;
         let resp = loop {
             attempt += 1;
-            let uri = compose_uri(&upstream_base, &base_query, route, token.as_deref())?;
+            let (origin, path) = upstream_base.split_at(origin_len);
+            let target = compose_target(path, &base_query, route, token.as_deref());
             let (body, content_length) = request_body.take(announced);
             let out = Outgoing {
-                uri,
+                origin,
+                target: &target,
                 host: route.host(),
                 headers: &parts.headers,
                 method: &parts.method,
@@ -509,9 +520,8 @@ impl Proxy {
             // One deadline covers the response head and, for answers that
             // may hold a token error, the small body read to check it.
             let sent_at = Instant::now();
-            let req = forward::build_request(out, body);
             let exchange = async {
-                let resp = self.send(conn.shard, req).await?;
+                let resp = self.send(conn.shard, &out, body).await?;
                 self.route_metrics[route.index]
                     .upstream
                     .observe(sent_at.elapsed().as_secs_f64());
@@ -709,9 +719,10 @@ impl Proxy {
     async fn send(
         &self,
         shard: usize,
-        req: Request<ProxyBody>,
+        out: &Outgoing<'_>,
+        body: ProxyBody,
     ) -> Result<Response<forward::UpstreamBody>, ProxyError> {
-        match self.clients.shard(shard).send(req).await {
+        match self.clients.shard(shard).send(out, body).await {
             Ok(resp) => Ok(resp),
             Err(e) => {
                 if chain_has::<http_body_util::LengthLimitError>(&*e) {
@@ -855,14 +866,14 @@ fn strip_form_token(bytes: Bytes) -> Bytes {
     }
 }
 
-fn compose_uri(
-    upstream_base: &str,
-    base_query: &str,
-    route: &Route,
-    token: Option<&Token>,
-) -> Result<http::Uri, ProxyError> {
-    let mut s = String::with_capacity(upstream_base.len() + base_query.len() + 160);
-    s.push_str(upstream_base);
+/// The upstream request target: the route's path, the query without any
+/// client token, and the proxy's token when it goes in the query.
+fn compose_target(path: &str, base_query: &str, route: &Route, token: Option<&Token>) -> String {
+    let mut s = String::with_capacity(path.len() + base_query.len() + 160);
+    if !path.starts_with('/') {
+        s.push('/');
+    }
+    s.push_str(path);
     let token_q = token.filter(|_| route.token_in == TokenIn::Query);
     if !base_query.is_empty() || token_q.is_some() {
         s.push('?');
@@ -875,7 +886,7 @@ fn compose_uri(
             s.push_str(t.query_value());
         }
     }
-    forward::to_uri(s).ok_or(ProxyError::BadRequest(PathError::MalformedTarget))
+    forward::request_target(s)
 }
 
 /// Scrub-pattern cache key: the (sorted) ids of the tokens searched for, and

@@ -25,14 +25,16 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use bytes::Bytes;
-use http::{Request, Response, Uri, header};
+use http::{Response, Uri, header};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http2;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::Outgoing;
 use crate::body::{BoxError, ProxyBody};
+use crate::forward;
 
 mod h1;
 pub use h1::Error as Http1Error;
@@ -48,8 +50,7 @@ pub struct Pool {
 
 /// The connections to one `scheme://authority`.
 struct Origin {
-    scheme: String,
-    authority: String,
+    origin: String,
     /// Most recently used last.
     idle: VecDeque<(h1::Conn, Instant)>,
     h2: Option<http2::SendRequest<ProxyBody>>,
@@ -77,15 +78,15 @@ impl Pool {
         }
     }
 
-    /// Sends `req` (absolute URI, `Host` header set) on a pooled connection,
-    /// or a new one.
+    /// Sends the request `out` describes, with `body`, on a pooled
+    /// connection to its origin, or a new one.
     pub async fn send(
         self: &Arc<Self>,
-        req: Request<ProxyBody>,
+        out: &Outgoing<'_>,
+        body: ProxyBody,
     ) -> Result<Response<UpstreamBody>, BoxError> {
-        let target = req.uri().clone();
-        let slot = self.slot(&target)?;
-        let mut req = Some(req);
+        let slot = self.slot(out.origin);
+        let mut body = Some(body);
         let mut encoded: Option<h1::Outbound> = None;
         loop {
             let (conn, reused) = match self.checkout(slot) {
@@ -93,27 +94,28 @@ impl Pool {
                 // Boxed: the connect and HTTP/2 handshake state is several
                 // KiB, and every request's future would carry (and move)
                 // that much for what happens once per connection.
-                None => (Box::pin(self.connect(slot, &target)).await?, false),
+                None => (Box::pin(self.connect(slot, out.origin)).await?, false),
             };
             match conn {
                 Conn::H2(mut sender) => {
-                    let Some(mut req) = req.take() else {
-                        return Err("upstream changed from HTTP/1.1 to HTTP/2 mid-request".into());
-                    };
+                    let body = body
+                        .take()
+                        .ok_or("upstream changed from HTTP/1.1 to HTTP/2 mid-request")?;
+                    let mut req = forward::build_request(out, body)?;
                     // `:authority` carries the host on HTTP/2.
                     req.headers_mut().remove(header::HOST);
                     let resp = sender.send_request(req).await?;
                     return Ok(resp.map(|b| UpstreamBody(Inner::H2(b))));
                 }
                 Conn::H1(mut conn) => {
-                    let out = match &mut encoded {
-                        Some(out) => out,
+                    let encoded = match &mut encoded {
+                        Some(e) => e,
                         None => {
-                            let req = req.take().ok_or("request already sent")?;
-                            encoded.insert(h1::Outbound::new(req)?)
+                            let body = body.take().ok_or("request already sent")?;
+                            encoded.insert(h1::Outbound::new(out, body))
                         }
                     };
-                    match h1::exchange(&mut conn, out).await {
+                    match h1::exchange(&mut conn, encoded).await {
                         Ok(answer) => {
                             let resp = answer.into_response(conn, Arc::clone(self), slot);
                             return Ok(resp.map(|b| UpstreamBody(Inner::H1(b))));
@@ -121,7 +123,7 @@ impl Pool {
                         // A reused connection the upstream had closed
                         // while it was idle; nothing of the request was
                         // acted on, so it goes out again.
-                        Err(h1::Error::Closed(_)) if reused && out.replayable() => {}
+                        Err(h1::Error::Closed(_)) if reused && encoded.replayable() => {}
                         Err(e) => return Err(e.into()),
                     }
                 }
@@ -129,25 +131,18 @@ impl Pool {
         }
     }
 
-    /// The index of `uri`'s origin, added on first use.
-    fn slot(&self, uri: &Uri) -> Result<usize, BoxError> {
-        let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
-            return Err("upstream URI without scheme or authority".into());
-        };
+    /// The index of `origin`, added on first use.
+    fn slot(&self, origin: &str) -> usize {
         let mut origins = self.origins.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = origins
-            .iter()
-            .position(|o| o.scheme == scheme && o.authority == authority.as_str())
-        {
-            return Ok(i);
+        if let Some(i) = origins.iter().position(|o| o.origin == origin) {
+            return i;
         }
         origins.push(Origin {
-            scheme: scheme.to_string(),
-            authority: authority.as_str().to_string(),
+            origin: origin.to_string(),
             idle: VecDeque::new(),
             h2: None,
         });
-        Ok(origins.len() - 1)
+        origins.len() - 1
     }
 
     /// A live connection to the origin in `slot`, if one is idle: the most
@@ -170,10 +165,14 @@ impl Pool {
         None
     }
 
-    async fn connect(self: &Arc<Self>, slot: usize, uri: &Uri) -> Result<Conn, BoxError> {
+    async fn connect(self: &Arc<Self>, slot: usize, origin: &str) -> Result<Conn, BoxError> {
+        let uri: Uri = origin.parse()?;
+        if uri.scheme().is_none() || uri.authority().is_none() {
+            return Err(format!("upstream origin {origin:?} without scheme or authority").into());
+        }
         self.start_sweeping();
         let mut connector = self.connector.clone();
-        let stream = tower_service::Service::call(&mut connector, uri.clone()).await?;
+        let stream = tower_service::Service::call(&mut connector, uri).await?;
         if stream.connected().is_negotiated_h2() {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -296,6 +295,7 @@ impl Body for UpstreamBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Request;
     use http_body_util::BodyExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -306,6 +306,35 @@ mod tests {
         http.enforce_http(false);
         let https = HttpsConnector::from((http, tls));
         Arc::new(Pool::new(https, Duration::from_secs(90), 4))
+    }
+
+    /// Sends `req` as the proxy would: its URI's origin and target, its
+    /// headers as the client's, `Content-Length` as the known length.
+    async fn send_req(
+        pool: &Arc<Pool>,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<UpstreamBody>, BoxError> {
+        let (parts, body) = req.into_parts();
+        let origin = match (parts.uri.scheme_str(), parts.uri.authority()) {
+            (Some(s), Some(a)) => format!("{s}://{a}"),
+            _ => String::new(),
+        };
+        let host = parts.headers[header::HOST].clone();
+        let out = Outgoing {
+            origin: &origin,
+            target: parts.uri.path_and_query().map_or("/", |pq| pq.as_str()),
+            host: &host,
+            headers: &parts.headers,
+            method: &parts.method,
+            auth_header: None,
+            upstream_referer: None,
+            content_length: parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .map(|v| v.to_str().unwrap().parse().unwrap()),
+            decodable_only: false,
+        };
+        pool.send(&out, body).await
     }
 
     fn get(port: u16, path: &str) -> Request<ProxyBody> {
@@ -481,7 +510,7 @@ mod tests {
         pool: &Arc<Pool>,
         req: Request<ProxyBody>,
     ) -> Result<(u16, Bytes, Option<http::HeaderMap>), BoxError> {
-        let resp = pool.send(req).await?;
+        let resp = send_req(pool, req).await?;
         let status = resp.status().as_u16();
         let collected = resp.into_body().collect().await?;
         let trailers = collected.trailers().cloned();
@@ -558,7 +587,7 @@ mod tests {
         assert_eq!((status, body.len()), (304, 0));
         let (status, body, _) = fetch(&pool, get(port, "/")).await.unwrap();
         assert_eq!((status, &body[..]), (200, &b"ok"[..]));
-        let resp = pool.send(get(port, "/")).await.unwrap();
+        let resp = send_req(&pool, get(port, "/")).await.unwrap();
         assert!(
             resp.body().is_end_stream(),
             "Content-Length: 0 is an ended body"
@@ -740,7 +769,7 @@ mod tests {
             );
             req.headers_mut()
                 .insert(header::CONTENT_LENGTH, announced.into());
-            let err = pool.send(req).await.expect_err(body);
+            let err = send_req(&pool, req).await.expect_err(body);
             let err = err.downcast_ref::<Http1Error>().expect("an HTTP/1 error");
             assert!(err.is_request_body(), "{err}");
         }
@@ -766,17 +795,22 @@ mod tests {
         let pool = pool();
         // Fails before its first piece: nothing is written at all.
         let body = streamed(vec![Err("client framing broken".into())]);
-        let err = pool
-            .send(with_method(get(port, "/x"), http::Method::POST, body))
-            .await
-            .expect_err("a failed body");
+        let err = send_req(
+            &pool,
+            with_method(get(port, "/x"), http::Method::POST, body),
+        )
+        .await
+        .expect_err("a failed body");
         assert!(err.downcast_ref::<Http1Error>().unwrap().is_request_body());
         // Fails after a piece: the upstream sees an unfinished chunked body.
         let body = streamed(vec![Ok(Bytes::from_static(b"abc")), Err("cut".into())]);
         assert!(
-            pool.send(with_method(get(port, "/y"), http::Method::POST, body))
-                .await
-                .is_err()
+            send_req(
+                &pool,
+                with_method(get(port, "/y"), http::Method::POST, body)
+            )
+            .await
+            .is_err()
         );
         assert_eq!(pool.idle_count(), 0);
         for _ in 0..100 {
@@ -854,7 +888,9 @@ mod tests {
         let post = with_method(get(port, "/"), http::Method::POST, crate::body::full("x"));
         let mut post = post;
         post.headers_mut().insert(header::CONTENT_LENGTH, 1.into());
-        let err = pool.send(post).await.expect_err("closed without an answer");
+        let err = send_req(&pool, post)
+            .await
+            .expect_err("closed without an answer");
         assert!(
             matches!(
                 err.downcast_ref::<Http1Error>(),
@@ -901,7 +937,7 @@ mod tests {
         let (port, conns) = upstream("hello", 100).await;
         let pool = pool();
         for _ in 0..5 {
-            let resp = pool.send(get(port, "/a?b=1")).await.unwrap();
+            let resp = send_req(&pool, get(port, "/a?b=1")).await.unwrap();
             assert_eq!(text(resp).await, "hello");
         }
         assert_eq!(conns.load(Ordering::SeqCst), 1);
@@ -912,9 +948,9 @@ mod tests {
     async fn an_unread_answer_keeps_its_connection_out_of_the_pool() {
         let (port, conns) = upstream("hello", 100).await;
         let pool = pool();
-        let first = pool.send(get(port, "/")).await.unwrap();
+        let first = send_req(&pool, get(port, "/")).await.unwrap();
         // Still being read: the next request needs its own connection.
-        let second = pool.send(get(port, "/")).await.unwrap();
+        let second = send_req(&pool, get(port, "/")).await.unwrap();
         assert_eq!(conns.load(Ordering::SeqCst), 2);
         drop(first);
         assert_eq!(text(second).await, "hello");
@@ -927,7 +963,7 @@ mod tests {
         let (port, conns) = upstream("hello", 1).await;
         let pool = pool();
         for _ in 0..4 {
-            let resp = pool.send(get(port, "/")).await.unwrap();
+            let resp = send_req(&pool, get(port, "/")).await.unwrap();
             assert_eq!(text(resp).await, "hello");
             // Let the connection task see the close.
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -941,7 +977,7 @@ mod tests {
         let pool = pool();
         let mut open = Vec::new();
         for _ in 0..6 {
-            open.push(pool.send(get(port, "/")).await.unwrap());
+            open.push(send_req(&pool, get(port, "/")).await.unwrap());
         }
         for resp in open {
             text(resp).await;
@@ -956,9 +992,9 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        assert!(pool().send(get(port, "/")).await.is_err());
+        assert!(send_req(&pool(), get(port, "/")).await.is_err());
         let mut bad = get(port, "/");
         *bad.uri_mut() = Uri::from_static("/relative");
-        assert!(pool().send(bad).await.is_err());
+        assert!(send_req(&pool(), bad).await.is_err());
     }
 }

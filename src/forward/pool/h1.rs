@@ -30,6 +30,7 @@ use tokio_util::io::poll_read_buf;
 
 use super::Pool;
 use crate::body::{BoxError, ProxyBody};
+use crate::forward::{self, Outgoing};
 
 /// Most header fields accepted in an answer head (hyper's default).
 const MAX_HEADERS: usize = 100;
@@ -201,23 +202,13 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    /// Encodes `req` (origin-form target, `Host` among its headers).
-    pub fn new(req: http::Request<ProxyBody>) -> Result<Outbound, Error> {
-        let (parts, body) = req.into_parts();
-        let declared = match parts.headers.get(header::CONTENT_LENGTH) {
-            Some(v) => Some(
-                std::str::from_utf8(v.as_bytes())
-                    .ok()
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .ok_or(Error::Malformed("request Content-Length"))?,
-            ),
-            None => None,
-        };
-        let (framing, extra): (Framing, &[u8]) = match declared {
+    /// Encodes the request `out` describes, with `body`.
+    pub fn new(out: &Outgoing<'_>, body: ProxyBody) -> Outbound {
+        let (framing, extra): (Framing, &[u8]) = match out.content_length {
             Some(n) => (Framing::Length(n), b""),
             None if body.is_end_stream() => {
                 let expects_body =
-                    matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
+                    matches!(*out.method, Method::POST | Method::PUT | Method::PATCH);
                 (
                     Framing::Empty,
                     if expects_body {
@@ -229,26 +220,24 @@ impl Outbound {
             }
             None => (Framing::Chunked, b"transfer-encoding: chunked\r\n"),
         };
-        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let mut size = parts.method.as_str().len() + target.len() + extra.len() + 16;
-        for (name, value) in &parts.headers {
-            size += name.as_str().len() + value.len() + 4;
-        }
-        let mut head = BytesMut::with_capacity(size);
-        head.put_slice(parts.method.as_str().as_bytes());
+        let mut head = BytesMut::with_capacity(512 + out.target.len());
+        head.put_slice(out.method.as_str().as_bytes());
         head.put_u8(b' ');
-        head.put_slice(target.as_bytes());
+        // Only URI bytes (`forward::request_target`): nothing that could
+        // end the request line early.
+        head.put_slice(out.target.as_bytes());
         head.put_slice(b" HTTP/1.1\r\n");
-        for (name, value) in &parts.headers {
+        forward::each_upstream_header(out, |name, value| {
+            // Header values cannot hold CR or LF (`HeaderValue` checks).
             head.put_slice(name.as_str().as_bytes());
             head.put_slice(b": ");
             head.put_slice(value.as_bytes());
             head.put_slice(b"\r\n");
-        }
+        });
         head.put_slice(extra);
         head.put_slice(b"\r\n");
         let idempotent = matches!(
-            parts.method,
+            *out.method,
             Method::GET
                 | Method::HEAD
                 | Method::OPTIONS
@@ -256,13 +245,13 @@ impl Outbound {
                 | Method::DELETE
                 | Method::TRACE
         );
-        Ok(Outbound {
+        Outbound {
             head: head.freeze(),
             replayable: framing == Framing::Empty && idempotent,
             body: (framing != Framing::Empty).then_some(body),
             framing,
-            head_request: parts.method == Method::HEAD,
-        })
+            head_request: *out.method == Method::HEAD,
+        }
     }
 
     /// Whether this request may be sent again after a reused connection
@@ -984,6 +973,99 @@ mod tests {
                 decode_in_pieces(Decoder::Length(body.len() as u64), &wire, &cuts).unwrap();
             prop_assert_eq!(data, body);
             prop_assert!(b"NEXT".starts_with(&rest), "{:?}", rest);
+        }
+    }
+
+    /// The head as (method, target, sorted header pairs).
+    fn parse_request_head(head: &[u8]) -> (String, String, Vec<(String, String)>) {
+        let mut slots = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut slots);
+        let len = req.parse(head).unwrap();
+        assert_eq!(
+            len,
+            httparse::Status::Complete(head.len()),
+            "one whole head"
+        );
+        let mut pairs: Vec<(String, String)> = req
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_string(),
+                    String::from_utf8(h.value.to_vec()).unwrap(),
+                )
+            })
+            .collect();
+        pairs.sort();
+        (req.method.unwrap().into(), req.path.unwrap().into(), pairs)
+    }
+
+    #[test]
+    fn the_http1_head_carries_what_build_request_does() {
+        let mut client = HeaderMap::new();
+        for (k, v) in [
+            ("host", "proxy.example"),
+            ("cookie", "a=b"),
+            ("authorization", "Bearer client"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("connection", "keep-alive, X-Custom"),
+            ("x-custom", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("content-length", "999"),
+            ("accept-encoding", "gzip, zstd"),
+            ("accept-encoding", "br"),
+            ("referer", "https://app.example.com/"),
+            ("origin", "https://app.example.com"),
+            ("accept", "*/*"),
+            ("x-multi", "1"),
+            ("x-multi", "2"),
+        ] {
+            client.append(k, HeaderValue::from_static(v));
+        }
+        let host = HeaderValue::from_static("up.example:8443");
+        let auth = HeaderValue::from_static("Bearer server-token");
+        let referer = HeaderValue::from_static("https://registered.example/");
+        for (auth, referer, decodable_only, length, method) in [
+            (None, None, false, None, Method::GET),
+            (Some(&auth), None, true, None, Method::GET),
+            (Some(&auth), Some(&referer), true, Some(5), Method::POST),
+            (None, Some(&referer), false, None, Method::POST),
+        ] {
+            let out = Outgoing {
+                origin: "https://up.example:8443",
+                target: "/a/b?c=d&e={x}",
+                host: &host,
+                headers: &client,
+                method: &method,
+                auth_header: auth,
+                upstream_referer: referer,
+                content_length: length,
+                decodable_only,
+            };
+            let expected = forward::build_request(&out, crate::body::empty()).unwrap();
+            let mut want: Vec<(String, String)> = expected
+                .headers()
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+                .collect();
+            // HTTP/1.1 says "no body" for an empty POST explicitly.
+            if length.is_none() && method == Method::POST {
+                want.push(("content-length".into(), "0".into()));
+            }
+            want.sort();
+            let body = match length {
+                Some(_) => crate::body::full("hello"),
+                None => crate::body::empty(),
+            };
+            let encoded = Outbound::new(&out, body);
+            let (m, target, got) = parse_request_head(&encoded.head);
+            assert_eq!((m.as_str(), target.as_str()), (method.as_str(), out.target));
+            assert_eq!(got, want);
+            assert!(
+                !got.iter()
+                    .any(|(n, _)| n == "transfer-encoding" || n == "x-custom")
+            );
         }
     }
 
