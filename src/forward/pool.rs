@@ -598,6 +598,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn connection_level_answer_headers_are_consumed_or_left_for_cleaning() {
+        let (port, _) = scripted(|_, i, _| {
+            Act::Send(match i {
+                0 => b"HTTP/1.1 200 OK\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\ntransfer-encoding: chunked\r\nx-a: 1\r\n\r\n0\r\n\r\n".to_vec(),
+                _ => b"HTTP/1.1 200 OK\r\nconnection: keep-alive, X-Hop\r\nx-hop: secret\r\ncontent-length: 0\r\n\r\n".to_vec(),
+            })
+        })
+        .await;
+        let pool = pool();
+        let resp = send_req(&pool, get(port, "/")).await.unwrap();
+        let names: Vec<&str> = resp.headers().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-a"]);
+        resp.into_body().collect().await.unwrap();
+        // Naming another header: kept, so that header is removed with it.
+        let mut resp = send_req(&pool, get(port, "/")).await.unwrap();
+        assert!(resp.headers().contains_key("connection"));
+        forward::clean_response_headers(resp.headers_mut());
+        let names: Vec<&str> = resp.headers().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-length"]);
+    }
+
+    #[tokio::test]
     async fn hostile_answers_are_errors_and_their_connections_are_dropped() {
         let huge_head = format!(
             "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 0\r\n\r\n",

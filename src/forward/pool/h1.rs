@@ -578,15 +578,31 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
                 .rsplit(|b| *b == b',')
                 .next()
                 .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            // Framing of this connection only: consumed here, never
+            // forwarded (the client gets the proxy's own framing).
+            continue;
         } else if name == header::CONNECTION {
+            let mut only_ours = true;
             for token in h.value.split(|b| *b == b',') {
                 let token = token.trim_ascii();
                 if token.eq_ignore_ascii_case(b"close") {
                     close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
-                    close = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    if version == Version::HTTP_10 {
+                        close = false;
+                    }
+                } else if !token.is_empty() {
+                    only_ours = false;
                 }
             }
+            // `close` and `keep-alive` are consumed here; a `Connection`
+            // naming other headers stays for `clean_response_headers` to
+            // remove them.
+            if only_ours {
+                continue;
+            }
+        } else if name.as_str() == "keep-alive" {
+            continue;
         }
         headers.append(name, value);
     }
