@@ -25,6 +25,8 @@ use hyper::body::Body;
 
 mod pool;
 pub use pool::{Http1Error, Pool, UpstreamBody};
+#[doc(hidden)]
+pub use pool::{ReadAnswer, read_answer};
 
 use crate::body::{BoxError, Prefixed, ProxyBody};
 use crate::codec::{self, Coding};

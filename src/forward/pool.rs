@@ -38,6 +38,8 @@ use crate::forward;
 
 mod h1;
 pub use h1::Error as Http1Error;
+#[doc(hidden)]
+pub use h1::{ReadAnswer, read_answer};
 
 /// Idle connections per origin for one serving thread.
 pub struct Pool {

@@ -534,6 +534,10 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     let len = match httparse::ParserConfig::default()
         .parse_response_with_uninit_headers(&mut res, buf, &mut slots)
     {
+        // However it arrived, in one read or many, the same limit.
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
+            return Err(Error::Malformed("head too large"));
+        }
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(Error::Malformed("too many headers")),
@@ -907,6 +911,62 @@ impl hyper::body::Body for Body {
     }
 }
 
+/// What [`read_answer`] made of an answer.
+#[derive(Debug, PartialEq)]
+pub struct ReadAnswer {
+    pub status: u16,
+    pub body: Vec<u8>,
+    pub trailers: usize,
+    pub reusable: bool,
+}
+
+/// Reads one answer from `wire` delivered in pieces of `piece` bytes, as the
+/// connection would (the end of `wire` is the upstream closing): for the
+/// fuzz target and tests, which check that nothing depends on how reads cut
+/// the bytes.
+pub fn read_answer(wire: &[u8], piece: usize, head_request: bool) -> Result<ReadAnswer, String> {
+    let mut pieces = wire.chunks(piece.max(1));
+    let mut buf = BytesMut::new();
+    let answer = loop {
+        match parse_head(&mut buf, head_request).map_err(|e| e.to_string())? {
+            Some(Parsed::Final(a)) => break a,
+            Some(Parsed::Informational) => continue,
+            None if buf.len() >= MAX_HEAD => {
+                return Err(Error::Malformed("head too large").to_string());
+            }
+            None => match pieces.next() {
+                Some(p) => buf.extend_from_slice(p),
+                None => return Err("closed before the head ended".into()),
+            },
+        }
+    };
+    let mut decoder = answer.decoder;
+    let (mut body, mut trailers) = (Vec::new(), 0);
+    loop {
+        match decoder.decode(&mut buf).map_err(|e| e.to_string())? {
+            Step::Frame(f) => match f.into_data() {
+                Ok(d) => body.extend_from_slice(&d),
+                Err(f) => trailers += f.into_trailers().map_or(0, |t| t.len()),
+            },
+            Step::End => break,
+            Step::NeedMore => match pieces.next() {
+                Some(p) => buf.extend_from_slice(p),
+                None if decoder == Decoder::UntilClose => break,
+                None => return Err(Error::Incomplete.to_string()),
+            },
+        }
+    }
+    Ok(ReadAnswer {
+        status: answer.parts.status.as_u16(),
+        body,
+        trailers,
+        reusable: answer.reusable
+            && decoder == Decoder::Done
+            && buf.is_empty()
+            && pieces.next().is_none(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1081,6 +1141,50 @@ mod tests {
             assert!(
                 !got.iter()
                     .any(|(n, _)| n == "transfer-encoding" || n == "x-custom")
+            );
+        }
+    }
+
+    #[test]
+    fn answers_read_the_same_however_reads_cut_them() {
+        // Status, body, trailer fields, reusable.
+        type Outcome = Result<(u16, &'static [u8], usize, bool), &'static str>;
+        let cases: [(&[u8], bool, Outcome); 6] = [
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", false, Ok((200, b"hello", 0, true))),
+            (
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;a=b\r\nhello\r\n0\r\nx-t: 1\r\n\r\n",
+                false,
+                Ok((200, b"hello", 1, true)),
+            ),
+            (b"HTTP/1.0 200 OK\r\n\r\nuntil close", false, Ok((200, b"until close", 0, false))),
+            (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n", true, Ok((200, b"", 0, true))),
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhel", false, Err("upstream answer cut short")),
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA", false, Ok((200, b"ok", 0, false))),
+        ];
+        for (wire, head, expected) in cases {
+            for piece in [1, 2, 3, 7, 64, usize::MAX] {
+                let got = read_answer(wire, piece, head)
+                    .map(|a| (a.status, a.body, a.trailers, a.reusable));
+                let want = expected
+                    .map(|(s, b, t, r)| (s, b.to_vec(), t, r))
+                    .map_err(str::to_string);
+                assert_eq!(
+                    got,
+                    want,
+                    "{:?} in pieces of {piece}",
+                    String::from_utf8_lossy(wire)
+                );
+            }
+        }
+        // A head over the limit is refused whether it came at once or not.
+        let big = format!(
+            "HTTP/1.1 200 OK\r\nx: {}\r\ncontent-length: 0\r\n\r\n",
+            "a".repeat(MAX_HEAD)
+        );
+        for piece in [1000, usize::MAX] {
+            assert!(
+                read_answer(big.as_bytes(), piece, false).is_err(),
+                "{piece}"
             );
         }
     }
