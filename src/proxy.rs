@@ -206,10 +206,11 @@ impl Proxy {
         B: Body<Data = Bytes> + Send + Sync + 'static,
         B::Error: Into<BoxError>,
     {
-        let started = Instant::now();
         // The access log line costs a URL parse and a body wrapper; skip
         // both when the `access` target is filtered out (RUST_LOG=warn).
         let access = tracing::enabled!(target: "access", tracing::Level::INFO);
+        // Read from the clock only when the access log will print it.
+        let started = access.then(Instant::now);
         let mut log = AccessLog {
             method: req.method().clone(),
             path: if access {
@@ -518,10 +519,12 @@ impl Proxy {
                 decodable_only: scrubbing,
             };
             // One deadline covers the response head and, for answers that
-            // may hold a token error, the small body read to check it.
-            let sent_at = Instant::now();
+            // may hold a token error, the small body read to check it. One
+            // clock reading serves the deadline, the latency metric and the
+            // pool's idle check.
+            let sent_at = tokio::time::Instant::now();
             let exchange = async {
-                let resp = self.send(conn.shard, &out, body).await?;
+                let resp = self.send(conn.shard, &out, body, sent_at).await?;
                 self.route_metrics[route.index]
                     .upstream
                     .observe(sent_at.elapsed().as_secs_f64());
@@ -539,7 +542,7 @@ impl Proxy {
                     }
                 }
             };
-            let verdict = tokio::time::timeout(limits.upstream_timeout, exchange)
+            let verdict = tokio::time::timeout_at(sent_at + limits.upstream_timeout, exchange)
                 .await
                 .map_err(|_| ProxyError::UpstreamTimeout)??;
             let (Some(src), Some(sent)) = (source, token.as_ref()) else {
@@ -721,8 +724,9 @@ impl Proxy {
         shard: usize,
         out: &Outgoing<'_>,
         body: ProxyBody,
+        now: tokio::time::Instant,
     ) -> Result<Response<forward::UpstreamBody>, ProxyError> {
-        match self.clients.shard(shard).send(out, body).await {
+        match self.clients.shard(shard).send(out, body, now).await {
             Ok(resp) => Ok(resp),
             Err(e) => {
                 if chain_has::<http_body_util::LengthLimitError>(&*e) {
@@ -981,14 +985,17 @@ struct AccessLog {
     referer: Option<String>,
     client: IpAddr,
     status: u16,
-    started: Instant,
+    /// When the request arrived, if the access log is on.
+    started: Option<Instant>,
     bytes: u64,
     error: Option<String>,
 }
 
 impl AccessLog {
     fn emit(&self, complete: bool) {
-        let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let latency_ms = self
+            .started
+            .map_or(0.0, |s| s.elapsed().as_secs_f64() * 1000.0);
         tracing::info!(
             target: "access",
             method = %self.method,

@@ -81,17 +81,20 @@ impl Pool {
     }
 
     /// Sends the request `out` describes, with `body`, on a pooled
-    /// connection to its origin, or a new one.
+    /// connection to its origin, or a new one; `now` is the caller's
+    /// reading of the clock (idle connections older than the idle timeout
+    /// are not used).
     pub async fn send(
         self: &Arc<Self>,
         out: &Outgoing<'_>,
         body: ProxyBody,
+        now: Instant,
     ) -> Result<Response<UpstreamBody>, BoxError> {
         let slot = self.slot(out.origin);
         let mut body = Some(body);
         let mut encoded: Option<h1::Outbound> = None;
         loop {
-            let (conn, reused) = match self.checkout(slot) {
+            let (conn, reused) = match self.checkout(slot, now) {
                 Some(conn) => (conn, true),
                 // Boxed: the connect and HTTP/2 handshake state is several
                 // KiB, and every request's future would carry (and move)
@@ -150,7 +153,7 @@ impl Pool {
     /// A live connection to the origin in `slot`, if one is idle: the most
     /// recently used, so that connections beyond what the load needs stay
     /// idle and expire.
-    fn checkout(&self, slot: usize) -> Option<Conn> {
+    fn checkout(&self, slot: usize, now: Instant) -> Option<Conn> {
         let mut origins = self.origins.lock().unwrap_or_else(|p| p.into_inner());
         let origin = &mut origins[slot];
         if let Some(h2) = origin.h2.as_ref() {
@@ -160,7 +163,7 @@ impl Pool {
             origin.h2 = None;
         }
         while let Some((mut conn, since)) = origin.idle.pop_back() {
-            if since.elapsed() < self.idle_timeout && !conn.is_dead() {
+            if now.saturating_duration_since(since) < self.idle_timeout && !conn.is_dead() {
                 return Some(Conn::H1(conn));
             }
         }
@@ -336,7 +339,7 @@ mod tests {
                 .map(|v| v.to_str().unwrap().parse().unwrap()),
             decodable_only: false,
         };
-        pool.send(&out, body).await
+        pool.send(&out, body, Instant::now()).await
     }
 
     fn get(port: u16, path: &str) -> Request<ProxyBody> {
