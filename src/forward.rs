@@ -351,15 +351,16 @@ pub async fn inspect(resp: Response<UpstreamBody>) -> Result<Verdict, BoxError> 
     if matches!(resp.status().as_u16(), 401 | 498 | 499) {
         return Ok(Verdict::Rejected);
     }
-    let (parts, body) = resp.into_parts();
-    let mut body: ProxyBody = body.map_err(BoxError::from).boxed();
+    let (parts, mut body) = resp.into_parts();
     if body.is_end_stream() {
         return Ok(Verdict::Pass(parts, Answer::Whole(Bytes::new())));
     }
     if parts.status != StatusCode::OK || !may_be_json_error(&parts.headers) {
-        return Ok(Verdict::Pass(parts, Answer::Stream(body)));
+        return Ok(Verdict::Pass(parts, Answer::Stream(body.boxed())));
     }
-    let mut read: Vec<Bytes> = Vec::new();
+    // Usually the whole answer comes as one piece: no list, no box.
+    let mut first: Option<Bytes> = None;
+    let mut more: Vec<Bytes> = Vec::new();
     let mut size = 0;
     let mut ended = false;
     while size <= PEEK_LIMIT {
@@ -372,7 +373,11 @@ pub async fn inspect(resp: Response<UpstreamBody>) -> Result<Verdict, BoxError> 
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(d) => {
                     size += d.len();
-                    read.push(d);
+                    if first.is_none() {
+                        first = Some(d);
+                    } else {
+                        more.push(d);
+                    }
                 }
                 // Trailers after a small body: the body is complete.
                 Err(_) => {
@@ -383,15 +388,21 @@ pub async fn inspect(resp: Response<UpstreamBody>) -> Result<Verdict, BoxError> 
         }
     }
     if !ended {
+        let read: Vec<Bytes> = first.into_iter().chain(more).collect();
         return Ok(Verdict::Pass(
             parts,
-            Answer::Stream(Prefixed::new(read, body).boxed()),
+            Answer::Stream(Prefixed::new(read, body.boxed()).boxed()),
         ));
     }
-    let whole: Bytes = if read.len() == 1 {
-        read.pop().unwrap_or_default()
+    let whole: Bytes = if more.is_empty() {
+        first.unwrap_or_default()
     } else {
-        read.concat().into()
+        first
+            .into_iter()
+            .chain(more)
+            .collect::<Vec<_>>()
+            .concat()
+            .into()
     };
     let rejected = match Coding::of(&parts.headers) {
         Some(Coding::Identity) => is_token_error(&whole),

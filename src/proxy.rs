@@ -6,6 +6,7 @@
 //! [`Proxy::handle`] never fails: every phase returns a [`ProxyError`] that
 //! becomes an ArcGIS-shaped response in one place.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -387,7 +388,8 @@ impl Proxy {
             let route = cfg.routes.by_url(&url).ok_or(ProxyError::NotProxied)?;
             let base = url[..url::Position::AfterPath].to_string();
             let origin_len = url[..url::Position::BeforePath].len();
-            (route, base, origin_len, url.query().map(str::to_string))
+            let query = url.query().map(|q| Cow::Owned(q.to_string()));
+            (route, base, origin_len, query)
         } else {
             let normalised = path::normalise_path(parts.uri.path())?;
             let (route, rest) = cfg
@@ -396,13 +398,13 @@ impl Proxy {
                 .ok_or(ProxyError::NoRoute)?;
             let mut base = String::with_capacity(route.origin().len() + normalised.len() + 32);
             base.push_str(route.origin());
-            base.push_str(&route.upstream_path(rest));
+            route.push_upstream_path(rest, &mut base);
             let origin_len = route.origin().len();
             (
                 route,
                 base,
                 origin_len,
-                parts.uri.query().map(str::to_string),
+                parts.uri.query().map(Cow::Borrowed),
             )
         };
         let route: &Route = route;
@@ -465,7 +467,8 @@ impl Proxy {
 
         // The upstream query without any client token, with echoToken=false
         // for Basemap Styles.
-        let mut base_query: String = query
+        // Borrowed from the client's URI unless something changed.
+        let mut base_query: Cow<'_, str> = query
             .as_deref()
             .map(|q| {
                 let names: &[&str] = if route.basemap_styles {
@@ -473,14 +476,15 @@ impl Proxy {
                 } else {
                     &["token"]
                 };
-                path::strip_params(q, names).into_owned()
+                path::strip_params(q, names)
             })
             .unwrap_or_default();
         if route.basemap_styles {
-            if !base_query.is_empty() {
-                base_query.push('&');
+            let q = base_query.to_mut();
+            if !q.is_empty() {
+                q.push('&');
             }
-            base_query.push_str("echoToken=false");
+            q.push_str("echoToken=false");
         }
 
         // Phase: token.
@@ -537,7 +541,7 @@ impl Proxy {
                         let (parts, body) = resp.into_parts();
                         Ok(Verdict::Pass(
                             parts,
-                            Answer::Stream(body.map_err(BoxError::from).boxed()),
+                            Answer::Stream(body.boxed()),
                         ))
                     }
                 }

@@ -101,12 +101,18 @@ impl Route {
     /// The upstream URL for a path relative to the mount (`""` or `/…`).
     pub fn upstream_path(&self, rest: &str) -> String {
         let mut out = String::with_capacity(self.base_path.len() + rest.len() + 1);
+        self.push_upstream_path(rest, &mut out);
+        out
+    }
+
+    /// [`Route::upstream_path`] appended to `out`.
+    pub fn push_upstream_path(&self, rest: &str, out: &mut String) {
+        let start = out.len();
         out.push_str(&self.base_path);
         out.push_str(rest);
-        if out.is_empty() {
+        if out.len() == start {
             out.push('/');
         }
-        out
     }
 
     /// True when a normalised URL, whose origin is `origin`, lies under this

@@ -193,7 +193,7 @@ enum Framing {
 
 /// A request encoded for HTTP/1.1: its head, and its body still to send.
 pub struct Outbound {
-    head: Bytes,
+    head: Vec<u8>,
     body: Option<ProxyBody>,
     framing: Framing,
     head_request: bool,
@@ -220,7 +220,7 @@ impl Outbound {
             }
             None => (Framing::Chunked, b"transfer-encoding: chunked\r\n"),
         };
-        let mut head = BytesMut::with_capacity(512 + out.target.len());
+        let mut head = Vec::with_capacity(512 + out.target.len());
         head.put_slice(out.method.as_str().as_bytes());
         head.put_u8(b' ');
         // Only URI bytes (`forward::request_target`): nothing that could
@@ -246,7 +246,7 @@ impl Outbound {
                 | Method::TRACE
         );
         Outbound {
-            head: head.freeze(),
+            head,
             replayable: framing == Framing::Empty && idempotent,
             body: (framing != Framing::Empty).then_some(body),
             framing,
@@ -265,7 +265,7 @@ impl Outbound {
 /// then read through [`Body`].
 pub async fn exchange(conn: &mut Conn, out: &mut Outbound) -> Result<Answer, Error> {
     let mut writer = Writer {
-        head: out.head.clone(),
+        head: &out.head,
         out: BytesMut::new(),
         big: Bytes::new(),
         tail: b"",
@@ -281,7 +281,7 @@ pub async fn exchange(conn: &mut Conn, out: &mut Outbound) -> Result<Answer, Err
 
 fn poll_exchange(
     conn: &mut Conn,
-    w: &mut Writer,
+    w: &mut Writer<'_>,
     head_request: bool,
     cx: &mut Context<'_>,
 ) -> Poll<Result<Answer, Error>> {
@@ -333,8 +333,9 @@ enum WriteError {
 
 /// The request bytes still to send: the head, then framing and small chunks
 /// in `out`, a large chunk in `big` and the line end after it in `tail`.
-struct Writer {
-    head: Bytes,
+struct Writer<'a> {
+    /// Borrowed: a request sent again starts from the whole head.
+    head: &'a [u8],
     out: BytesMut,
     big: Bytes,
     tail: &'static [u8],
@@ -347,14 +348,14 @@ struct Writer {
     failed: Option<io::Error>,
 }
 
-impl Writer {
+impl Writer<'_> {
     fn pending(&self) -> usize {
         self.head.len() + self.out.len() + self.big.len() + self.tail.len()
     }
 
     fn advance(&mut self, mut n: usize) {
         let k = n.min(self.head.len());
-        self.head.advance(k);
+        self.head = &self.head[k..];
         n -= k;
         let k = n.min(self.out.len());
         self.out.advance(k);
@@ -388,7 +389,7 @@ impl Writer {
         loop {
             if self.pending() > 0 {
                 let slices = [
-                    IoSlice::new(&self.head),
+                    IoSlice::new(self.head),
                     IoSlice::new(&self.out),
                     IoSlice::new(&self.big),
                     IoSlice::new(self.tail),
@@ -559,6 +560,8 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         Version::HTTP_11
     };
     let mut headers = HeaderMap::with_capacity(res.headers.len());
+    let base = buf.as_ptr() as usize;
+    let values = Bytes::copy_from_slice(&buf[..len]);
     let mut length: Option<u64> = None;
     let mut transfer_encoding = false;
     let mut chunked = false;
@@ -566,8 +569,11 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     for h in res.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| Error::Malformed("header name"))?;
-        let value =
-            HeaderValue::from_bytes(h.value).map_err(|_| Error::Malformed("header value"))?;
+        // A slice of one copy of the head: one allocation for all values
+        // instead of one each.
+        let start = h.value.as_ptr() as usize - base;
+        let value = HeaderValue::from_maybe_shared(values.slice(start..start + h.value.len()))
+            .map_err(|_| Error::Malformed("header value"))?;
         if name == header::CONTENT_LENGTH {
             let n = parse_content_length(h.value).ok_or(Error::Malformed("Content-Length"))?;
             if length.is_some_and(|l| l != n) {
