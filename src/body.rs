@@ -87,9 +87,10 @@ pub struct Holding<T> {
 }
 
 impl<T: Send + Sync + Unpin + 'static> Holding<T> {
-    /// Wraps `inner`, holding `held` as long as the body lives.
-    pub fn wrap(inner: ProxyBody, held: T) -> ProxyBody {
-        Holding { inner, _held: held }.boxed()
+    /// Wraps `inner`, holding `held` as long as the body lives. Not boxed:
+    /// it is the outermost body, handed to hyper as it is.
+    pub fn wrap(inner: ProxyBody, held: T) -> Holding<T> {
+        Holding { inner, _held: held }
     }
 }
 

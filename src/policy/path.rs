@@ -98,14 +98,14 @@ fn has_dot_segment(path: &[u8]) -> bool {
 
 /// Normalises a mounted request path (`/basemaps/a/../b`) to its canonical
 /// form (`/basemaps/b`), refusing forbidden characters first.
-pub fn normalise_path(raw: &str) -> Result<String, PathError> {
+pub fn normalise_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
     if !raw.starts_with('/') {
         return Err(PathError::BadPath);
     }
     if already_normal(raw) {
-        return Ok(raw.to_string());
+        return Ok(Cow::Borrowed(raw));
     }
-    normalise_path_with_parser(raw)
+    normalise_path_with_parser(raw).map(Cow::Owned)
 }
 
 /// [`normalise_path`] without the fast path.
