@@ -396,3 +396,61 @@ async fn an_http2_upstream_is_shared_by_requests_and_bodies() {
     assert!(conns <= 2, "{conns} upstream connections");
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn an_https_http1_upstream_carries_requests_bodies_and_large_answers() {
+    let pki = Pki::new();
+    // Only HTTP/1.1 offered: the pool's own HTTP/1.1 exchange runs over TLS.
+    let fake = FakeArcGis::start_tls(pki.server_config(&[b"http/1.1"])).await;
+    let toml = standard_config(&fake, "").replace(
+        &fake.url(),
+        &format!("https://localhost:{}", fake.addr.port()),
+    );
+    let proxy = TestProxy::start(&pki, &toml).await;
+    let client = TestClient::new(&pki, proxy.addr);
+    for i in 0..10 {
+        let a = client.get(&format!("/svc/echo/n{i}?f=json")).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(a.json()["token_ok"], true);
+    }
+    let rec = fake.last();
+    assert_eq!(
+        rec.headers["host"],
+        format!("localhost:{}", fake.addr.port()).as_str()
+    );
+    // A streamed (chunked) upload and a form body.
+    let a = post(
+        &client,
+        "/svc/upload-stream",
+        "application/octet-stream",
+        chunked(20, 8 * 1024, b'a'),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["received"], (20 * 8 * 1024).to_string());
+    let a = post(
+        &client,
+        "/svc/echo/form",
+        "application/x-www-form-urlencoded",
+        full("f=json&token=CLIENT&where=1%3D1"),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(
+        String::from_utf8_lossy(&fake.last().body),
+        "f=json&where=1%3D1"
+    );
+    // 16 MiB answer, chunked upstream, read through TLS in large pieces.
+    let a = client.get("/svc/big").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body.len(), 16 * 1024 * 1024);
+    assert!(a.body.iter().all(|b| *b == b'x'));
+    // The connection comes back after each answer: the token fetch's and a
+    // pooled one (one per serving thread at most).
+    for _ in 0..10 {
+        assert_eq!(client.get("/svc/features/0/query?f=json").await.status, 200);
+    }
+    let conns = fake.connection_count();
+    assert!(conns <= 3, "{conns} upstream connections");
+    proxy.stop().await;
+}
