@@ -470,61 +470,46 @@ static URI_SAFE: [bool; 256] = crate::policy::path::ascii_set(b"-._~:/?#[]@!$&'(
 /// Percent-encodes anything `http::Uri` would refuse, leaving valid URI
 /// characters (including `%` escapes) as they are.
 pub fn to_uri(s: String) -> Option<Uri> {
-    let safe = |b: u8| URI_SAFE[usize::from(b)];
     // The usual case parses as it is, from the string's own buffer.
     let bytes = Bytes::from(s);
     if let Ok(u) = Uri::from_maybe_shared(bytes.clone()) {
         return Some(u);
     }
     let s = String::from_utf8_lossy(&bytes);
-    let mut out = String::with_capacity(s.len() + 16);
-    for b in s.bytes() {
-        if safe(b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out.parse().ok()
+    percent_encode_unless(&s, |b| URI_SAFE[usize::from(b)])
+        .parse()
+        .ok()
 }
 
-/// Bytes a request target carries as they are: visible ASCII that
-/// `http::Uri` takes in a path or query as it is (so `{z}` or `|` pass as
-/// before), without `#` (a fragment never goes upstream), `"`, `<`, `>`.
-static TARGET_SAFE: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut b = 0x21;
-    while b < 0x7f {
-        t[b] = !matches!(b as u8, b'#' | b'"' | b'<' | b'>');
-        b += 1;
-    }
-    t
-};
-
-/// A request target (`/path?query`) that is safe to put on a request line:
-/// `target` itself in the usual case, else with every other byte (space,
-/// control, `#`, non-ASCII) percent-encoded.
-pub fn request_target(target: String) -> String {
-    // No early exit, so the compiler checks many bytes per instruction.
-    let unsafe_bytes = target.bytes().fold(0u8, |acc, b| {
-        acc | u8::from(!(0x21..0x7f).contains(&b))
-            | u8::from(b == b'#')
-            | u8::from(b == b'"')
-            | u8::from(b == b'<')
-            | u8::from(b == b'>')
-    });
-    if unsafe_bytes == 0 {
-        return target;
-    }
-    let mut out = String::with_capacity(target.len() + 16);
-    for b in target.bytes() {
-        if TARGET_SAFE[usize::from(b)] {
+/// `s` with every byte that `keep` refuses written as `%XX`.
+fn percent_encode_unless(s: &str, keep: impl Fn(u8) -> bool) -> String {
+    let mut out = String::with_capacity(s.len() + 16);
+    for b in s.bytes() {
+        if keep(b) {
             out.push(char::from(b));
         } else {
             out.push_str(&format!("%{b:02X}"));
         }
     }
     out
+}
+
+/// Whether a request target carries byte `b` as it is: visible ASCII that
+/// `http::Uri` takes in a path or query as it is (so `{z}` or `|` pass as
+/// before), except `#` (a fragment never goes upstream), `"`, `<`, `>`.
+const fn target_safe(b: u8) -> bool {
+    b >= 0x21 && b < 0x7f && !matches!(b, b'#' | b'"' | b'<' | b'>')
+}
+
+/// A request target (`/path?query`) that is safe to put on a request line:
+/// `target` itself in the usual case, else with every other byte (space,
+/// control, `#`, non-ASCII) percent-encoded.
+pub fn request_target(target: String) -> String {
+    // No early exit, so the compiler checks many bytes per instruction.
+    if target.bytes().fold(true, |ok, b| ok & target_safe(b)) {
+        return target;
+    }
+    percent_encode_unless(&target, target_safe)
 }
 
 #[cfg(test)]
