@@ -569,11 +569,6 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     for h in res.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| Error::Malformed("header name"))?;
-        // A slice of one copy of the head: one allocation for all values
-        // instead of one each.
-        let start = h.value.as_ptr() as usize - base;
-        let value = HeaderValue::from_maybe_shared(values.slice(start..start + h.value.len()))
-            .map_err(|_| Error::Malformed("header value"))?;
         if name == header::CONTENT_LENGTH {
             let n = parse_content_length(h.value).ok_or(Error::Malformed("Content-Length"))?;
             if length.is_some_and(|l| l != n) {
@@ -614,6 +609,12 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         } else if name.as_str() == "keep-alive" {
             continue;
         }
+        // A slice of one copy of the head: one allocation for all values
+        // instead of one each (httparse has already refused what
+        // `HeaderValue` would).
+        let start = h.value.as_ptr() as usize - base;
+        let value = HeaderValue::from_maybe_shared(values.slice(start..start + h.value.len()))
+            .map_err(|_| Error::Malformed("header value"))?;
         headers.append(name, value);
     }
     buf.advance(len);
@@ -712,9 +713,7 @@ impl Decoder {
                     if buf.is_empty() {
                         return Ok(Step::NeedMore);
                     }
-                    let take = (*left).min(buf.len() as u64);
-                    *left -= take;
-                    let data = buf.split_to(take as usize).freeze();
+                    let data = take_counted(left, buf);
                     if *left == 0 {
                         *self = Decoder::Done;
                     }
@@ -749,9 +748,7 @@ impl Decoder {
                     if buf.is_empty() {
                         return Ok(Step::NeedMore);
                     }
-                    let take = (*left).min(buf.len() as u64);
-                    *left -= take;
-                    let data = buf.split_to(take as usize).freeze();
+                    let data = take_counted(left, buf);
                     if *left == 0 {
                         *self = Decoder::Chunked(Chunk::DataEnd);
                     }
@@ -796,6 +793,13 @@ impl Decoder {
             }
         }
     }
+}
+
+/// What `buf` holds of the `left` bytes still due, counted off `left`.
+fn take_counted(left: &mut u64, buf: &mut BytesMut) -> Bytes {
+    let take = (*left).min(buf.len() as u64);
+    *left -= take;
+    buf.split_to(take as usize).freeze()
 }
 
 /// The size on a chunk-size line (without its `\n`): hex digits, then
