@@ -18,7 +18,7 @@
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -90,11 +90,11 @@ impl Pool {
         body: ProxyBody,
         now: Instant,
     ) -> Result<Response<UpstreamBody>, BoxError> {
-        let slot = self.slot(out.origin);
         let mut body = Some(body);
         let mut encoded: Option<h1::Outbound> = None;
         loop {
-            let (conn, reused) = match self.checkout(slot, now) {
+            let (slot, idle) = self.checkout(out.origin, now);
+            let (conn, reused) = match idle {
                 Some(conn) => (conn, true),
                 // Boxed: the connect and HTTP/2 handshake state is several
                 // KiB, and every request's future would carry (and move)
@@ -136,38 +136,44 @@ impl Pool {
         }
     }
 
-    /// The index of `origin`, added on first use.
-    fn slot(&self, origin: &str) -> usize {
-        let mut origins = self.origins.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = origins.iter().position(|o| o.origin == origin) {
-            return i;
-        }
-        origins.push(Origin {
-            origin: origin.to_string(),
-            idle: VecDeque::new(),
-            h2: None,
-        });
-        origins.len() - 1
+    fn origins(&self) -> MutexGuard<'_, Vec<Origin>> {
+        self.origins.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A live connection to the origin in `slot`, if one is idle: the most
-    /// recently used, so that connections beyond what the load needs stay
-    /// idle and expire.
-    fn checkout(&self, slot: usize, now: Instant) -> Option<Conn> {
-        let mut origins = self.origins.lock().unwrap_or_else(|p| p.into_inner());
-        let origin = &mut origins[slot];
-        if let Some(h2) = origin.h2.as_ref() {
+    /// Whether a connection idle since `since` is too old to use at `now`.
+    fn expired(&self, since: Instant, now: Instant) -> bool {
+        now.saturating_duration_since(since) >= self.idle_timeout
+    }
+
+    /// The slot of `origin` (added on first use) and, under the same lock, a
+    /// live connection to it if one is idle: the most recently used, so that
+    /// connections beyond what the load needs stay idle and expire.
+    fn checkout(&self, origin: &str, now: Instant) -> (usize, Option<Conn>) {
+        let mut origins = self.origins();
+        let slot = match origins.iter().position(|o| o.origin == origin) {
+            Some(i) => i,
+            None => {
+                origins.push(Origin {
+                    origin: origin.to_string(),
+                    idle: VecDeque::new(),
+                    h2: None,
+                });
+                origins.len() - 1
+            }
+        };
+        let entry = &mut origins[slot];
+        if let Some(h2) = entry.h2.as_ref() {
             if !h2.is_closed() {
-                return Some(Conn::H2(h2.clone()));
+                return (slot, Some(Conn::H2(h2.clone())));
             }
-            origin.h2 = None;
+            entry.h2 = None;
         }
-        while let Some((mut conn, since)) = origin.idle.pop_back() {
-            if now.saturating_duration_since(since) < self.idle_timeout && !conn.is_dead() {
-                return Some(Conn::H1(conn));
+        while let Some((mut conn, since)) = entry.idle.pop_back() {
+            if !self.expired(since, now) && !conn.is_dead() {
+                return (slot, Some(Conn::H1(conn)));
             }
         }
-        None
+        (slot, None)
     }
 
     async fn connect(self: &Arc<Self>, slot: usize, origin: &str) -> Result<Conn, BoxError> {
@@ -188,8 +194,7 @@ impl Pool {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
                 }
             });
-            let mut origins = self.origins.lock().unwrap_or_else(|p| p.into_inner());
-            origins[slot].h2 = Some(sender.clone());
+            self.origins()[slot].h2 = Some(sender.clone());
             Ok(Conn::H2(sender))
         } else {
             Ok(Conn::H1(h1::Conn::new(h1::Io::from_connector(stream))))
@@ -199,11 +204,11 @@ impl Pool {
     /// Keeps an HTTP/1 connection whose answer has ended for a later request.
     fn put_back(&self, slot: usize, conn: h1::Conn) {
         let now = Instant::now();
-        let mut origins = self.origins.lock().unwrap_or_else(|p| p.into_inner());
+        let mut origins = self.origins();
         let idle = &mut origins[slot].idle;
         while idle
             .front()
-            .is_some_and(|(_, since)| now.duration_since(*since) >= self.idle_timeout)
+            .is_some_and(|(_, since)| self.expired(*since, now))
         {
             idle.pop_front();
         }
@@ -216,11 +221,10 @@ impl Pool {
     /// also while no request comes to find them.
     fn sweep(&self) {
         let now = Instant::now();
-        let mut origins = self.origins.lock().unwrap_or_else(|p| p.into_inner());
-        for origin in origins.iter_mut() {
-            origin.idle.retain_mut(|(conn, since)| {
-                now.duration_since(*since) < self.idle_timeout && !conn.is_dead()
-            });
+        for origin in self.origins().iter_mut() {
+            origin
+                .idle
+                .retain_mut(|(conn, since)| !self.expired(*since, now) && !conn.is_dead());
         }
     }
 
@@ -245,7 +249,7 @@ impl Pool {
     /// Idle HTTP/1 connections held, all origins (for tests).
     #[cfg(test)]
     fn idle_count(&self) -> usize {
-        let origins = self.origins.lock().unwrap_or_else(|p| p.into_inner());
+        let origins = self.origins();
         origins.iter().map(|o| o.idle.len()).sum()
     }
 }
