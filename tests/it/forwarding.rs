@@ -1,6 +1,7 @@
 //! Forwarding: header hygiene both ways, redirects, streaming, body limits,
 //! timeouts, upstream TLS verification, Basemap Styles `echoToken=false`.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -351,24 +352,30 @@ async fn upstream_closing_its_connections_is_not_an_error() {
     proxy.stop().await;
 }
 
-#[tokio::test]
-async fn an_http2_upstream_is_shared_by_requests_and_bodies() {
+/// A proxy in front of a fake ArcGIS over TLS offering `alpn` (the PKI is
+/// returned to live as long as they do).
+async fn tls_upstream(alpn: &[&[u8]]) -> (Pki, Arc<FakeArcGis>, TestProxy, TestClient) {
     let pki = Pki::new();
-    // The upstream offers h2 first, so the pool talks HTTP/2 to it.
-    let fake = FakeArcGis::start_tls(pki.server_config(&[b"h2", b"http/1.1"])).await;
+    let fake = FakeArcGis::start_tls(pki.server_config(alpn)).await;
     let toml = standard_config(&fake, "").replace(
         &fake.url(),
         &format!("https://localhost:{}", fake.addr.port()),
     );
     let proxy = TestProxy::start(&pki, &toml).await;
     let client = TestClient::new(&pki, proxy.addr);
+    (pki, fake, proxy, client)
+}
+
+/// GETs with the token, a streamed (chunked) upload and a form body whose
+/// client token is removed, all through `client` to `fake`.
+async fn requests_and_bodies_pass(client: &TestClient, fake: &FakeArcGis) {
     for i in 0..10 {
         let a = client.get(&format!("/svc/echo/n{i}?f=json")).await;
         assert_eq!(a.status, 200, "{}", a.text());
         assert_eq!(a.json()["token_ok"], true);
     }
     let a = post(
-        &client,
+        client,
         "/svc/upload-stream",
         "application/octet-stream",
         chunked(20, 8 * 1024, b'a'),
@@ -377,7 +384,7 @@ async fn an_http2_upstream_is_shared_by_requests_and_bodies() {
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(a.json()["received"], (20 * 8 * 1024).to_string());
     let a = post(
-        &client,
+        client,
         "/svc/echo/form",
         "application/x-www-form-urlencoded",
         full("f=json&token=CLIENT&where=1%3D1"),
@@ -387,8 +394,15 @@ async fn an_http2_upstream_is_shared_by_requests_and_bodies() {
     let rec = fake.last();
     assert_eq!(rec.method, http::Method::POST);
     assert_eq!(String::from_utf8_lossy(&rec.body), "f=json&where=1%3D1");
+}
+
+#[tokio::test]
+async fn an_http2_upstream_is_shared_by_requests_and_bodies() {
+    // The upstream offers h2 first, so the pool talks HTTP/2 to it.
+    let (_pki, fake, proxy, client) = tls_upstream(&[b"h2", b"http/1.1"]).await;
+    requests_and_bodies_pass(&client, &fake).await;
     assert!(
-        rec.headers.get("host").is_none(),
+        fake.last().headers.get("host").is_none(),
         "HTTP/2 carries :authority, not Host"
     );
     // The token fetch's connection and one shared HTTP/2 connection.
@@ -399,46 +413,12 @@ async fn an_http2_upstream_is_shared_by_requests_and_bodies() {
 
 #[tokio::test]
 async fn an_https_http1_upstream_carries_requests_bodies_and_large_answers() {
-    let pki = Pki::new();
     // Only HTTP/1.1 offered: the pool's own HTTP/1.1 exchange runs over TLS.
-    let fake = FakeArcGis::start_tls(pki.server_config(&[b"http/1.1"])).await;
-    let toml = standard_config(&fake, "").replace(
-        &fake.url(),
-        &format!("https://localhost:{}", fake.addr.port()),
-    );
-    let proxy = TestProxy::start(&pki, &toml).await;
-    let client = TestClient::new(&pki, proxy.addr);
-    for i in 0..10 {
-        let a = client.get(&format!("/svc/echo/n{i}?f=json")).await;
-        assert_eq!(a.status, 200, "{}", a.text());
-        assert_eq!(a.json()["token_ok"], true);
-    }
-    let rec = fake.last();
+    let (_pki, fake, proxy, client) = tls_upstream(&[b"http/1.1"]).await;
+    requests_and_bodies_pass(&client, &fake).await;
     assert_eq!(
-        rec.headers["host"],
+        fake.last().headers["host"],
         format!("localhost:{}", fake.addr.port()).as_str()
-    );
-    // A streamed (chunked) upload and a form body.
-    let a = post(
-        &client,
-        "/svc/upload-stream",
-        "application/octet-stream",
-        chunked(20, 8 * 1024, b'a'),
-    )
-    .await;
-    assert_eq!(a.status, 200, "{}", a.text());
-    assert_eq!(a.json()["received"], (20 * 8 * 1024).to_string());
-    let a = post(
-        &client,
-        "/svc/echo/form",
-        "application/x-www-form-urlencoded",
-        full("f=json&token=CLIENT&where=1%3D1"),
-    )
-    .await;
-    assert_eq!(a.status, 200, "{}", a.text());
-    assert_eq!(
-        String::from_utf8_lossy(&fake.last().body),
-        "f=json&where=1%3D1"
     );
     // 16 MiB answer, chunked upstream, read through TLS in large pieces.
     let a = client.get("/svc/big").await;
