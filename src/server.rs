@@ -2,7 +2,8 @@
 //! serving, and graceful shutdown.
 //!
 //! [`run`] takes already-bound listeners (tests bind port 0) and a shutdown
-//! future. A connection permit is taken *before* `accept`, so beyond
+//! future. One acceptor hands each connection to the serving thread with
+//! the fewest open ones. A connection permit is taken *before* `accept`, so beyond
 //! `max_connections` new connections wait unaccepted in the kernel backlog.
 //! The TLS handshake and the request head share the `header_read_timeout`
 //! budget (slow-loris guard); an HTTP/1 connection with no request in
@@ -16,21 +17,21 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::admin;
 use crate::app::App;
-use crate::body::Holding;
+use crate::body::{BoxError, Holding};
 use crate::config::{Config, Limits};
 use crate::framing::{Activity, FramingGuard};
 use crate::proxy::ConnInfo;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 /// Bound sockets for the proxy's listeners.
 #[derive(Debug, Default)]
@@ -154,18 +155,21 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let p = prepare(&app, &mut listeners)?;
-    let serving = tokio::spawn(accept_loop(
+    let (queue, shard) = Queue::new();
+    let acceptor = tokio::spawn(accept_loop(
         Arc::clone(&app),
         listeners.tls,
         listeners.plain,
         p.permits,
-        0,
+        vec![queue],
         p.stop.subscribe(),
     ));
+    let serving = tokio::spawn(serve_shard(Arc::clone(&app), shard, 0));
     app.status.listening.store(true, Ordering::SeqCst);
     shutdown.await;
     begin_shutdown(&app);
     let _ = p.stop.send(true);
+    let _ = acceptor.await;
     let _ = serving.await;
     let _ = p.admin_stop.send(true);
     tracing::info!("stopped");
@@ -173,9 +177,10 @@ pub async fn run(
 }
 
 /// Serves `app` with one single-threaded runtime per serving thread, each
-/// accepting from the same sockets and owning its upstream connection pool,
-/// so a request never hops between cores. The calling runtime runs the
-/// admin listener, token refreshes and `shutdown`.
+/// owning its upstream connection pool, so a request never hops between
+/// cores. The calling runtime accepts connections and hands each to the
+/// serving thread with the fewest open ones; it also runs the admin
+/// listener, token refreshes and `shutdown`.
 pub async fn run_sharded(
     app: Arc<App>,
     mut listeners: Listeners,
@@ -183,15 +188,12 @@ pub async fn run_sharded(
 ) -> io::Result<()> {
     let p = prepare(&app, &mut listeners)?;
     let shards = app.proxy().clients().shards();
-    let to_std = |l: Option<TcpListener>| l.map(|l| l.into_std()).transpose();
-    let tls = to_std(listeners.tls)?;
-    let plain = to_std(listeners.plain)?;
+    let mut queues = Vec::with_capacity(shards);
     let mut threads = Vec::with_capacity(shards);
     for shard in 0..shards {
-        let clone =
-            |l: &Option<std::net::TcpListener>| l.as_ref().map(|l| l.try_clone()).transpose();
-        let (tls, plain) = (clone(&tls)?, clone(&plain)?);
-        let (app, permits, stop) = (Arc::clone(&app), Arc::clone(&p.permits), p.stop.subscribe());
+        let (queue, incoming) = Queue::new();
+        queues.push(queue);
+        let app = Arc::clone(&app);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
             .name(format!("serve-{shard}"))
@@ -200,21 +202,24 @@ pub async fn run_sharded(
                     .enable_all()
                     .build()
                     .expect("build a serving runtime");
-                rt.block_on(async move {
-                    let from_std = |l: Option<std::net::TcpListener>| {
-                        l.and_then(|l| TcpListener::from_std(l).ok())
-                    };
-                    accept_loop(app, from_std(tls), from_std(plain), permits, shard, stop).await;
-                });
+                rt.block_on(serve_shard(app, incoming, shard));
                 let _ = done_tx.send(());
             })?;
         threads.push(done_rx);
     }
-    drop((tls, plain));
+    let acceptor = tokio::spawn(accept_loop(
+        Arc::clone(&app),
+        listeners.tls,
+        listeners.plain,
+        p.permits,
+        queues,
+        p.stop.subscribe(),
+    ));
     app.status.listening.store(true, Ordering::SeqCst);
     shutdown.await;
     begin_shutdown(&app);
     let _ = p.stop.send(true);
+    let _ = acceptor.await;
     for t in threads {
         let _ = t.await;
     }
@@ -232,17 +237,72 @@ fn begin_shutdown(app: &App) {
     );
 }
 
-/// One serving thread: accept, TLS, HTTP, until `stop`; then drain its
-/// connections for up to the grace period.
+/// An accepted connection on its way to a serving thread. It leaves the
+/// acceptor's runtime as a std socket and joins the serving thread's.
+struct Accepted {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    tls: bool,
+    permit: OwnedSemaphorePermit,
+}
+
+/// The acceptor's end of one serving thread's queue, with the count of
+/// connections open on that thread.
+struct Queue {
+    tx: mpsc::UnboundedSender<Accepted>,
+    open: Arc<AtomicUsize>,
+}
+
+/// The serving thread's end.
+struct Incoming {
+    rx: mpsc::UnboundedReceiver<Accepted>,
+    open: Arc<AtomicUsize>,
+}
+
+impl Queue {
+    fn new() -> (Queue, Incoming) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let open = Arc::new(AtomicUsize::new(0));
+        (
+            Queue {
+                tx,
+                open: Arc::clone(&open),
+            },
+            Incoming { rx, open },
+        )
+    }
+}
+
+/// The queue a new connection goes to: the one with the fewest open
+/// connections, ties taken in turn from `*next`.
+///
+/// Balancing is why one acceptor hands connections out instead of every
+/// serving thread accepting from the shared socket: then the first thread
+/// woken takes the whole burst (tokio accepts until the backlog is empty),
+/// and a benchmark's 64 keep-alive connections all landed on one thread
+/// while the other stayed idle.
+fn pick(queues: &[Queue], next: &mut usize) -> usize {
+    let n = queues.len();
+    let start = *next % n;
+    *next = next.wrapping_add(1);
+    (0..n)
+        .map(|i| (start + i) % n)
+        .min_by_key(|&i| queues[i].open.load(Ordering::Relaxed))
+        .unwrap_or(0)
+}
+
+/// Accepts until `stop`, taking a connection permit first, and hands each
+/// connection to a serving thread. Dropping the queues on the way out lets
+/// the serving threads drain.
 async fn accept_loop(
     app: Arc<App>,
     tls_listener: Option<TcpListener>,
     plain_listener: Option<TcpListener>,
     permits: Arc<Semaphore>,
-    shard: usize,
+    queues: Vec<Queue>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let graceful = GracefulShutdown::new();
+    let mut next = 0;
     loop {
         let permit = tokio::select! {
             p = Arc::clone(&permits).acquire_owned() => p.expect("semaphore never closed"),
@@ -260,74 +320,122 @@ async fn accept_loop(
             () = stopped(&mut stop) => break,
         };
         let _ = stream.set_nodelay(true);
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot hand an accepted connection over");
+                continue;
+            }
+        };
+        let i = pick(&queues, &mut next);
+        queues[i].open.fetch_add(1, Ordering::Relaxed);
+        app.status.open_connections.fetch_add(1, Ordering::Relaxed);
+        let accepted = Accepted {
+            stream,
+            peer,
+            tls,
+            permit,
+        };
+        if queues[i].tx.send(accepted).is_err() {
+            // The serving thread is gone (it only stops after the queue
+            // closes, so this is a panic): the connection is dropped.
+            queues[i].open.fetch_sub(1, Ordering::Relaxed);
+            app.status.open_connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One serving thread: TLS and HTTP for the connections handed to it,
+/// until the acceptor closes its queue; then drains its connections for up
+/// to the grace period.
+async fn serve_shard(app: Arc<App>, mut incoming: Incoming, shard: usize) {
+    let graceful = GracefulShutdown::new();
+    while let Some(a) = incoming.rx.recv().await {
+        let stream = match TcpStream::from_std(a.stream) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(peer = %a.peer, error = %e, "cannot take over an accepted connection");
+                incoming.open.fetch_sub(1, Ordering::Relaxed);
+                app.status.open_connections.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
+        };
+        let info = ConnInfo {
+            peer: a.peer,
+            tls: a.tls,
+            shard,
+        };
         let watcher = graceful.watcher();
-        let app = Arc::clone(&app);
+        let (app, open, permit) = (Arc::clone(&app), Arc::clone(&incoming.open), a.permit);
         tokio::spawn(async move {
-            app.status.open_connections.fetch_add(1, Ordering::Relaxed);
-            // The connection's settings and certificate come from the
-            // generation current when it was accepted; each request then
-            // runs on the generation current when it arrives.
-            let generation = app.current();
-            let handshake_timeout = generation.proxy.config().limits.header_read_timeout;
-            let head_limit = generation.proxy.config().limits.max_header_bytes;
-            let info = ConnInfo { peer, tls, shard };
-            let svc_app = Arc::clone(&app);
-            let activity = Activity::new();
-            let svc_activity = Arc::clone(&activity);
-            let svc = service_fn(move |req| {
-                let proxy = svc_app.proxy();
-                // In progress from here until the answer has been written.
-                let busy = svc_activity.begin();
-                async move {
-                    let resp = proxy.handle(req, &info).await;
-                    Ok::<_, Infallible>(resp.map(|b| Holding::wrap(b, busy)))
-                }
-            });
-            let result = if tls {
-                match generation.tls.clone() {
-                    None => Err("no TLS settings".into()),
-                    Some(acceptor) => {
-                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
-                        {
-                            Ok(Ok(tls_stream)) => {
-                                // HTTP/2 passes the guard untouched after its preface.
-                                let guarded =
-                                    FramingGuard::new(tls_stream, head_limit, handshake_timeout)
-                                        .with_idle_timeout(activity, handshake_timeout);
-                                let conn = generation
-                                    .http
-                                    .serve_connection(TokioIo::new(guarded), svc)
-                                    .into_owned();
-                                watcher.watch(conn).await
-                            }
-                            Ok(Err(e)) => Err(format!("TLS handshake failed: {e}").into()),
-                            Err(_) => Err("TLS handshake timed out".into()),
-                        }
-                    }
-                }
-            } else {
-                // HTTP/1 (or h2c prior knowledge, which the guard lets through).
-                let guarded = FramingGuard::new(stream, head_limit, handshake_timeout)
+            if let Err(e) = serve_connection(&app, stream, info, watcher).await {
+                tracing::debug!(peer = %info.peer, error = %crate::error::describe(&*e), "connection ended with an error");
+            }
+            open.fetch_sub(1, Ordering::Relaxed);
+            app.status.open_connections.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+    let grace = app.proxy().config().server.shutdown_grace;
+    match tokio::time::timeout(grace, graceful.shutdown()).await {
+        Ok(()) => tracing::info!(shard, "all connections closed"),
+        Err(_) => tracing::warn!(shard, "grace period over; closing remaining connections"),
+    }
+}
+
+/// One connection: TLS handshake (on the TLS listener), then HTTP/1.1 or
+/// HTTP/2 until either side closes or shutdown asks it to finish.
+async fn serve_connection(
+    app: &Arc<App>,
+    stream: TcpStream,
+    info: ConnInfo,
+    watcher: Watcher,
+) -> Result<(), BoxError> {
+    // The connection's settings and certificate come from the generation
+    // current when it was accepted; each request then runs on the
+    // generation current when it arrives.
+    let generation = app.current();
+    let handshake_timeout = generation.proxy.config().limits.header_read_timeout;
+    let head_limit = generation.proxy.config().limits.max_header_bytes;
+    let svc_app = Arc::clone(app);
+    let activity = Activity::new();
+    let svc_activity = Arc::clone(&activity);
+    let svc = service_fn(move |req| {
+        let proxy = svc_app.proxy();
+        // In progress from here until the answer has been written.
+        let busy = svc_activity.begin();
+        async move {
+            let resp = proxy.handle(req, &info).await;
+            Ok::<_, Infallible>(resp.map(|b| Holding::wrap(b, busy)))
+        }
+    });
+    if info.tls {
+        let Some(acceptor) = generation.tls.clone() else {
+            return Err("no TLS settings".into());
+        };
+        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(tls_stream)) => {
+                // HTTP/2 passes the guard untouched after its preface.
+                let guarded = FramingGuard::new(tls_stream, head_limit, handshake_timeout)
                     .with_idle_timeout(activity, handshake_timeout);
                 let conn = generation
                     .http
                     .serve_connection(TokioIo::new(guarded), svc)
                     .into_owned();
                 watcher.watch(conn).await
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %crate::error::describe(&*e), "connection ended with an error");
             }
-            app.status.open_connections.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
-        });
-    }
-    drop(tls_listener);
-    drop(plain_listener);
-    let grace = app.proxy().config().server.shutdown_grace;
-    match tokio::time::timeout(grace, graceful.shutdown()).await {
-        Ok(()) => tracing::info!(shard, "all connections closed"),
-        Err(_) => tracing::warn!(shard, "grace period over; closing remaining connections"),
+            Ok(Err(e)) => Err(format!("TLS handshake failed: {e}").into()),
+            Err(_) => Err("TLS handshake timed out".into()),
+        }
+    } else {
+        // HTTP/1 (or h2c prior knowledge, which the guard lets through).
+        let guarded = FramingGuard::new(stream, head_limit, handshake_timeout)
+            .with_idle_timeout(activity, handshake_timeout);
+        let conn = generation
+            .http
+            .serve_connection(TokioIo::new(guarded), svc)
+            .into_owned();
+        watcher.watch(conn).await
     }
 }
 
@@ -354,4 +462,110 @@ async fn accept_error(e: io::Error) {
     // Out of file descriptors and similar: back off instead of spinning.
     tracing::warn!(error = %e, "accept failed");
     tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Env;
+    use std::path::Path;
+
+    struct NoEnv;
+    impl Env for NoEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            (name == "SECRET").then(|| "s3cr3t".to_string())
+        }
+    }
+
+    fn app() -> Arc<App> {
+        let text = r#"
+[server]
+plain_listen = "127.0.0.1:0"
+[referers]
+allowed = ["https://app.example.com"]
+[credentials.online]
+token_url = "https://www.arcgis.com/sharing/rest/oauth2/token"
+client_id = "abc"
+client_secret_env = "SECRET"
+[[routes]]
+upstream = "https://services.arcgis.com/org/arcgis/rest/services"
+credential = "online"
+mount = "/features"
+"#;
+        let config = Config::from_toml(text, Path::new("t.toml"), Path::new("."), &NoEnv)
+            .expect("test config loads");
+        App::with_shards(Arc::new(config), 2)
+    }
+
+    fn queues(open: &[usize]) -> (Vec<Queue>, Vec<Incoming>) {
+        open.iter()
+            .map(|&n| {
+                let (q, i) = Queue::new();
+                q.open.store(n, Ordering::Relaxed);
+                (q, i)
+            })
+            .unzip()
+    }
+
+    #[test]
+    fn pick_takes_the_least_loaded_thread_and_turns_on_ties() {
+        let (qs, _keep) = queues(&[3, 1, 1]);
+        let mut next = 0;
+        let picks: Vec<usize> = (0..4).map(|_| pick(&qs, &mut next)).collect();
+        // Never the loaded thread; the two tied ones in turn.
+        assert!(!picks.contains(&0), "{picks:?}");
+        assert!(picks.contains(&1) && picks.contains(&2), "{picks:?}");
+        let (qs, _keep) = queues(&[0, 0]);
+        let picks: Vec<usize> = (0..4).map(|_| pick(&qs, &mut next)).collect();
+        assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 2, "{picks:?}");
+    }
+
+    /// Ten connections opened at once reach two serving threads five and
+    /// five (when each thread accepted for itself, the first one woken took
+    /// the whole burst), and stopping closes the queues.
+    #[tokio::test]
+    async fn a_burst_of_connections_is_spread_over_the_serving_threads() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (qs, mut incoming) = queues(&[0, 0]);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let permits = Arc::new(Semaphore::new(100));
+        let acceptor = tokio::spawn(accept_loop(
+            app(),
+            None,
+            Some(listener),
+            Arc::clone(&permits),
+            qs,
+            stop_rx,
+        ));
+        let clients: Vec<TcpStream> =
+            futures_util::future::join_all((0..10).map(|_| TcpStream::connect(addr)))
+                .await
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
+        let mut held = Vec::new();
+        for inc in &mut incoming {
+            for _ in 0..5 {
+                let a = tokio::time::timeout(Duration::from_secs(5), inc.rx.recv())
+                    .await
+                    .expect("a connection arrives")
+                    .expect("queue open");
+                assert!(!a.tls);
+                held.push(a);
+            }
+            assert_eq!(inc.open.load(Ordering::Relaxed), 5);
+        }
+        // Each handed-out connection holds its permit; the acceptor holds
+        // one for the next connection.
+        assert_eq!(permits.available_permits(), 89);
+        drop(held);
+        assert_eq!(permits.available_permits(), 99);
+        let _ = stop_tx.send(true);
+        acceptor.await.unwrap();
+        for inc in &mut incoming {
+            assert!(inc.rx.recv().await.is_none(), "nothing extra, queue closed");
+        }
+        drop(clients);
+    }
 }
