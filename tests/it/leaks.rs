@@ -4,6 +4,10 @@
 //! it. Also the JSON-body 498/499 retry, compressed or not.
 
 use crate::support::*;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn setup(extra_route_opts: &str) -> (Pki, std::sync::Arc<FakeArcGis>, TestProxy, TestClient) {
     let pki = Pki::new();
@@ -225,5 +229,109 @@ async fn large_answers_are_not_held_back_by_the_json_check() {
     assert_eq!(a.status, 200);
     assert_eq!(a.body.len(), 16 * 1024 * 1024);
     assert_eq!(fake.token_count(), 1);
+    proxy.stop().await;
+}
+
+/// An HTTP/1.1 upstream that answers every request chunked, with a trailer
+/// field echoing the `X-Esri-Authorization` it received. Returns its address
+/// and what it received.
+async fn trailer_echo_upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let seen = Arc::clone(&seen2);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end);
+                    let auth = head
+                        .lines()
+                        .find_map(|l| {
+                            let (n, v) = l.split_once(':')?;
+                            n.eq_ignore_ascii_case("x-esri-authorization")
+                                .then(|| v.trim().to_string())
+                        })
+                        .unwrap_or_default();
+                    seen.lock().unwrap().push(auth.clone());
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\
+                         Transfer-Encoding: chunked\r\nTrailer: X-Echo\r\n\r\n\
+                         5\r\nhello\r\n0\r\nX-Echo: {auth}\r\n\r\n"
+                    );
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Trailers are header fields sent after the body, out of reach of the
+/// header scrubber: an upstream that echoes the token in one must not get
+/// it to the client, over HTTP/1.1 (asking with `TE: trailers`) or HTTP/2
+/// (where trailers always pass).
+#[tokio::test]
+async fn upstream_trailers_never_reach_the_client() {
+    let pki = Pki::new();
+    let fake = FakeArcGis::start().await;
+    let (up, seen) = trailer_echo_upstream().await;
+    let toml = standard_config(
+        &fake,
+        &format!(
+            "[[routes]]\nname = \"trailers\"\nupstream = \"http://{up}/x\"\ncredential = \"online\"\nmount = \"/trailers\"\n"
+        ),
+    );
+    let proxy = TestProxy::start(&pki, &toml).await;
+
+    let out = raw_tls(
+        &pki,
+        proxy.addr,
+        b"GET /trailers/y HTTP/1.1\r\nHost: localhost\r\nReferer: https://app.example.com/\r\n\
+          TE: trailers\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(raw_status(&out), Some(200), "{out}");
+    assert!(out.contains("hello"), "{out}");
+
+    let a = TestClient::h2(&pki, proxy.addr).get("/trailers/y").await;
+    assert_eq!((a.status.as_u16(), a.version), (200, http::Version::HTTP_2));
+    assert_eq!(&a.body[..], b"hello");
+
+    // The upstream did get the token, so its trailers carried it.
+    let issued = fake.issued();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for s in &seen {
+        assert!(issued.iter().any(|t| s == &format!("Bearer {t}")), "{s}");
+    }
+    for t in &issued {
+        assert!(
+            !out.contains(t.as_str()),
+            "token reached an HTTP/1.1 client: {out}"
+        );
+    }
+    assert!(!out.to_ascii_lowercase().contains("x-echo:"), "{out}");
+    assert!(
+        a.trailers.is_none(),
+        "trailers reached an HTTP/2 client: {:?}",
+        a.trailers
+    );
     proxy.stop().await;
 }

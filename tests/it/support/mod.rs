@@ -785,6 +785,8 @@ pub struct Answer {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// Trailer fields, when the answer carried any.
+    pub trailers: Option<HeaderMap>,
     pub version: http::Version,
 }
 
@@ -867,11 +869,12 @@ impl TestClient {
             .expect("request timed out")
             .expect("request failed");
         let (parts, body) = resp.into_parts();
-        let body = body.collect().await.expect("body failed").to_bytes();
+        let collected = body.collect().await.expect("body failed");
         Answer {
             status: parts.status,
             headers: parts.headers,
-            body,
+            trailers: collected.trailers().cloned(),
+            body: collected.to_bytes(),
             version: parts.version,
         }
     }
@@ -883,11 +886,12 @@ impl TestClient {
             .ok()?
             .ok()?;
         let (parts, body) = resp.into_parts();
-        let body = body.collect().await.ok()?.to_bytes();
+        let collected = body.collect().await.ok()?;
         Some(Answer {
             status: parts.status,
             headers: parts.headers,
-            body,
+            trailers: collected.trailers().cloned(),
+            body: collected.to_bytes(),
             version: parts.version,
         })
     }
