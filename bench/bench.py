@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import statistics
@@ -204,12 +205,47 @@ def h2load(url, conns, streams, secs):
     }
 
 
-def measured(server, fn):
+def thread_ticks(pids):
+    """CPU ticks of every thread of `pids`, keyed by (pid, tid)."""
+    out = {}
+    for p in pids:
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tids:
+            try:
+                with open(f"/proc/{p}/task/{t}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                out[(p, t)] = int(fields[11]) + int(fields[12])
+            except OSError:
+                pass
+    return out
+
+
+def children_cpu_s():
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def measured(server, fn, upstream=None):
+    """Runs `fn` (a load generator) and adds CPU per request: the server's,
+    the upstream's (when given) and the load generator's, plus the busiest
+    server thread's share of the server's CPU (0.5 is an even split over
+    two serving threads or workers; 1.0 means one did everything)."""
     pids = server.pids()
-    t0 = cpu_ticks(pids)
+    t0, th0, c0 = cpu_ticks(pids), thread_ticks(pids), children_cpu_s()
+    u0 = cpu_ticks(upstream.pids()) if upstream else 0
     r = fn()
-    t1 = cpu_ticks(pids)
-    r["cpu_us_per_req"] = (t1 - t0) / CLK * 1e6 / max(r["requests"], 1)
+    t1, th1, c1 = cpu_ticks(pids), thread_ticks(pids), children_cpu_s()
+    u1 = cpu_ticks(upstream.pids()) if upstream else 0
+    n = max(r["requests"], 1)
+    r["cpu_us_per_req"] = (t1 - t0) / CLK * 1e6 / n
+    r["client_cpu_us_per_req"] = (c1 - c0) * 1e6 / n
+    if upstream:
+        r["upstream_cpu_us_per_req"] = (u1 - u0) / CLK * 1e6 / n
+    busy = [th1[k] - th0.get(k, 0) for k in th1]
+    r["busiest_thread_share"] = max(busy) / sum(busy) if sum(busy) else float("nan")
     r["rss_mib"] = rss_kib(pids) / 1024
     return r
 
@@ -437,7 +473,7 @@ mount = "/raw"
             for _ in range(rounds):
                 for name in ["nginx", "proxy"]:
                     server, url = targets[name]
-                    rs[name].append(measured(server, lambda: wrk(url, 64, secs)))
+                    rs[name].append(measured(server, lambda: wrk(url, 64, secs), upstream))
                 rs["direct"].append(measured(upstream, lambda: wrk(direct_url, 64, secs)))
             results["h1_keepalive_64"] = {k: median_round(v) for k, v in rs.items()}
 
@@ -446,7 +482,7 @@ mount = "/raw"
             for _ in range(rounds):
                 for name in ["nginx", "proxy"]:
                     server, url = targets[name]
-                    rs[name].append(measured(server, lambda: h2load(url, 8, 32, secs)))
+                    rs[name].append(measured(server, lambda: h2load(url, 8, 32, secs), upstream))
             results["h2_8x32"] = {k: median_round(v) for k, v in rs.items()}
 
         if want("newconn"):
@@ -518,6 +554,18 @@ mount = "/raw"
 
 def print_report(r):
     print(f"\narcgis-app-proxy vs nginx — {r['machine']['cpus']} CPUs, {r['rounds']} rounds × {r['secs']} s, median round\n")
+    def parties(h):
+        # Everything shares the machine's cores, so requests/s follows the
+        # sum of all three parties' CPU per request, not the server's alone.
+        for name in ["proxy", "nginx"]:
+            x = h[name]
+            if "upstream_cpu_us_per_req" not in x:
+                return
+            total = x["cpu_us_per_req"] + x["upstream_cpu_us_per_req"] + x["client_cpu_us_per_req"]
+            print(f"  {'CPU per request, all parties':34} {name:5}: server {x['cpu_us_per_req']:.1f} + upstream "
+                  f"{x['upstream_cpu_us_per_req']:.1f} + load generator {x['client_cpu_us_per_req']:.1f} = {total:.1f} us")
+        print(f"  {'busiest thread, share of server CPU':34} proxy {h['proxy']['busiest_thread_share']:.2f}   "
+              f"nginx {h['nginx']['busiest_thread_share']:.2f}   (0.50 = even over two)")
     def row(label, a, b, unit, better):
         ratio = a / b if b else float("nan")
         print(f"  {label:34} proxy {a:10.1f} {unit:8} nginx {b:10.1f} {unit:8} ratio {ratio:5.2f} ({better})")
@@ -529,6 +577,7 @@ def print_report(r):
         row("p50 latency", h["proxy"]["p50_ms"], h["nginx"]["p50_ms"], "ms", "lower is better")
         row("p99 latency", h["proxy"]["p99_ms"], h["nginx"]["p99_ms"], "ms", "target <= 1.00")
         print(f"  {'direct upstream (cleartext)':34} {h['direct']['rps']:10.1f} req/s, p99 {h['direct']['p99_ms']:.2f} ms")
+        parties(h)
         print(f"  non-2xx: proxy {h['proxy']['non_2xx']}, nginx {h['nginx']['non_2xx']}")
     if "h2_8x32" in r:
         h = r["h2_8x32"]
@@ -536,6 +585,7 @@ def print_report(r):
         row("requests/s", h["proxy"]["rps"], h["nginx"]["rps"], "req/s", "target >= 1.20")
         row("CPU per request", h["proxy"]["cpu_us_per_req"], h["nginx"]["cpu_us_per_req"], "us", "lower is better")
         print(f"  succeeded: proxy {h['proxy']['succeeded']}/{h['proxy']['requests']}, nginx {h['nginx']['succeeded']}/{h['nginx']['requests']}")
+        parties(h)
     if "new_tls_connection_per_request" in r:
         h = r["new_tls_connection_per_request"]
         print("New TLS connection per request, 16 concurrent (wrk, Connection: close):")
