@@ -299,7 +299,7 @@ async fn accept_loop(
     tls_listener: Option<TcpListener>,
     plain_listener: Option<TcpListener>,
     permits: Arc<Semaphore>,
-    queues: Vec<Queue>,
+    mut queues: Vec<Queue>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut next = 0;
@@ -327,20 +327,33 @@ async fn accept_loop(
                 continue;
             }
         };
-        let i = pick(&queues, &mut next);
-        queues[i].open.fetch_add(1, Ordering::Relaxed);
-        app.status.open_connections.fetch_add(1, Ordering::Relaxed);
-        let accepted = Accepted {
+        let mut accepted = Accepted {
             stream,
             peer,
             tls,
             permit,
         };
-        if queues[i].tx.send(accepted).is_err() {
-            // The serving thread is gone (it only stops after the queue
-            // closes, so this is a panic): the connection is dropped.
-            queues[i].open.fetch_sub(1, Ordering::Relaxed);
-            app.status.open_connections.fetch_sub(1, Ordering::Relaxed);
+        loop {
+            if queues.is_empty() {
+                tracing::error!("no serving thread left; no longer accepting");
+                return;
+            }
+            let i = pick(&queues, &mut next);
+            queues[i].open.fetch_add(1, Ordering::Relaxed);
+            app.status.open_connections.fetch_add(1, Ordering::Relaxed);
+            match queues[i].tx.send(accepted) {
+                Ok(()) => break,
+                Err(mpsc::error::SendError(back)) => {
+                    // A serving thread only stops after its queue closes,
+                    // so this one panicked: it would otherwise look least
+                    // loaded forever and swallow every new connection.
+                    queues[i].open.fetch_sub(1, Ordering::Relaxed);
+                    app.status.open_connections.fetch_sub(1, Ordering::Relaxed);
+                    tracing::error!("a serving thread stopped; its share goes to the others");
+                    queues.swap_remove(i);
+                    accepted = back;
+                }
+            }
         }
     }
 }
@@ -567,5 +580,38 @@ mount = "/features"
             assert!(inc.rx.recv().await.is_none(), "nothing extra, queue closed");
         }
         drop(clients);
+    }
+
+    /// A serving thread that is gone (its end of the queue dropped) would
+    /// look least loaded forever; its connections go to the others instead.
+    #[tokio::test]
+    async fn a_stopped_serving_thread_gets_no_connections() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (qs, mut incoming) = queues(&[0, 0]);
+        let mut live = incoming.pop().unwrap();
+        drop(incoming);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let acceptor = tokio::spawn(accept_loop(
+            app(),
+            None,
+            Some(listener),
+            Arc::new(Semaphore::new(100)),
+            qs,
+            stop_rx,
+        ));
+        let mut clients = Vec::new();
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            clients.push(TcpStream::connect(addr).await.unwrap());
+            let a = tokio::time::timeout(Duration::from_secs(5), live.rx.recv())
+                .await
+                .expect("the connection reaches the live thread")
+                .expect("queue open");
+            held.push(a);
+        }
+        assert_eq!(live.open.load(Ordering::Relaxed), 4);
+        let _ = stop_tx.send(true);
+        acceptor.await.unwrap();
     }
 }
