@@ -156,6 +156,7 @@ pub async fn run(
 ) -> io::Result<()> {
     let p = prepare(&app, &mut listeners)?;
     let (queue, shard) = Queue::new();
+    app.status.listening.store(true, Ordering::SeqCst);
     let acceptor = tokio::spawn(accept_loop(
         Arc::clone(&app),
         listeners.tls,
@@ -165,7 +166,6 @@ pub async fn run(
         p.stop.subscribe(),
     ));
     let serving = tokio::spawn(serve_shard(Arc::clone(&app), shard, 0));
-    app.status.listening.store(true, Ordering::SeqCst);
     shutdown.await;
     begin_shutdown(&app);
     let _ = p.stop.send(true);
@@ -207,6 +207,7 @@ pub async fn run_sharded(
             })?;
         threads.push(done_rx);
     }
+    app.status.listening.store(true, Ordering::SeqCst);
     let acceptor = tokio::spawn(accept_loop(
         Arc::clone(&app),
         listeners.tls,
@@ -215,7 +216,6 @@ pub async fn run_sharded(
         queues,
         p.stop.subscribe(),
     ));
-    app.status.listening.store(true, Ordering::SeqCst);
     shutdown.await;
     begin_shutdown(&app);
     let _ = p.stop.send(true);
@@ -335,6 +335,8 @@ async fn accept_loop(
         };
         loop {
             if queues.is_empty() {
+                // /readyz turns 503, so an orchestrator replaces us.
+                app.status.listening.store(false, Ordering::SeqCst);
                 tracing::error!("no serving thread left; no longer accepting");
                 return;
             }
@@ -613,5 +615,33 @@ mount = "/features"
         assert_eq!(live.open.load(Ordering::Relaxed), 4);
         let _ = stop_tx.send(true);
         acceptor.await.unwrap();
+    }
+
+    /// With every serving thread gone the acceptor stops and the proxy
+    /// stops reporting itself as listening (so /readyz answers 503).
+    #[tokio::test]
+    async fn no_serving_thread_left_stops_accepting_and_readiness() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (qs, incoming) = queues(&[0, 0]);
+        drop(incoming);
+        let app = app();
+        app.status.listening.store(true, Ordering::SeqCst);
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let acceptor = tokio::spawn(accept_loop(
+            Arc::clone(&app),
+            None,
+            Some(listener),
+            Arc::new(Semaphore::new(100)),
+            qs,
+            stop_rx,
+        ));
+        let _client = TcpStream::connect(addr).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), acceptor)
+            .await
+            .expect("the acceptor stops")
+            .unwrap();
+        assert!(!app.status.listening.load(Ordering::SeqCst));
+        assert_eq!(app.status.open_connections.load(Ordering::Relaxed), 0);
     }
 }
