@@ -479,6 +479,7 @@ mount = "/raw"
                     rs[name].append(measured(server, lambda: wrk(url, 64, secs), upstream))
                 rs["direct"].append(measured(upstream, lambda: wrk(direct_url, 64, secs)))
             results["h1_keepalive_64"] = {k: median_round(v) for k, v in rs.items()}
+            results["h1_keepalive_64_rounds"] = rs
 
         if want("h2"):
             rs = {"nginx": [], "proxy": []}
@@ -487,6 +488,7 @@ mount = "/raw"
                     server, url = targets[name]
                     rs[name].append(measured(server, lambda: h2load(url, 8, 32, secs), upstream))
             results["h2_8x32"] = {k: median_round(v) for k, v in rs.items()}
+            results["h2_8x32_rounds"] = rs
 
         if want("newconn"):
             rs = {"nginx": [], "proxy": []}
@@ -495,6 +497,7 @@ mount = "/raw"
                     server, url = targets[name]
                     rs[name].append(measured(server, lambda: wrk(url, 16, secs, ("-H", "Connection: close"))))
             results["new_tls_connection_per_request"] = {k: median_round(v) for k, v in rs.items()}
+            results["new_tls_connection_per_request_rounds"] = rs
 
         if want("stream"):
             rs = {}
@@ -557,6 +560,12 @@ mount = "/raw"
 
 def print_report(r):
     print(f"\narcgis-app-proxy vs nginx — {r['machine']['cpus']} CPUs, {r['rounds']} rounds × {r['secs']} s, median round\n")
+    def rounds(key):
+        # Every round, not just the median: shows how far this VM moved.
+        rs = r.get(f"{key}_rounds", {})
+        line = "   ".join(f"{n} " + " / ".join(f"{x['rps']:.0f}" for x in rs[n]) for n in ["proxy", "nginx"] if n in rs)
+        if line:
+            print(f"  {'requests/s of each round':34} {line}")
     def parties(h):
         # Everything shares the machine's cores, so requests/s follows the
         # sum of all three parties' CPU per request, not the server's alone.
@@ -582,6 +591,7 @@ def print_report(r):
         print(f"  {'direct upstream (cleartext)':34} {h['direct']['rps']:10.1f} req/s, p99 {h['direct']['p99_ms']:.2f} ms")
         parties(h)
         print(f"  non-2xx: proxy {h['proxy']['non_2xx']}, nginx {h['nginx']['non_2xx']}")
+        rounds("h1_keepalive_64")
     if "h2_8x32" in r:
         h = r["h2_8x32"]
         print("HTTP/2, 8 connections x 32 streams (h2load):")
@@ -589,6 +599,7 @@ def print_report(r):
         row("CPU per request", h["proxy"]["cpu_us_per_req"], h["nginx"]["cpu_us_per_req"], "us", "lower is better")
         print(f"  succeeded: proxy {h['proxy']['succeeded']}/{h['proxy']['requests']}, nginx {h['nginx']['succeeded']}/{h['nginx']['requests']}")
         parties(h)
+        rounds("h2_8x32")
     if "new_tls_connection_per_request" in r:
         h = r["new_tls_connection_per_request"]
         print("New TLS connection per request, 16 concurrent (wrk, Connection: close):")
