@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::admin;
-use crate::app::App;
+use crate::app::{App, Generation};
 use crate::body::{BoxError, Holding};
 use crate::config::{Config, Limits};
 use crate::framing::{Activity, FramingGuard};
@@ -30,6 +30,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
@@ -410,8 +411,34 @@ async fn serve_connection(
     // current when it was accepted; each request then runs on the
     // generation current when it arrives.
     let generation = app.current();
+    if !info.tls {
+        // HTTP/1 (or h2c prior knowledge, which the guard lets through).
+        return serve_http(app, &generation, stream, info, watcher).await;
+    }
+    let Some(acceptor) = generation.tls.clone() else {
+        return Err("no TLS settings".into());
+    };
     let handshake_timeout = generation.proxy.config().limits.header_read_timeout;
-    let head_limit = generation.proxy.config().limits.max_header_bytes;
+    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls_stream)) => serve_http(app, &generation, tls_stream, info, watcher).await,
+        Ok(Err(e)) => Err(format!("TLS handshake failed: {e}").into()),
+        Err(_) => Err("TLS handshake timed out".into()),
+    }
+}
+
+/// HTTP/1.1 or HTTP/2 on `io`, read through the framing guard (HTTP/2
+/// passes it untouched after its preface).
+async fn serve_http<IO>(
+    app: &Arc<App>,
+    generation: &Generation,
+    io: IO,
+    info: ConnInfo,
+    watcher: Watcher,
+) -> Result<(), BoxError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = &generation.proxy.config().limits;
     let svc_app = Arc::clone(app);
     let activity = Activity::new();
     let svc_activity = Arc::clone(&activity);
@@ -424,34 +451,13 @@ async fn serve_connection(
             Ok::<_, Infallible>(resp.map(|b| Holding::wrap(b, busy)))
         }
     });
-    if info.tls {
-        let Some(acceptor) = generation.tls.clone() else {
-            return Err("no TLS settings".into());
-        };
-        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-            Ok(Ok(tls_stream)) => {
-                // HTTP/2 passes the guard untouched after its preface.
-                let guarded = FramingGuard::new(tls_stream, head_limit, handshake_timeout)
-                    .with_idle_timeout(activity, handshake_timeout);
-                let conn = generation
-                    .http
-                    .serve_connection(TokioIo::new(guarded), svc)
-                    .into_owned();
-                watcher.watch(conn).await
-            }
-            Ok(Err(e)) => Err(format!("TLS handshake failed: {e}").into()),
-            Err(_) => Err("TLS handshake timed out".into()),
-        }
-    } else {
-        // HTTP/1 (or h2c prior knowledge, which the guard lets through).
-        let guarded = FramingGuard::new(stream, head_limit, handshake_timeout)
-            .with_idle_timeout(activity, handshake_timeout);
-        let conn = generation
-            .http
-            .serve_connection(TokioIo::new(guarded), svc)
-            .into_owned();
-        watcher.watch(conn).await
-    }
+    let guarded = FramingGuard::new(io, limits.max_header_bytes, limits.header_read_timeout)
+        .with_idle_timeout(activity, limits.header_read_timeout);
+    let conn = generation
+        .http
+        .serve_connection(TokioIo::new(guarded), svc)
+        .into_owned();
+    watcher.watch(conn).await
 }
 
 /// Resolves once `stop` turns true (or its sender is gone).
