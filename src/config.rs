@@ -1153,7 +1153,7 @@ fn is_label(s: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::HashMap;
 
@@ -1171,11 +1171,13 @@ mod tests {
         ]))
     }
 
-    fn load(text: &str) -> Result<Config, ConfigError> {
+    /// `text` loaded with a test environment (`SECRET`, `KEY` set).
+    pub(crate) fn load(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(text, Path::new("test.toml"), Path::new("."), &env())
     }
 
-    const MINIMAL: &str = r#"
+    /// The smallest valid config: one route, one credential.
+    pub(crate) const MINIMAL: &str = r#"
 [server]
 plain_listen = "127.0.0.1:0"
 [referers]

@@ -488,33 +488,10 @@ async fn accept_error(e: io::Error) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Env;
-    use std::path::Path;
-
-    struct NoEnv;
-    impl Env for NoEnv {
-        fn var(&self, name: &str) -> Option<String> {
-            (name == "SECRET").then(|| "s3cr3t".to_string())
-        }
-    }
 
     fn app() -> Arc<App> {
-        let text = r#"
-[server]
-plain_listen = "127.0.0.1:0"
-[referers]
-allowed = ["https://app.example.com"]
-[credentials.online]
-token_url = "https://www.arcgis.com/sharing/rest/oauth2/token"
-client_id = "abc"
-client_secret_env = "SECRET"
-[[routes]]
-upstream = "https://services.arcgis.com/org/arcgis/rest/services"
-credential = "online"
-mount = "/features"
-"#;
-        let config = Config::from_toml(text, Path::new("t.toml"), Path::new("."), &NoEnv)
-            .expect("test config loads");
+        let config =
+            crate::config::tests::load(crate::config::tests::MINIMAL).expect("test config loads");
         App::with_shards(Arc::new(config), 2)
     }
 
