@@ -91,16 +91,18 @@ def children(pid):
     return out
 
 
+def stat_ticks(path):
+    """utime + stime from a /proc .../stat file; 0 if it is gone."""
+    try:
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except OSError:
+        return 0
+
+
 def cpu_ticks(pids):
-    total = 0
-    for p in pids:
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except OSError:
-            pass
-    return total
+    return sum(stat_ticks(f"/proc/{p}/stat") for p in pids)
 
 
 def rss_kib(pids):
@@ -214,12 +216,7 @@ def thread_ticks(pids):
         except OSError:
             continue
         for t in tids:
-            try:
-                with open(f"/proc/{p}/task/{t}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                out[(p, t)] = int(fields[11]) + int(fields[12])
-            except OSError:
-                pass
+            out[(p, t)] = stat_ticks(f"/proc/{p}/task/{t}/stat")
     return out
 
 
@@ -284,6 +281,13 @@ def callgrind_count(name, cmd, port, url, env, work, secs, h2=False):
         total = next(int(l.split()[1]) for l in f if l.startswith(("summary:", "totals:")))
     return {"requests": r["requests"], "instructions_per_req": total / max(r["requests"], 1),
             "non_2xx": r["non_2xx"]}
+
+
+def keep_rounds(results, key, rs):
+    """Stores the median round of each target under `key`, and every round
+    under `key`_rounds."""
+    results[key] = {k: median_round(v) for k, v in rs.items()}
+    results[f"{key}_rounds"] = rs
 
 
 def median_round(results, key="rps"):
@@ -478,8 +482,7 @@ mount = "/raw"
                     server, url = targets[name]
                     rs[name].append(measured(server, lambda: wrk(url, 64, secs), upstream))
                 rs["direct"].append(measured(upstream, lambda: wrk(direct_url, 64, secs)))
-            results["h1_keepalive_64"] = {k: median_round(v) for k, v in rs.items()}
-            results["h1_keepalive_64_rounds"] = rs
+            keep_rounds(results, "h1_keepalive_64", rs)
 
         if want("h2"):
             rs = {"nginx": [], "proxy": []}
@@ -487,8 +490,7 @@ mount = "/raw"
                 for name in ["nginx", "proxy"]:
                     server, url = targets[name]
                     rs[name].append(measured(server, lambda: h2load(url, 8, 32, secs), upstream))
-            results["h2_8x32"] = {k: median_round(v) for k, v in rs.items()}
-            results["h2_8x32_rounds"] = rs
+            keep_rounds(results, "h2_8x32", rs)
 
         if want("newconn"):
             rs = {"nginx": [], "proxy": []}
@@ -496,8 +498,7 @@ mount = "/raw"
                 for name in ["nginx", "proxy"]:
                     server, url = targets[name]
                     rs[name].append(measured(server, lambda: wrk(url, 16, secs, ("-H", "Connection: close"))))
-            results["new_tls_connection_per_request"] = {k: median_round(v) for k, v in rs.items()}
-            results["new_tls_connection_per_request_rounds"] = rs
+            keep_rounds(results, "new_tls_connection_per_request", rs)
 
         if want("stream"):
             rs = {}
