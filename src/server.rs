@@ -247,30 +247,52 @@ struct Accepted {
     permit: OwnedSemaphorePermit,
 }
 
+/// A connection counted as open, on its serving thread and in the status,
+/// for as long as this lives: from the hand-off until the connection's task
+/// ends, however it ends (a panic included).
+struct Open {
+    on_thread: Arc<AtomicUsize>,
+    app: Arc<App>,
+}
+
+impl Open {
+    fn new(on_thread: &Arc<AtomicUsize>, app: &Arc<App>) -> Open {
+        on_thread.fetch_add(1, Ordering::Relaxed);
+        app.status.open_connections.fetch_add(1, Ordering::Relaxed);
+        Open {
+            on_thread: Arc::clone(on_thread),
+            app: Arc::clone(app),
+        }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.on_thread.fetch_sub(1, Ordering::Relaxed);
+        self.app
+            .status
+            .open_connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The acceptor's end of one serving thread's queue, with the count of
 /// connections open on that thread.
 struct Queue {
-    tx: mpsc::UnboundedSender<Accepted>,
+    tx: mpsc::UnboundedSender<(Accepted, Open)>,
     open: Arc<AtomicUsize>,
 }
 
 /// The serving thread's end.
 struct Incoming {
-    rx: mpsc::UnboundedReceiver<Accepted>,
-    open: Arc<AtomicUsize>,
+    rx: mpsc::UnboundedReceiver<(Accepted, Open)>,
 }
 
 impl Queue {
     fn new() -> (Queue, Incoming) {
         let (tx, rx) = mpsc::unbounded_channel();
         let open = Arc::new(AtomicUsize::new(0));
-        (
-            Queue {
-                tx,
-                open: Arc::clone(&open),
-            },
-            Incoming { rx, open },
-        )
+        (Queue { tx, open }, Incoming { rx })
     }
 }
 
@@ -342,16 +364,14 @@ async fn accept_loop(
                 return;
             }
             let i = pick(&queues, &mut next);
-            queues[i].open.fetch_add(1, Ordering::Relaxed);
-            app.status.open_connections.fetch_add(1, Ordering::Relaxed);
-            match queues[i].tx.send(accepted) {
+            let open = Open::new(&queues[i].open, &app);
+            match queues[i].tx.send((accepted, open)) {
                 Ok(()) => break,
-                Err(mpsc::error::SendError(back)) => {
+                // Its `Open` is dropped here, uncounting it.
+                Err(mpsc::error::SendError((back, _))) => {
                     // A serving thread only stops after its queue closes,
                     // so this one panicked: it would otherwise look least
                     // loaded forever and swallow every new connection.
-                    queues[i].open.fetch_sub(1, Ordering::Relaxed);
-                    app.status.open_connections.fetch_sub(1, Ordering::Relaxed);
                     tracing::error!("a serving thread stopped; its share goes to the others");
                     queues.swap_remove(i);
                     accepted = back;
@@ -366,13 +386,11 @@ async fn accept_loop(
 /// to the grace period.
 async fn serve_shard(app: Arc<App>, mut incoming: Incoming, shard: usize) {
     let graceful = GracefulShutdown::new();
-    while let Some(a) = incoming.rx.recv().await {
+    while let Some((a, open)) = incoming.rx.recv().await {
         let stream = match TcpStream::from_std(a.stream) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(peer = %a.peer, error = %e, "cannot take over an accepted connection");
-                incoming.open.fetch_sub(1, Ordering::Relaxed);
-                app.status.open_connections.fetch_sub(1, Ordering::Relaxed);
                 continue;
             }
         };
@@ -382,14 +400,13 @@ async fn serve_shard(app: Arc<App>, mut incoming: Incoming, shard: usize) {
             shard,
         };
         let watcher = graceful.watcher();
-        let (app, open, permit) = (Arc::clone(&app), Arc::clone(&incoming.open), a.permit);
+        let (app, permit) = (Arc::clone(&app), a.permit);
         tokio::spawn(async move {
+            // Both released when the task ends, even by a panic.
+            let _held = (open, permit);
             if let Err(e) = serve_connection(&app, stream, info, watcher).await {
                 tracing::debug!(peer = %info.peer, error = %crate::error::describe(&*e), "connection ended with an error");
             }
-            open.fetch_sub(1, Ordering::Relaxed);
-            app.status.open_connections.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
         });
     }
     let grace = app.proxy().config().server.shutdown_grace;
@@ -495,12 +512,15 @@ mod tests {
         App::with_shards(Arc::new(config), 2)
     }
 
-    fn queues(open: &[usize]) -> (Vec<Queue>, Vec<Incoming>) {
+    /// Queues with `open` connections counted on each; also returns the
+    /// serving threads' ends and their counters.
+    fn queues(open: &[usize]) -> (Vec<Queue>, Vec<(Incoming, Arc<AtomicUsize>)>) {
         open.iter()
             .map(|&n| {
                 let (q, i) = Queue::new();
                 q.open.store(n, Ordering::Relaxed);
-                (q, i)
+                let counter = Arc::clone(&q.open);
+                (q, (i, counter))
             })
             .unzip()
     }
@@ -528,8 +548,9 @@ mod tests {
         let (qs, mut incoming) = queues(&[0, 0]);
         let (stop_tx, stop_rx) = watch::channel(false);
         let permits = Arc::new(Semaphore::new(100));
+        let app = app();
         let acceptor = tokio::spawn(accept_loop(
-            app(),
+            Arc::clone(&app),
             None,
             Some(listener),
             Arc::clone(&permits),
@@ -543,25 +564,31 @@ mod tests {
                 .map(Result::unwrap)
                 .collect();
         let mut held = Vec::new();
-        for inc in &mut incoming {
+        for (inc, open) in &mut incoming {
             for _ in 0..5 {
-                let a = tokio::time::timeout(Duration::from_secs(5), inc.rx.recv())
+                let (a, mark) = tokio::time::timeout(Duration::from_secs(5), inc.rx.recv())
                     .await
                     .expect("a connection arrives")
                     .expect("queue open");
                 assert!(!a.tls);
-                held.push(a);
+                held.push((a, mark));
             }
-            assert_eq!(inc.open.load(Ordering::Relaxed), 5);
+            assert_eq!(open.load(Ordering::Relaxed), 5);
         }
+        assert_eq!(app.status.open_connections.load(Ordering::Relaxed), 10);
         // Each handed-out connection holds its permit; the acceptor holds
         // one for the next connection.
         assert_eq!(permits.available_permits(), 89);
         drop(held);
         assert_eq!(permits.available_permits(), 99);
+        // Gone connections are counted out on their thread and overall.
+        for (_, open) in &incoming {
+            assert_eq!(open.load(Ordering::Relaxed), 0);
+        }
+        assert_eq!(app.status.open_connections.load(Ordering::Relaxed), 0);
         let _ = stop_tx.send(true);
         acceptor.await.unwrap();
-        for inc in &mut incoming {
+        for (inc, _) in &mut incoming {
             assert!(inc.rx.recv().await.is_none(), "nothing extra, queue closed");
         }
         drop(clients);
@@ -574,7 +601,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (qs, mut incoming) = queues(&[0, 0]);
-        let mut live = incoming.pop().unwrap();
+        let (mut live, live_open) = incoming.pop().unwrap();
         drop(incoming);
         let (stop_tx, stop_rx) = watch::channel(false);
         let acceptor = tokio::spawn(accept_loop(
@@ -595,7 +622,7 @@ mod tests {
                 .expect("queue open");
             held.push(a);
         }
-        assert_eq!(live.open.load(Ordering::Relaxed), 4);
+        assert_eq!(live_open.load(Ordering::Relaxed), 4);
         let _ = stop_tx.send(true);
         acceptor.await.unwrap();
     }
