@@ -791,6 +791,16 @@ pub struct Answer {
 }
 
 impl Answer {
+    fn new(parts: http::response::Parts, collected: http_body_util::Collected<Bytes>) -> Answer {
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            trailers: collected.trailers().cloned(),
+            body: collected.to_bytes(),
+            version: parts.version,
+        }
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
@@ -869,14 +879,7 @@ impl TestClient {
             .expect("request timed out")
             .expect("request failed");
         let (parts, body) = resp.into_parts();
-        let collected = body.collect().await.expect("body failed");
-        Answer {
-            status: parts.status,
-            headers: parts.headers,
-            trailers: collected.trailers().cloned(),
-            body: collected.to_bytes(),
-            version: parts.version,
-        }
+        Answer::new(parts, body.collect().await.expect("body failed"))
     }
 
     /// Like `send`, but `None` when the exchange fails.
@@ -886,14 +889,7 @@ impl TestClient {
             .ok()?
             .ok()?;
         let (parts, body) = resp.into_parts();
-        let collected = body.collect().await.ok()?;
-        Some(Answer {
-            status: parts.status,
-            headers: parts.headers,
-            trailers: collected.trailers().cloned(),
-            body: collected.to_bytes(),
-            version: parts.version,
-        })
+        Some(Answer::new(parts, body.collect().await.ok()?))
     }
 
     pub fn req(&self, method: &str, path: &str) -> http::request::Builder {
