@@ -384,17 +384,10 @@ mod tests {
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     for _ in 0..per_conn {
-                        // Read one head (GET, no body).
-                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                            let mut chunk = [0u8; 1024];
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        }
-                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                        buf.drain(..end);
+                        let Some(req) = read_request(&mut s, &mut buf).await else {
+                            return;
+                        };
+                        let head = String::from_utf8_lossy(&req);
                         assert!(head.starts_with("GET /"), "origin-form expected: {head}");
                         let answer = format!(
                             "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
