@@ -79,6 +79,69 @@ async fn tls_versions_and_alpn() {
     proxy.stop().await;
 }
 
+/// One visit: handshake, a request, the answer read to the end (which is
+/// also when the client takes in the session tickets sent after the
+/// handshake). Returns whether the handshake was full or resumed.
+async fn visit(
+    cfg: &Arc<rustls::ClientConfig>,
+    addr: std::net::SocketAddr,
+) -> rustls::HandshakeKind {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::clone(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("handshake");
+    let kind = tls.get_ref().1.handshake_kind().unwrap();
+    tls.write_all(b"GET /svc/echo/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    assert!(out.starts_with(b"HTTP/1.1 "), "no answer");
+    kind
+}
+
+#[tokio::test]
+async fn tls_sessions_resume_after_many_other_clients() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let pki = Pki::new();
+    let fake = FakeArcGis::start().await;
+    let toml = standard_config(&fake, "");
+    let proxy = TestProxy::start(&pki, &toml).await;
+    let other = TestProxy::start(&pki, &toml).await;
+
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let returning = Arc::new(pki.client_config(&[version], &[b"http/1.1"]));
+        assert_eq!(visit(&returning, proxy.addr).await, Full);
+        assert_eq!(visit(&returning, proxy.addr).await, Resumed, "{version:?}");
+
+        // A crowd of first-time visitors in between: more sessions than a
+        // small server-side session cache holds (rustls keeps 256 by default,
+        // two per TLS 1.3 handshake).
+        let mut crowd = pki.client_config(&[version], &[b"http/1.1"]);
+        crowd.resumption = rustls::client::Resumption::disabled();
+        let crowd = Arc::new(crowd);
+        for wave in 0..20 {
+            let visits = (0..16).map(|_| visit(&crowd, proxy.addr));
+            for kind in futures_util::future::join_all(visits).await {
+                assert_eq!(kind, Full, "wave {wave}");
+            }
+        }
+        assert_eq!(
+            visit(&returning, proxy.addr).await,
+            Resumed,
+            "{version:?}: session lost after 320 other clients"
+        );
+
+        // A ticket this instance cannot read (another instance's, or its own
+        // from before a reload) means a full handshake, not a failure.
+        assert_eq!(visit(&returning, other.addr).await, Full, "{version:?}");
+        assert_eq!(visit(&returning, other.addr).await, Resumed, "{version:?}");
+    }
+    proxy.stop().await;
+    other.stop().await;
+}
+
 #[tokio::test]
 async fn cleartext_listener_serves_too() {
     let (_pki, _fake, proxy) = setup_with("plain_listen = \"127.0.0.1:0\"", "").await;
