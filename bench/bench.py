@@ -283,6 +283,18 @@ def callgrind_count(name, cmd, port, url, env, work, secs, h2=False):
             "non_2xx": r["non_2xx"]}
 
 
+def resumes(port):
+    """Whether a returning client resumes its TLS session: openssl s_client
+    saves the session after one request (reading the answer to the end, so
+    TLS 1.3 tickets are taken in) and offers it on a second connection."""
+    req = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    with tempfile.TemporaryDirectory() as d:
+        base = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost", "-ign_eof"]
+        subprocess.run(base + ["-sess_out", f"{d}/s.pem"], input=req, capture_output=True, timeout=20)
+        again = subprocess.run(base + ["-sess_in", f"{d}/s.pem"], input=req, capture_output=True, timeout=20)
+    return b"\nReused, " in again.stdout
+
+
 def keep_rounds(results, key, rs):
     """Stores the median round of each target under `key`, and every round
     under `key`_rounds."""
@@ -499,6 +511,7 @@ mount = "/raw"
                     server, url = targets[name]
                     rs[name].append(measured(server, lambda: wrk(url, 16, secs, ("-H", "Connection: close"))))
             keep_rounds(results, "new_tls_connection_per_request", rs)
+            results["tls_session_resumed"] = {"nginx": resumes(ng_port), "proxy": resumes(px_port)}
 
         if want("stream"):
             rs = {}
@@ -567,6 +580,12 @@ def print_report(r):
         line = "   ".join(f"{n} " + " / ".join(f"{x['rps']:.0f}" for x in rs[n]) for n in ["proxy", "nginx"] if n in rs)
         if line:
             print(f"  {'requests/s of each round':34} {line}")
+        # Round i of nginx ran just before round i of the proxy; the ratio of
+        # each such pair shows how much of a ratio this VM's drift can move.
+        pairs = [p["rps"] / n["rps"] for p, n in zip(rs.get("proxy", []), rs.get("nginx", [])) if n["rps"]]
+        if pairs:
+            print(f"  {'requests/s ratio of each pair':34} " + " / ".join(f"{x:.2f}" for x in pairs)
+                  + f"   (median {statistics.median(pairs):.2f})")
     def parties(h):
         # Everything shares the machine's cores, so requests/s follows the
         # sum of all three parties' CPU per request, not the server's alone.
@@ -606,6 +625,11 @@ def print_report(r):
         print("New TLS connection per request, 16 concurrent (wrk, Connection: close):")
         row("requests/s", h["proxy"]["rps"], h["nginx"]["rps"], "req/s", "target >= 1.00")
         row("CPU per request", h["proxy"]["cpu_us_per_req"], h["nginx"]["cpu_us_per_req"], "us", "lower is better")
+        rounds("new_tls_connection_per_request")
+        if "tls_session_resumed" in r:
+            t = r["tls_session_resumed"]
+            yes = lambda b: "yes" if b else "NO"
+            print(f"  {'returning client resumes (openssl)':34} proxy {yes(t['proxy'])}   nginx {yes(t['nginx'])}")
     if "stream_200mb" in r:
         s = r["stream_200mb"]
         print("200 MB streamed response (curl):")
