@@ -105,13 +105,16 @@ def cpu_ticks(pids):
     return sum(stat_ticks(f"/proc/{p}/stat") for p in pids)
 
 
-def rss_kib(pids):
+def rss_kib(pids, field="VmRSS:"):
+    """Resident memory of `pids` summed, or with field="VmHWM:" each one's
+    peak since it started (summed over nginx's processes, that is at least
+    their peak together)."""
     total = 0
     for p in pids:
         try:
             with open(f"/proc/{p}/status") as f:
                 for line in f:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith(field):
                         total += int(line.split()[1])
         except OSError:
             pass
@@ -244,6 +247,7 @@ def measured(server, fn, upstream=None):
     busy = [th1[k] - th0.get(k, 0) for k in th1]
     r["busiest_thread_share"] = max(busy) / sum(busy) if sum(busy) else float("nan")
     r["rss_mib"] = rss_kib(pids) / 1024
+    r["peak_rss_mib"] = rss_kib(pids, "VmHWM:") / 1024
     return r
 
 
@@ -598,6 +602,10 @@ def print_report(r):
                   f"{x['upstream_cpu_us_per_req']:.1f} + load generator {x['client_cpu_us_per_req']:.1f} = {total:.1f} us")
         print(f"  {'busiest thread, share of server CPU':34} proxy {h['proxy']['busiest_thread_share']:.2f}   "
               f"nginx {h['nginx']['busiest_thread_share']:.2f}   (0.50 = even over two)")
+    def peak(h):
+        if "peak_rss_mib" in h["proxy"]:
+            row("peak RSS so far (VmHWM)", h["proxy"]["peak_rss_mib"], h["nginx"]["peak_rss_mib"], "MiB",
+                "lower is better")
     def row(label, a, b, unit, better):
         ratio = a / b if b else float("nan")
         print(f"  {label:34} proxy {a:10.1f} {unit:8} nginx {b:10.1f} {unit:8} ratio {ratio:5.2f} ({better})")
@@ -611,6 +619,7 @@ def print_report(r):
         print(f"  {'direct upstream (cleartext)':34} {h['direct']['rps']:10.1f} req/s, p99 {h['direct']['p99_ms']:.2f} ms")
         parties(h)
         print(f"  non-2xx: proxy {h['proxy']['non_2xx']}, nginx {h['nginx']['non_2xx']}")
+        peak(h)
         rounds("h1_keepalive_64")
     if "h2_8x32" in r:
         h = r["h2_8x32"]
@@ -619,12 +628,14 @@ def print_report(r):
         row("CPU per request", h["proxy"]["cpu_us_per_req"], h["nginx"]["cpu_us_per_req"], "us", "lower is better")
         print(f"  succeeded: proxy {h['proxy']['succeeded']}/{h['proxy']['requests']}, nginx {h['nginx']['succeeded']}/{h['nginx']['requests']}")
         parties(h)
+        peak(h)
         rounds("h2_8x32")
     if "new_tls_connection_per_request" in r:
         h = r["new_tls_connection_per_request"]
         print("New TLS connection per request, 16 concurrent (wrk, Connection: close):")
         row("requests/s", h["proxy"]["rps"], h["nginx"]["rps"], "req/s", "target >= 1.00")
         row("CPU per request", h["proxy"]["cpu_us_per_req"], h["nginx"]["cpu_us_per_req"], "us", "lower is better")
+        peak(h)
         rounds("new_tls_connection_per_request")
         if "tls_session_resumed" in r:
             t = r["tls_session_resumed"]
