@@ -86,11 +86,7 @@ async fn visit(
     cfg: &Arc<rustls::ClientConfig>,
     addr: std::net::SocketAddr,
 ) -> rustls::HandshakeKind {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::clone(cfg))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .expect("handshake");
+    let mut tls = tls_connect_with(cfg, addr).await.expect("handshake");
     let kind = tls.get_ref().1.handshake_kind().unwrap();
     tls.write_all(b"GET /svc/echo/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         .await

@@ -925,9 +925,18 @@ pub async fn tls_connect(
     version: &'static rustls::SupportedProtocolVersion,
     alpn: &[&[u8]],
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let cfg = pki.client_config(&[version], alpn);
+    tls_connect_with(&Arc::new(pki.client_config(&[version], alpn)), addr).await
+}
+
+/// A TLS connection to the proxy as `localhost` with a given client config
+/// (one config shared by several connections also shares its stored
+/// sessions).
+pub async fn tls_connect_with(
+    cfg: &Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr).await?;
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    tokio_rustls::TlsConnector::from(Arc::clone(cfg))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
 }
