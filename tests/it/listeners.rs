@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -282,12 +281,7 @@ async fn connection_limit_holds_new_connections() {
     let connect = || {
         let cfg = Arc::clone(&cfg);
         let addr = proxy.addr;
-        async move {
-            let tcp = TcpStream::connect(addr).await.unwrap();
-            tokio_rustls::TlsConnector::from(cfg)
-                .connect(ServerName::try_from("localhost").unwrap(), tcp)
-                .await
-        }
+        async move { tls_connect_with(&cfg, addr).await }
     };
     let c1 = connect().await.unwrap();
     let c2 = connect().await.unwrap();
