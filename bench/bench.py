@@ -500,6 +500,37 @@ mount = "/raw"
                 rs["direct"].append(measured(upstream, lambda: wrk(direct_url, 64, secs)))
             keep_rounds(results, "h1_keepalive_64", rs)
 
+        if want("h1single"):
+            # The same comparison with one serving thread and one nginx
+            # worker: with two of each, four busy threads (two server
+            # threads, wrk, the upstream) share the two cores and the
+            # scheduler switches about once per five requests; with one,
+            # almost never. Both servers gain from it; the h1 scenario above
+            # keeps the issue's setting (2 workers, threads = CPUs).
+            s_px, s_px_admin, s_ng = free_port(), free_port(), free_port()
+            with open(f"{work}/single-proxy.toml", "w") as f:
+                f.write(proxy_conf(s_px, s_px_admin, f"http://127.0.0.1:{up_port}/sharing/rest/oauth2/token"))
+            with open(f"{work}/single-ng.conf", "w") as f:
+                f.write(nginx_conf.replace("worker_processes 2;", "worker_processes 1;")
+                        .replace(f"127.0.0.1:{ng_port}", f"127.0.0.1:{s_ng}")
+                        .replace(f"{work}/ng.pid", f"{work}/single-ng.pid"))
+            single = {
+                "nginx": (Server("nginx-1", ["nginx", "-c", f"{work}/single-ng.conf", "-p", work], s_ng),
+                          f"https://127.0.0.1:{s_ng}/features{QUERY}"),
+                "proxy": (Server("proxy-1", [args.binary, "--config", f"{work}/single-proxy.toml", "--threads", "1"],
+                                 s_px, env=env), f"https://127.0.0.1:{s_px}/features{QUERY}"),
+            }
+            try:
+                rs = {"nginx": [], "proxy": []}
+                for _ in range(rounds):
+                    for name in ["nginx", "proxy"]:
+                        server, url = single[name]
+                        rs[name].append(measured(server, lambda: wrk(url, 64, secs), upstream))
+                keep_rounds(results, "h1_single_thread_64", rs)
+            finally:
+                for server, _ in single.values():
+                    server.stop()
+
         if want("h2"):
             rs = {"nginx": [], "proxy": []}
             for _ in range(rounds):
@@ -590,7 +621,7 @@ def print_report(r):
         if pairs:
             print(f"  {'requests/s ratio of each pair':34} " + " / ".join(f"{x:.2f}" for x in pairs)
                   + f"   (median {statistics.median(pairs):.2f})")
-    def parties(h):
+    def parties(h, busiest=True):
         # Everything shares the machine's cores, so requests/s follows the
         # sum of all three parties' CPU per request, not the server's alone.
         for name in ["proxy", "nginx"]:
@@ -600,6 +631,8 @@ def print_report(r):
             total = x["cpu_us_per_req"] + x["upstream_cpu_us_per_req"] + x["client_cpu_us_per_req"]
             print(f"  {'CPU per request, all parties':34} {name:5}: server {x['cpu_us_per_req']:.1f} + upstream "
                   f"{x['upstream_cpu_us_per_req']:.1f} + load generator {x['client_cpu_us_per_req']:.1f} = {total:.1f} us")
+        if not busiest:
+            return
         print(f"  {'busiest thread, share of server CPU':34} proxy {h['proxy']['busiest_thread_share']:.2f}   "
               f"nginx {h['nginx']['busiest_thread_share']:.2f}   (0.50 = even over two)")
     def peak(h):
@@ -621,6 +654,14 @@ def print_report(r):
         print(f"  non-2xx: proxy {h['proxy']['non_2xx']}, nginx {h['nginx']['non_2xx']}")
         peak(h)
         rounds("h1_keepalive_64")
+    if "h1_single_thread_64" in r:
+        h = r["h1_single_thread_64"]
+        print("TLS h1 keep-alive, 64 connections, one serving thread / one nginx worker each (not the issue's setting):")
+        row("requests/s", h["proxy"]["rps"], h["nginx"]["rps"], "req/s", "higher is better")
+        row("CPU per request", h["proxy"]["cpu_us_per_req"], h["nginx"]["cpu_us_per_req"], "us", "lower is better")
+        row("p99 latency", h["proxy"]["p99_ms"], h["nginx"]["p99_ms"], "ms", "lower is better")
+        parties(h, busiest=False)
+        rounds("h1_single_thread_64")
     if "h2_8x32" in r:
         h = r["h2_8x32"]
         print("HTTP/2, 8 connections x 32 streams (h2load):")
