@@ -128,11 +128,20 @@ async fn tls_sessions_resume_after_many_other_clients() {
             "{version:?}: session lost after 320 other clients"
         );
 
-        // A ticket this instance cannot read (another instance's, or its own
-        // from before a reload) means a full handshake, not a failure.
+        // A ticket this instance cannot read (another instance's) means a
+        // full handshake, not a failure.
         assert_eq!(visit(&returning, other.addr).await, Full, "{version:?}");
         assert_eq!(visit(&returning, other.addr).await, Resumed, "{version:?}");
     }
+
+    // A reload makes new ticket keys: one full handshake, then resumption.
+    let returning = Arc::new(pki.client_config(&[&rustls::version::TLS13], &[b"http/1.1"]));
+    assert_eq!(visit(&returning, proxy.addr).await, Full);
+    assert_eq!(visit(&returning, proxy.addr).await, Resumed);
+    let notes = proxy.app.reload(test_config(&pki, &toml));
+    assert!(notes.is_empty(), "{notes:?}");
+    assert_eq!(visit(&returning, proxy.addr).await, Full, "after reload");
+    assert_eq!(visit(&returning, proxy.addr).await, Resumed, "after reload");
     proxy.stop().await;
     other.stop().await;
 }
