@@ -470,7 +470,7 @@ mount = "/raw"
     proxy = Server("proxy", [args.binary, "--config", f"{work}/proxy.toml", *args.proxy_args.split()], px_port, env=env,
                    log=f"{work}/proxy.log")
     time.sleep(0.5)
-    results = {"machine": {"cpus": os.cpu_count()}, "secs": secs, "rounds": rounds}
+    results = {"machine": {"cpus": os.cpu_count()}, "secs": secs, "rounds": rounds, "binary": args.binary}
     targets = {
         "nginx": (anchor, f"https://127.0.0.1:{ng_port}/features{QUERY}"),
         "proxy": (proxy, f"https://127.0.0.1:{px_port}/features{QUERY}"),
@@ -608,7 +608,8 @@ mount = "/raw"
 
 
 def print_report(r):
-    print(f"\narcgis-app-proxy vs nginx — {r['machine']['cpus']} CPUs, {r['rounds']} rounds × {r['secs']} s, median round\n")
+    print(f"\narcgis-app-proxy vs nginx — {r['machine']['cpus']} CPUs, {r['rounds']} rounds × {r['secs']} s, median round")
+    print(f"proxy binary: {r['binary']}\n")
     def rounds(key):
         # Every round, not just the median: shows how far this VM moved.
         rs = r.get(f"{key}_rounds", {})
