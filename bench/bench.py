@@ -287,6 +287,20 @@ def callgrind_count(name, cmd, port, url, env, work, secs, h2=False):
             "non_2xx": r["non_2xx"]}
 
 
+def alternate(targets, load, rounds, upstream=None, after_pair=None):
+    """Runs `load(url)` against nginx, then the proxy, `rounds` times
+    (A B A B ...), each round `measured`; `after_pair(rs)` runs after each
+    pair. Returns every round by target."""
+    rs = {"nginx": [], "proxy": []}
+    for _ in range(rounds):
+        for name in ["nginx", "proxy"]:
+            server, url = targets[name]
+            rs[name].append(measured(server, lambda: load(url), upstream))
+        if after_pair:
+            after_pair(rs)
+    return rs
+
+
 def resumes(port):
     """Whether a returning client resumes its TLS session: openssl s_client
     saves the session after one request (reading the answer to the end, so
@@ -458,11 +472,26 @@ credential = "online"
 mount = "/raw"
 """
 
+    token_url = f"http://127.0.0.1:{up_port}/sharing/rest/oauth2/token"
+
+    def side_configs(tag, workers):
+        """`{tag}-proxy.toml` and `{tag}-ng.conf` in the work directory: the
+        main configs on fresh ports, nginx's worker line replaced by
+        `workers`. Returns the proxy's and nginx's ports."""
+        port, admin, ng = free_port(), free_port(), free_port()
+        with open(f"{work}/{tag}-proxy.toml", "w") as f:
+            f.write(proxy_conf(port, admin, token_url))
+        with open(f"{work}/{tag}-ng.conf", "w") as f:
+            f.write(nginx_conf.replace("worker_processes 2;", workers)
+                    .replace(f"127.0.0.1:{ng_port}", f"127.0.0.1:{ng}")
+                    .replace(f"{work}/ng.pid", f"{work}/{tag}-ng.pid"))
+        return port, ng
+
     for name, conf in [("up", upstream_conf), ("ng", nginx_conf)]:
         with open(f"{work}/{name}.conf", "w") as f:
             f.write(conf)
     with open(f"{work}/proxy.toml", "w") as f:
-        f.write(proxy_conf(px_port, px_admin, f"http://127.0.0.1:{up_port}/sharing/rest/oauth2/token"))
+        f.write(proxy_conf(px_port, px_admin, token_url))
     env = dict(os.environ, BENCH_SECRET="bench-secret", RUST_LOG="warn")
 
     upstream = Server("upstream", ["nginx", "-c", f"{work}/up.conf", "-p", work], up_port)
@@ -492,12 +521,10 @@ mount = "/raw"
         }
 
         if want("h1"):
-            rs = {"nginx": [], "proxy": [], "direct": []}
-            for _ in range(rounds):
-                for name in ["nginx", "proxy"]:
-                    server, url = targets[name]
-                    rs[name].append(measured(server, lambda: wrk(url, 64, secs), upstream))
-                rs["direct"].append(measured(upstream, lambda: wrk(direct_url, 64, secs)))
+            direct = []
+            rs = alternate(targets, lambda url: wrk(url, 64, secs), rounds, upstream,
+                           after_pair=lambda _: direct.append(measured(upstream, lambda: wrk(direct_url, 64, secs))))
+            rs["direct"] = direct
             keep_rounds(results, "h1_keepalive_64", rs)
 
         if want("h1single"):
@@ -507,13 +534,7 @@ mount = "/raw"
             # scheduler switches about once per five requests; with one,
             # almost never. Both servers gain from it; the h1 scenario above
             # keeps the issue's setting (2 workers, threads = CPUs).
-            s_px, s_px_admin, s_ng = free_port(), free_port(), free_port()
-            with open(f"{work}/single-proxy.toml", "w") as f:
-                f.write(proxy_conf(s_px, s_px_admin, f"http://127.0.0.1:{up_port}/sharing/rest/oauth2/token"))
-            with open(f"{work}/single-ng.conf", "w") as f:
-                f.write(nginx_conf.replace("worker_processes 2;", "worker_processes 1;")
-                        .replace(f"127.0.0.1:{ng_port}", f"127.0.0.1:{s_ng}")
-                        .replace(f"{work}/ng.pid", f"{work}/single-ng.pid"))
+            s_px, s_ng = side_configs("single", "worker_processes 1;")
             single = {
                 "nginx": (Server("nginx-1", ["nginx", "-c", f"{work}/single-ng.conf", "-p", work], s_ng),
                           f"https://127.0.0.1:{s_ng}/features{QUERY}"),
@@ -521,30 +542,18 @@ mount = "/raw"
                                  s_px, env=env), f"https://127.0.0.1:{s_px}/features{QUERY}"),
             }
             try:
-                rs = {"nginx": [], "proxy": []}
-                for _ in range(rounds):
-                    for name in ["nginx", "proxy"]:
-                        server, url = single[name]
-                        rs[name].append(measured(server, lambda: wrk(url, 64, secs), upstream))
+                rs = alternate(single, lambda url: wrk(url, 64, secs), rounds, upstream)
                 keep_rounds(results, "h1_single_thread_64", rs)
             finally:
                 for server, _ in single.values():
                     server.stop()
 
         if want("h2"):
-            rs = {"nginx": [], "proxy": []}
-            for _ in range(rounds):
-                for name in ["nginx", "proxy"]:
-                    server, url = targets[name]
-                    rs[name].append(measured(server, lambda: h2load(url, 8, 32, secs), upstream))
+            rs = alternate(targets, lambda url: h2load(url, 8, 32, secs), rounds, upstream)
             keep_rounds(results, "h2_8x32", rs)
 
         if want("newconn"):
-            rs = {"nginx": [], "proxy": []}
-            for _ in range(rounds):
-                for name in ["nginx", "proxy"]:
-                    server, url = targets[name]
-                    rs[name].append(measured(server, lambda: wrk(url, 16, secs, ("-H", "Connection: close"))))
+            rs = alternate(targets, lambda url: wrk(url, 16, secs, ("-H", "Connection: close")), rounds)
             keep_rounds(results, "new_tls_connection_per_request", rs)
             results["tls_session_resumed"] = {"nginx": resumes(ng_port), "proxy": resumes(px_port)}
 
@@ -558,13 +567,7 @@ mount = "/raw"
         if want("icount"):
             # Same configs, one serving thread / one nginx worker without a
             # master, each under callgrind on its own port.
-            ic_px, ic_px_admin, ic_ng = free_port(), free_port(), free_port()
-            with open(f"{work}/ic-proxy.toml", "w") as f:
-                f.write(proxy_conf(ic_px, ic_px_admin, f"http://127.0.0.1:{up_port}/sharing/rest/oauth2/token"))
-            with open(f"{work}/ic-ng.conf", "w") as f:
-                f.write(nginx_conf.replace("worker_processes 2;", "worker_processes 1;\nmaster_process off;")
-                        .replace(f"127.0.0.1:{ng_port}", f"127.0.0.1:{ic_ng}")
-                        .replace(f"{work}/ng.pid", f"{work}/ic-ng.pid"))
+            ic_px, ic_ng = side_configs("ic", "worker_processes 1;\nmaster_process off;")
             isecs = 3 if args.quick else 6
             px_cmd = [args.binary, "--config", f"{work}/ic-proxy.toml", "--threads", "1"]
             ng_cmd = ["nginx", "-c", f"{work}/ic-ng.conf", "-p", work]
