@@ -90,9 +90,8 @@ async fn visit(
     tls.write_all(b"GET /svc/echo/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
-    let mut out = Vec::new();
-    let _ = tls.read_to_end(&mut out).await;
-    assert!(out.starts_with(b"HTTP/1.1 "), "no answer");
+    let (_, text) = read_until_closed(&mut tls, Duration::from_secs(10)).await;
+    assert!(text.starts_with("HTTP/1.1 "), "no answer");
     kind
 }
 
