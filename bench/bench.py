@@ -2,7 +2,7 @@
 """Side-by-side benchmark: arcgis-app-proxy vs nginx (anchor) vs the upstream.
 
 Everything runs on 127.0.0.1:
-  upstream  nginx, 1 worker: ~1 KiB ArcGIS-like JSON, a token endpoint, a 200 MB file
+  upstream  nginx, 1 worker (--upstream-workers): ~1 KiB ArcGIS-like JSON, a token endpoint, a 200 MB file
   nginx     the anchor: TLS 1.3, same certificate, HTTP/1.1 keep-alive + h2,
             upstream keepalive pool, valid_referers with the same allowlist,
             proxy_set_header X-Esri-Authorization "Bearer ...", access_log off,
@@ -37,6 +37,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 CLK = os.sysconf("SC_CLK_TCK")
 TOKEN = "BENCHTOKENxK3nq9Zt7Lw2Rv5Pp1Mm8Jj4Hh6Gg0Ff3Dd5Ss7Aa9Qq2Ww4Ee6Rr8Tt1Yy3Uu5Ii7Oo9"
 REFERER = "https://app.example.com/map.html"
+# Threads of each load generator (wrk -t, h2load -t); --client-threads.
+CLIENT_THREADS = 1
 QUERY = "/Parks/FeatureServer/0/query?where=1%3D1&outFields=*&f=json"
 
 
@@ -103,6 +105,13 @@ def stat_ticks(path):
 
 def cpu_ticks(pids):
     return sum(stat_ticks(f"/proc/{p}/stat") for p in pids)
+
+
+def machine_ticks():
+    """(idle + iowait, all) jiffies of every CPU together, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return v[3] + v[4], sum(v)
 
 
 def rss_kib(pids, field="VmRSS:"):
@@ -181,7 +190,7 @@ def to_ms(v):
 
 
 def wrk(url, conns, secs, extra=()):
-    out = run(["wrk", "-t1", f"-c{conns}", f"-d{secs}s", "--latency", "-H", f"Referer: {REFERER}", *extra, url])
+    out = run(["wrk", f"-t{CLIENT_THREADS}", f"-c{conns}", f"-d{secs}s", "--latency", "-H", f"Referer: {REFERER}", *extra, url])
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     n = int(re.search(r"(\d+) requests in", out).group(1))
     lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
@@ -198,7 +207,7 @@ def wrk(url, conns, secs, extra=()):
 
 
 def h2load(url, conns, streams, secs):
-    out = run(["h2load", f"-c{conns}", f"-m{streams}", f"-D{secs}", "-H", f"referer: {REFERER}", url])
+    out = run(["h2load", f"-t{CLIENT_THREADS}", f"-c{conns}", f"-m{streams}", f"-D{secs}", "-H", f"referer: {REFERER}", url])
     rps = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out).group(1))
     done = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded", out)
     mean = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out)
@@ -232,13 +241,17 @@ def measured(server, fn, upstream=None):
     """Runs `fn` (a load generator) and adds CPU per request: the server's,
     the upstream's (when given) and the load generator's, plus the busiest
     server thread's share of the server's CPU (0.5 is an even split over
-    two serving threads or workers; 1.0 means one did everything)."""
+    two serving threads or workers; 1.0 means one did everything) and the
+    share of the machine's CPU time nobody used."""
     pids = server.pids()
     t0, th0, c0 = cpu_ticks(pids), thread_ticks(pids), children_cpu_s()
     u0 = cpu_ticks(upstream.pids()) if upstream else 0
+    i0, a0 = machine_ticks()
     r = fn()
     t1, th1, c1 = cpu_ticks(pids), thread_ticks(pids), children_cpu_s()
     u1 = cpu_ticks(upstream.pids()) if upstream else 0
+    i1, a1 = machine_ticks()
+    r["machine_idle"] = (i1 - i0) / max(a1 - a0, 1)
     n = max(r["requests"], 1)
     r["cpu_us_per_req"] = (t1 - t0) / CLK * 1e6 / n
     r["client_cpu_us_per_req"] = (c1 - c0) * 1e6 / n
@@ -361,7 +374,11 @@ def main():
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--keep", action="store_true", help="leave the servers running (for profiling)")
     ap.add_argument("--proxy-args", default="", help="extra arguments for the proxy, e.g. '--threads 1'")
+    ap.add_argument("--client-threads", type=int, default=1, help="threads of wrk and h2load (-t)")
+    ap.add_argument("--upstream-workers", type=int, default=1, help="worker processes of the upstream nginx")
     args = ap.parse_args()
+    global CLIENT_THREADS
+    CLIENT_THREADS = args.client_threads
     secs = 3 if args.quick else args.seconds
     rounds = 1 if args.quick else args.rounds
     want = lambda s: not args.only or s in args.only.split(",")
@@ -384,7 +401,7 @@ def main():
     body = feature_json()
     tok = json.dumps({"access_token": TOKEN, "expires_in": 7200})
     upstream_conf = f"""
-worker_processes 1;
+worker_processes {args.upstream_workers};
 daemon off;
 pid {work}/up.pid;
 error_log {work}/up.err warn;
@@ -499,7 +516,8 @@ mount = "/raw"
     proxy = Server("proxy", [args.binary, "--config", f"{work}/proxy.toml", *args.proxy_args.split()], px_port, env=env,
                    log=f"{work}/proxy.log")
     time.sleep(0.5)
-    results = {"machine": {"cpus": os.cpu_count()}, "secs": secs, "rounds": rounds, "binary": args.binary}
+    results = {"machine": {"cpus": os.cpu_count()}, "secs": secs, "rounds": rounds, "binary": args.binary,
+               "client_threads": args.client_threads, "upstream_workers": args.upstream_workers}
     targets = {
         "nginx": (anchor, f"https://127.0.0.1:{ng_port}/features{QUERY}"),
         "proxy": (proxy, f"https://127.0.0.1:{px_port}/features{QUERY}"),
@@ -612,7 +630,8 @@ mount = "/raw"
 
 def print_report(r):
     print(f"\narcgis-app-proxy vs nginx — {r['machine']['cpus']} CPUs, {r['rounds']} rounds × {r['secs']} s, median round")
-    print(f"proxy binary: {r['binary']}\n")
+    print(f"proxy binary: {r['binary']}")
+    print(f"load generator threads: {r['client_threads']}, upstream workers: {r['upstream_workers']}\n")
     def rounds(key):
         # Every round, not just the median: shows how far this VM moved.
         rs = r.get(f"{key}_rounds", {})
@@ -635,6 +654,8 @@ def print_report(r):
             total = x["cpu_us_per_req"] + x["upstream_cpu_us_per_req"] + x["client_cpu_us_per_req"]
             print(f"  {'CPU per request, all parties':34} {name:5}: server {x['cpu_us_per_req']:.1f} + upstream "
                   f"{x['upstream_cpu_us_per_req']:.1f} + load generator {x['client_cpu_us_per_req']:.1f} = {total:.1f} us")
+        print(f"  {'machine idle (no one on a CPU)':34} proxy {h['proxy']['machine_idle']:.3f}   "
+              f"nginx {h['nginx']['machine_idle']:.3f}   (share of all CPU time)")
         if not busiest:
             return
         print(f"  {'busiest thread, share of server CPU':34} proxy {h['proxy']['busiest_thread_share']:.2f}   "
