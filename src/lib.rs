@@ -7,7 +7,8 @@
 //! - [`app`]: the current config generation (swapped on SIGHUP), metrics,
 //!   status.
 //! - [`server`]: listeners, TLS accept ([`tls`]), strict HTTP/1 framing
-//!   ([`framing`]), connection limits, graceful shutdown; hands each request to [`proxy::Proxy::handle`].
+//!   ([`framing`]), HTTP/2 write coalescing ([`coalesce`]), connection limits,
+//!   graceful shutdown; hands each request to [`proxy::Proxy::handle`].
 //! - [`proxy`]: the pipeline of phases — ping, referer/origin, CORS, route and
 //!   path safety ([`policy`]), body, token ([`token`]), forward ([`forward`]),
 //!   response hygiene ([`scrub`]), access log.
@@ -25,6 +26,7 @@
 pub mod admin;
 pub mod app;
 pub mod body;
+pub mod coalesce;
 pub mod codec;
 pub mod config;
 pub mod demo;

@@ -23,6 +23,7 @@ use std::time::Duration;
 use crate::admin;
 use crate::app::{App, Generation};
 use crate::body::{BoxError, Holding};
+use crate::coalesce::Coalesce;
 use crate::config::{Config, Limits};
 use crate::framing::{Activity, FramingGuard};
 use crate::proxy::ConnInfo;
@@ -437,7 +438,20 @@ async fn serve_connection(
     };
     let handshake_timeout = generation.proxy.config().limits.header_read_timeout;
     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(tls_stream)) => serve_http(app, &generation, tls_stream, info, watcher).await,
+        Ok(Ok(tls_stream)) => {
+            // HTTP/2 answers finishing in the same turn share one write
+            // (see `coalesce`); HTTP/1.1 has one answer in flight per
+            // connection and passes straight through.
+            let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            serve_http(
+                app,
+                &generation,
+                Coalesce::new(tls_stream, h2),
+                info,
+                watcher,
+            )
+            .await
+        }
         Ok(Err(e)) => Err(format!("TLS handshake failed: {e}").into()),
         Err(_) => Err("TLS handshake timed out".into()),
     }

@@ -39,6 +39,40 @@ async fn handshake(
     )
 }
 
+/// HTTP/2 answers that are ready in the same turn leave the proxy in one
+/// write (`coalesce`); every stream still gets its own answer, whole, small
+/// ones and 16 MiB ones alike, and a lone request after them is not held.
+#[tokio::test]
+async fn http2_answers_ready_together_each_arrive_whole() {
+    let (pki, _fake, proxy) = setup_with("", "").await;
+    let client = Arc::new(TestClient::h2(&pki, proxy.addr));
+    let mut streams = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let client = Arc::clone(&client);
+        streams.spawn(async move { (i, client.get(&format!("/svc/echo/s{i}")).await) });
+    }
+    for i in 0..3 {
+        let client = Arc::clone(&client);
+        streams.spawn(async move { (1000 + i, client.get("/svc/big").await) });
+    }
+    while let Some(done) = streams.join_next().await {
+        let (i, a) = done.unwrap();
+        assert_eq!(a.status, 200, "stream {i}");
+        assert_eq!(a.version, http::Version::HTTP_2);
+        if i >= 1000 {
+            assert_eq!(a.body.len(), 16 * 1024 * 1024, "stream {i}");
+            assert!(a.body.iter().all(|b| *b == b'x'), "stream {i}");
+        } else {
+            assert_eq!(a.json()["path"], format!("/svc/echo/s{i}"));
+        }
+    }
+    let lone = tokio::time::timeout(Duration::from_secs(5), client.get("/svc/echo/lone"))
+        .await
+        .expect("a lone HTTP/2 answer was held back");
+    assert_eq!(lone.json()["path"], "/svc/echo/lone");
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn tls_versions_and_alpn() {
     let (pki, _fake, proxy) = setup_with("", "").await;
