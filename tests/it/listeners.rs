@@ -389,6 +389,56 @@ async fn not_ready_while_token_endpoint_fails() {
     proxy.stop().await;
 }
 
+/// The same over HTTP/2: the in-flight answer and the GOAWAY reach the
+/// client, and the connection then ends cleanly (both pass through
+/// `coalesce`, which holds bytes until its next flush or shutdown).
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_http2_streams() {
+    let (pki, _fake, proxy) = setup_with("", "upstream_timeout_secs = 10").await;
+    let tls = tls_connect(&pki, proxy.addr, &rustls::version::TLS13, &[b"h2"])
+        .await
+        .unwrap();
+    let (h2, conn) = h2::client::handshake(tls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let get = |path: &str| {
+        http::Request::get(format!("https://localhost{path}"))
+            .header("referer", "https://app.example.com/")
+            .body(())
+            .unwrap()
+    };
+    let mut h2 = h2.ready().await.unwrap();
+    // Warm the token so the slow request is only slow upstream.
+    let (warm, _) = h2.send_request(get("/svc/echo/warm"), true).unwrap();
+    assert_eq!(warm.await.unwrap().status(), 200);
+    let mut h2 = h2.ready().await.unwrap();
+    let (slow, _) = h2.send_request(get("/svc/slow"), true).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = tokio::spawn(proxy.stop());
+    let answer = tokio::time::timeout(Duration::from_secs(10), slow)
+        .await
+        .expect("in-flight HTTP/2 answer never came")
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let mut body = answer.into_body();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+        bytes.extend_from_slice(&chunk);
+    }
+    let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(json["slow"], true);
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("HTTP/2 connection not closed after the drain")
+        .unwrap();
+    assert!(ended.is_ok(), "connection ended with {ended:?}");
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("shutdown did not complete")
+        .unwrap();
+}
+
 #[tokio::test]
 async fn graceful_shutdown_finishes_in_flight_requests() {
     let (pki, _fake, proxy) = setup_with("", "upstream_timeout_secs = 10").await;
