@@ -104,6 +104,17 @@ impl Future for Companion {
 }
 
 impl<IO: AsyncWrite + Unpin> Coalesce<IO> {
+    /// Adds to what is held (the caller keeps it within [`MAX_HELD`]); the
+    /// buffer is sized once, so it never grows past the cap.
+    fn hold<B: std::ops::Deref<Target = [u8]>>(&mut self, bufs: &[B]) {
+        if self.held.capacity() == 0 {
+            self.held.reserve_exact(MAX_HELD);
+        }
+        for b in bufs {
+            self.held.extend_from_slice(b);
+        }
+    }
+
     /// Writes everything held.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut written = 0;
@@ -149,7 +160,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
                 return Pin::new(&mut this.io).poll_write(cx, buf);
             }
         }
-        this.held.extend_from_slice(buf);
+        this.hold(&[buf]);
         Poll::Ready(Ok(buf.len()))
     }
 
@@ -169,9 +180,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
                 return Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
             }
         }
-        for b in bufs {
-            this.held.extend_from_slice(b);
-        }
+        this.hold(bufs);
         Poll::Ready(Ok(len))
     }
 
@@ -365,6 +374,24 @@ mod tests {
         let writes = sink.writes();
         assert_eq!(writes.len(), 3);
         assert_eq!(writes[2], half);
+    }
+
+    #[tokio::test]
+    async fn what_is_held_never_outgrows_the_cap() {
+        let sink = Sink::default();
+        let mut c = Coalesce::new(sink.clone(), true);
+        // Answer sizes that would make a doubling buffer overshoot.
+        for n in [1053, 2000, 5000, 7000, 1, MAX_HELD, 300, MAX_HELD - 1] {
+            c.write_all(&vec![b'a'; n]).await.unwrap();
+            assert!(c.held.len() <= MAX_HELD);
+            assert_eq!(c.held.capacity(), MAX_HELD);
+        }
+        c.shutdown().await.unwrap();
+        let total: usize = sink.writes().iter().map(Vec::len).sum();
+        assert_eq!(
+            total,
+            1053 + 2000 + 5000 + 7000 + 1 + MAX_HELD + 300 + MAX_HELD - 1
+        );
     }
 
     #[tokio::test]
