@@ -526,7 +526,7 @@ mount = "/raw"
 
     if args.keep:
         print(f"upstream :{up_port}  nginx :{ng_port}  proxy :{px_port} (pid {proxy.proc.pid})  work {work}")
-        print(f"  wrk -t1 -c64 -d10s -H 'Referer: {REFERER}' https://127.0.0.1:{px_port}/features{QUERY}")
+        print(f"  wrk -t{CLIENT_THREADS} -c64 -d10s -H 'Referer: {REFERER}' https://127.0.0.1:{px_port}/features{QUERY}")
         signal.pause()
     try:
         # Sanity: both answer the same body, proxy injected a real token.

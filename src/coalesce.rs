@@ -67,10 +67,6 @@ impl<IO> Coalesce<IO> {
             turn,
         }
     }
-
-    pub fn get_ref(&self) -> &IO {
-        &self.io
-    }
 }
 
 impl<IO> Drop for Coalesce<IO> {
