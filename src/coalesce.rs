@@ -100,6 +100,19 @@ impl Future for Companion {
 }
 
 impl<IO: AsyncWrite + Unpin> Coalesce<IO> {
+    /// Whether `len` more bytes are to be held (true) or written straight
+    /// through (false: coalescing is off, or they exceed [`MAX_HELD`] on
+    /// their own). Writes out what is held first when they would not fit.
+    fn poll_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<bool>> {
+        if self.turn.is_none() {
+            return Poll::Ready(Ok(false));
+        }
+        if self.held.len() + len > MAX_HELD {
+            ready!(self.poll_drain(cx))?;
+        }
+        Poll::Ready(Ok(len <= MAX_HELD))
+    }
+
     /// Adds to what is held (the caller keeps it within [`MAX_HELD`]); the
     /// buffer is sized once, so it never grows past the cap.
     fn hold<B: std::ops::Deref<Target = [u8]>>(&mut self, bufs: &[B]) {
@@ -147,14 +160,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.turn.is_none() {
+        if !ready!(this.poll_room(cx, buf.len()))? {
             return Pin::new(&mut this.io).poll_write(cx, buf);
-        }
-        if this.held.len() + buf.len() > MAX_HELD {
-            ready!(this.poll_drain(cx))?;
-            if buf.len() > MAX_HELD {
-                return Pin::new(&mut this.io).poll_write(cx, buf);
-            }
         }
         this.hold(&[buf]);
         Poll::Ready(Ok(buf.len()))
@@ -166,15 +173,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.turn.is_none() {
-            return Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        }
         let len: usize = bufs.iter().map(|b| b.len()).sum();
-        if this.held.len() + len > MAX_HELD {
-            ready!(this.poll_drain(cx))?;
-            if len > MAX_HELD {
-                return Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-            }
+        if !ready!(this.poll_room(cx, len))? {
+            return Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         }
         this.hold(bufs);
         Poll::Ready(Ok(len))
