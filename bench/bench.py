@@ -38,7 +38,7 @@ CLK = os.sysconf("SC_CLK_TCK")
 TOKEN = "BENCHTOKENxK3nq9Zt7Lw2Rv5Pp1Mm8Jj4Hh6Gg0Ff3Dd5Ss7Aa9Qq2Ww4Ee6Rr8Tt1Yy3Uu5Ii7Oo9"
 REFERER = "https://app.example.com/map.html"
 # Threads of each load generator (wrk -t, h2load -t); --client-threads.
-CLIENT_THREADS = 1
+CLIENT_THREADS = 2
 QUERY = "/Parks/FeatureServer/0/query?where=1%3D1&outFields=*&f=json"
 
 
@@ -105,6 +105,81 @@ def stat_ticks(path):
 
 def cpu_ticks(pids):
     return sum(stat_ticks(f"/proc/{p}/stat") for p in pids)
+
+
+def busy_ns(pid, tid):
+    """Time one thread spent on a CPU or waiting for one (ns), from
+    /proc/.../schedstat; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            run, wait = f.read().split()[:2]
+        return int(run) + int(wait)
+    except (OSError, ValueError):
+        return None
+
+
+class Helpers:
+    """Samples, while a round runs, how busy the load generator's threads and
+    the upstream's workers are: the share of wall time each spent running or
+    waiting for a CPU. A single-threaded helper near 1.00 sets the pace of
+    the whole round — it, not the server under test, is the bottleneck."""
+
+    def __init__(self, upstream):
+        self.upstream = upstream.pids() if upstream else []
+        self.stop = threading.Event()
+        self.first = self.last = None
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+
+    def snapshot(self, gen):
+        out = {}
+        for group, pids in (("client", gen), ("upstream", self.upstream)):
+            for p in pids:
+                try:
+                    tids = os.listdir(f"/proc/{p}/task")
+                except OSError:
+                    continue
+                for t in tids:
+                    v = busy_ns(p, t)
+                    if v is not None:
+                        out[(group, p, t)] = v
+        return time.monotonic(), out
+
+    def sample(self):
+        # Let the load generator start its threads, then find it once.
+        if self.stop.wait(0.5):
+            return
+        gen = []
+        for c in children(os.getpid()):
+            try:
+                with open(f"/proc/{c}/comm") as f:
+                    if f.read().strip() in ("wrk", "h2load"):
+                        gen.append(c)
+            except OSError:
+                pass
+        self.first = self.snapshot(gen)
+        threads = set(self.first[1])
+        while not self.stop.wait(0.5):
+            snap = self.snapshot(gen)
+            # Stop once the load generator starts to exit (threads vanish).
+            if set(snap[1]) != threads:
+                break
+            self.last = snap
+
+    def finish(self):
+        """Busiest load-generator thread's and busiest upstream worker's
+        busy share over the sampled part of the round (NaN if too short)."""
+        self.stop.set()
+        self.thread.join()
+        nan = float("nan")
+        if not self.first or not self.last or self.last[0] <= self.first[0]:
+            return nan, nan
+        wall = (self.last[0] - self.first[0]) * 1e9
+        shares = {"client": [], "upstream": []}
+        for k, v in self.last[1].items():
+            if k in self.first[1]:
+                shares[k[0]].append((v - self.first[1][k]) / wall)
+        return max(shares["client"], default=nan), max(shares["upstream"], default=nan)
 
 
 def machine_ticks():
@@ -247,7 +322,10 @@ def measured(server, fn, upstream=None):
     t0, th0, c0 = cpu_ticks(pids), thread_ticks(pids), children_cpu_s()
     u0 = cpu_ticks(upstream.pids()) if upstream else 0
     i0, a0 = machine_ticks()
+    helpers = Helpers(upstream) if upstream else None
     r = fn()
+    if helpers:
+        r["client_busy"], r["upstream_busy"] = helpers.finish()
     t1, th1, c1 = cpu_ticks(pids), thread_ticks(pids), children_cpu_s()
     u1 = cpu_ticks(upstream.pids()) if upstream else 0
     i1, a1 = machine_ticks()
@@ -374,8 +452,13 @@ def main():
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--keep", action="store_true", help="leave the servers running (for profiling)")
     ap.add_argument("--proxy-args", default="", help="extra arguments for the proxy, e.g. '--threads 1'")
-    ap.add_argument("--client-threads", type=int, default=1, help="threads of wrk and h2load (-t)")
-    ap.add_argument("--upstream-workers", type=int, default=1, help="worker processes of the upstream nginx")
+    # Two of each by default, so neither helper is a single-threaded station
+    # that sets the pace: with one, wrk's thread was running or waiting for a
+    # CPU 86-94 % of each HTTP/1 round and the upstream's worker 73-84 %, and
+    # a core idled 5-10 % of the time (BENCHMARKS.md, runs AA-AC). The report
+    # prints both busy shares for every round, so this can be checked.
+    ap.add_argument("--client-threads", type=int, default=2, help="threads of wrk and h2load (-t)")
+    ap.add_argument("--upstream-workers", type=int, default=2, help="worker processes of the upstream nginx")
     args = ap.parse_args()
     global CLIENT_THREADS
     CLIENT_THREADS = args.client_threads
@@ -656,6 +739,10 @@ def print_report(r):
                   f"{x['upstream_cpu_us_per_req']:.1f} + load generator {x['client_cpu_us_per_req']:.1f} = {total:.1f} us")
         print(f"  {'machine idle (no one on a CPU)':34} proxy {h['proxy']['machine_idle']:.3f}   "
               f"nginx {h['nginx']['machine_idle']:.3f}   (share of all CPU time)")
+        if "client_busy" in h["proxy"]:
+            busy = lambda x: f"load generator {x['client_busy']:.2f}, upstream {x['upstream_busy']:.2f}"
+            print(f"  {'busiest helper thread, busy share':34} proxy run: {busy(h['proxy'])}   nginx run: "
+                  f"{busy(h['nginx'])}   (on a CPU or waiting for one; one near 1.00 while the machine idles sets the pace)")
         if not busiest:
             return
         print(f"  {'busiest thread, share of server CPU':34} proxy {h['proxy']['busiest_thread_share']:.2f}   "
