@@ -134,15 +134,10 @@ class Helpers:
     def snapshot(self, gen):
         out = {}
         for group, pids in (("client", gen), ("upstream", self.upstream)):
-            for p in pids:
-                try:
-                    tids = os.listdir(f"/proc/{p}/task")
-                except OSError:
-                    continue
-                for t in tids:
-                    v = busy_ns(p, t)
-                    if v is not None:
-                        out[(group, p, t)] = v
+            for p, t in threads(pids):
+                v = busy_ns(p, t)
+                if v is not None:
+                    out[(group, p, t)] = v
         return time.monotonic(), out
 
     def sample(self):
@@ -158,11 +153,11 @@ class Helpers:
             except OSError:
                 pass
         self.first = self.snapshot(gen)
-        threads = set(self.first[1])
+        present = set(self.first[1])
         while not self.stop.wait(0.5):
             snap = self.snapshot(gen)
             # Stop once the load generator starts to exit (threads vanish).
-            if set(snap[1]) != threads:
+            if set(snap[1]) != present:
                 break
             self.last = snap
 
@@ -294,17 +289,20 @@ def h2load(url, conns, streams, secs):
     }
 
 
-def thread_ticks(pids):
-    """CPU ticks of every thread of `pids`, keyed by (pid, tid)."""
-    out = {}
+def threads(pids):
+    """(pid, tid) of every thread of `pids` that still exists."""
     for p in pids:
         try:
             tids = os.listdir(f"/proc/{p}/task")
         except OSError:
             continue
         for t in tids:
-            out[(p, t)] = stat_ticks(f"/proc/{p}/task/{t}/stat")
-    return out
+            yield p, t
+
+
+def thread_ticks(pids):
+    """CPU ticks of every thread of `pids`, keyed by (pid, tid)."""
+    return {(p, t): stat_ticks(f"/proc/{p}/task/{t}/stat") for p, t in threads(pids)}
 
 
 def children_cpu_s():
