@@ -121,8 +121,9 @@ def busy_ns(pid, tid):
 class Helpers:
     """Samples, while a round runs, how busy the load generator's threads and
     the upstream's workers are: the share of wall time each spent running or
-    waiting for a CPU. A single-threaded helper near 1.00 sets the pace of
-    the whole round — it, not the server under test, is the bottleneck."""
+    waiting for a CPU. A single-threaded helper near 1.00 while the machine
+    idles sets the pace of the whole round — it, not the server under test,
+    is the bottleneck."""
 
     def __init__(self, upstream):
         self.upstream = upstream.pids() if upstream else []
@@ -452,8 +453,8 @@ def main():
     ap.add_argument("--proxy-args", default="", help="extra arguments for the proxy, e.g. '--threads 1'")
     # Two of each by default, so neither helper is a single-threaded station
     # that sets the pace: with one, wrk's thread was running or waiting for a
-    # CPU 86-94 % of each HTTP/1 round and the upstream's worker 73-84 %, and
-    # a core idled 5-10 % of the time (BENCHMARKS.md, runs AA-AC). The report
+    # CPU 86-94 % of each HTTP/1 round and the upstream's worker 71-84 %, and
+    # 5-10 % of all CPU time went unused (BENCHMARKS.md, runs AA-AD). The report
     # prints both busy shares for every round, so this can be checked.
     ap.add_argument("--client-threads", type=int, default=2, help="threads of wrk and h2load (-t)")
     ap.add_argument("--upstream-workers", type=int, default=2, help="worker processes of the upstream nginx")
