@@ -2,7 +2,7 @@
 """Side-by-side benchmark: arcgis-app-proxy vs nginx (anchor) vs the upstream.
 
 Everything runs on 127.0.0.1:
-  upstream  nginx, 1 worker (--upstream-workers): ~1 KiB ArcGIS-like JSON, a token endpoint, a 200 MB file
+  upstream  nginx, 2 workers (--upstream-workers): ~1 KiB ArcGIS-like JSON, a token endpoint, a 200 MB file
   nginx     the anchor: TLS 1.3, same certificate, HTTP/1.1 keep-alive + h2,
             upstream keepalive pool, valid_referers with the same allowlist,
             proxy_set_header X-Esri-Authorization "Bearer ...", access_log off,
@@ -14,7 +14,8 @@ Everything runs on 127.0.0.1:
 
 Each scenario runs for each target alternately (A B A B ...); the median
 round is reported. CPU per request comes from /proc/<pid>/stat of the server
-processes (utime+stime), RSS from /proc/<pid>/status.
+processes (utime+stime), RSS from /proc/<pid>/status. wrk and h2load run with
+2 threads (--client-threads).
 
 Run through bench/run, which installs the tools and builds the binary.
 """
@@ -126,7 +127,7 @@ class Helpers:
     is the bottleneck."""
 
     def __init__(self, upstream):
-        self.upstream = upstream.pids() if upstream else []
+        self.upstream = upstream.pids()
         self.stop = threading.Event()
         self.first = self.last = None
         self.thread = threading.Thread(target=self.sample, daemon=True)
