@@ -281,16 +281,23 @@ mod tests {
         ));
     }
 
+    /// Answers sent one after another within a single poll of the
+    /// connection, as when their streams finish in the same turn.
+    async fn answers_in_one_turn(c: &mut Coalesce<Sink>, answers: &[&[u8]]) {
+        poll_fn(|cx| {
+            for bytes in answers {
+                write_and_flush(c, cx, bytes);
+            }
+            Poll::Ready(())
+        })
+        .await;
+    }
+
     #[tokio::test]
     async fn disabled_passes_every_write_through() {
         let sink = Sink::default();
         let mut c = Coalesce::new(sink.clone(), false);
-        poll_fn(|cx| {
-            write_and_flush(&mut c, cx, b"one");
-            write_and_flush(&mut c, cx, b"two");
-            Poll::Ready(())
-        })
-        .await;
+        answers_in_one_turn(&mut c, &[b"one", b"two"]).await;
         assert_eq!(sink.writes(), vec![b"one".to_vec(), b"two".to_vec()]);
     }
 
@@ -298,24 +305,14 @@ mod tests {
     async fn flushes_in_one_turn_become_one_write() {
         let sink = Sink::default();
         let mut c = Coalesce::new(sink.clone(), true);
-        poll_fn(|cx| {
-            for part in [&b"first "[..], b"second ", b"third"] {
-                write_and_flush(&mut c, cx, part);
-            }
-            Poll::Ready(())
-        })
-        .await;
+        answers_in_one_turn(&mut c, &[b"first ", b"second ", b"third"]).await;
         assert!(sink.writes().is_empty(), "written before the turn ended");
         // The companion runs once the tasks ahead of it have.
         tokio::task::yield_now().await;
         c.flush().await.unwrap();
         assert_eq!(sink.writes(), vec![b"first second third".to_vec()]);
         // The next answer waits for a turn of its own.
-        poll_fn(|cx| {
-            write_and_flush(&mut c, cx, b"fourth");
-            Poll::Ready(())
-        })
-        .await;
+        answers_in_one_turn(&mut c, &[b"fourth"]).await;
         assert_eq!(sink.writes().len(), 1);
         tokio::task::yield_now().await;
         c.flush().await.unwrap();
@@ -357,12 +354,7 @@ mod tests {
         let sink = Sink::default();
         let mut c = Coalesce::new(sink.clone(), true);
         let big = vec![b'x'; MAX_HELD + 1];
-        poll_fn(|cx| {
-            write_and_flush(&mut c, cx, b"head");
-            write_and_flush(&mut c, cx, &big);
-            Poll::Ready(())
-        })
-        .await;
+        answers_in_one_turn(&mut c, &[b"head", &big]).await;
         assert_eq!(sink.writes(), vec![b"head".to_vec(), big]);
         // Held bytes that would pass the limit are written first.
         let half = vec![b'y'; MAX_HELD / 2 + 1];
@@ -418,11 +410,7 @@ mod tests {
     async fn shutdown_writes_what_is_held() {
         let sink = Sink::default();
         let mut c = Coalesce::new(sink.clone(), true);
-        poll_fn(|cx| {
-            write_and_flush(&mut c, cx, b"goaway");
-            Poll::Ready(())
-        })
-        .await;
+        answers_in_one_turn(&mut c, &[b"goaway"]).await;
         c.shutdown().await.unwrap();
         assert_eq!(sink.writes(), vec![b"goaway".to_vec()]);
         assert!(sink.0.lock().unwrap().shut);
