@@ -17,6 +17,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY .cargo ./.cargo
 COPY src ./src
 COPY benches ./benches
+COPY demo ./demo
 RUN cargo build --release --locked --bin arcgis-app-proxy \
  && strip target/release/arcgis-app-proxy
 

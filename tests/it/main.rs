@@ -8,6 +8,7 @@ mod kubernetes;
 mod leaks;
 mod listeners;
 mod ops;
+mod packaging;
 mod restjs;
 mod routing;
 mod shared_rate;
