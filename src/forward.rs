@@ -329,8 +329,13 @@ pub enum Verdict {
 /// An upstream answer's body: already complete in memory (small answers
 /// read by [`inspect`]), or still streaming.
 pub enum Answer {
-    /// The whole body.
+    /// The whole body as it came.
     Whole(Bytes),
+    /// The whole of a content-coded body, with what it decodes to: the
+    /// token-error check had to decode it, and scrubbing reads the same
+    /// bytes, so they are decoded once (inflating a small gzip answer costs
+    /// more than the rest of its request).
+    Decoded(Bytes, Vec<u8>),
     /// The body as it arrives.
     Stream(ProxyBody),
 }
@@ -339,7 +344,7 @@ impl Answer {
     /// The body to send as it is.
     pub fn into_body(self) -> ProxyBody {
         match self {
-            Answer::Whole(b) => crate::body::full(b),
+            Answer::Whole(b) | Answer::Decoded(b, _) => crate::body::full(b),
             Answer::Stream(b) => b,
         }
     }
@@ -404,17 +409,16 @@ pub async fn inspect(resp: Response<UpstreamBody>) -> Result<Verdict, BoxError> 
             .concat()
             .into()
     };
-    let rejected = match Coding::of(&parts.headers) {
-        Some(Coding::Identity) => is_token_error(&whole),
-        Some(c) => codec::decode_all(c, &whole, 4 * PEEK_LIMIT)
-            .as_deref()
-            .is_ok_and(is_token_error),
-        None => false,
+    let answer = match Coding::of(&parts.headers) {
+        Some(Coding::Identity) if is_token_error(&whole) => return Ok(Verdict::Rejected),
+        Some(c) if c != Coding::Identity => match codec::decode_all(c, &whole, 4 * PEEK_LIMIT) {
+            Ok(plain) if is_token_error(&plain) => return Ok(Verdict::Rejected),
+            Ok(plain) => Answer::Decoded(whole, plain),
+            Err(_) => Answer::Whole(whole),
+        },
+        _ => Answer::Whole(whole),
     };
-    if rejected {
-        return Ok(Verdict::Rejected);
-    }
-    Ok(Verdict::Pass(parts, Answer::Whole(whole)))
+    Ok(Verdict::Pass(parts, answer))
 }
 
 fn may_be_json_error(headers: &HeaderMap) -> bool {

@@ -638,7 +638,10 @@ impl Proxy {
                 }
                 Some(coding) => {
                     let (body, changed) = match answer {
-                        Answer::Whole(bytes) => scrub::scrub_whole(bytes, coding, scrubber),
+                        Answer::Whole(bytes) => scrub::scrub_whole(bytes, None, coding, scrubber),
+                        Answer::Decoded(bytes, plain) => {
+                            scrub::scrub_whole(bytes, Some(plain), coding, scrubber)
+                        }
                         Answer::Stream(b) => (ScrubBody::new(b, coding, scrubber).boxed(), true),
                     };
                     if changed {

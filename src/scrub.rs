@@ -498,10 +498,16 @@ fn secret_extent(buf: &[u8], floor: usize, start: usize, stop: usize) -> (usize,
 
 /// Scrubs a body that is already complete in memory: returns it untouched
 /// (same bytes, same coding) when nothing matches, else the scrubbed body,
-/// re-encoded; `true` when the bytes changed. A body that cannot be decoded
-/// here falls back to the streaming path, which fails the response instead
-/// of passing it unread.
-pub fn scrub_whole(bytes: Bytes, coding: Coding, mut scrubber: Scrubber) -> (ProxyBody, bool) {
+/// re-encoded; `true` when the bytes changed. `decoded` is what a coded
+/// body decodes to, when the caller has it already. A body that cannot be
+/// decoded here falls back to the streaming path, which fails the response
+/// instead of passing it unread.
+pub fn scrub_whole(
+    bytes: Bytes,
+    decoded: Option<Vec<u8>>,
+    coding: Coding,
+    mut scrubber: Scrubber,
+) -> (ProxyBody, bool) {
     use crate::body::full;
     if bytes.is_empty() {
         return (full(bytes), false);
@@ -512,8 +518,12 @@ pub fn scrub_whole(bytes: Bytes, coding: Coding, mut scrubber: Scrubber) -> (Pro
         }
         return (full(scrubber.scrub_all(&bytes)), true);
     }
-    let Ok(plain) = crate::codec::decode_all(coding, &bytes, 8 * 1024 * 1024) else {
-        return (ScrubBody::new(full(bytes), coding, scrubber).boxed(), true);
+    let plain = match decoded {
+        Some(plain) => plain,
+        None => match crate::codec::decode_all(coding, &bytes, 8 * 1024 * 1024) {
+            Ok(plain) => plain,
+            Err(_) => return (ScrubBody::new(full(bytes), coding, scrubber).boxed(), true),
+        },
     };
     if !scrubber.pats.ac.is_match(&plain[..]) {
         return (full(bytes), false);
