@@ -5,7 +5,8 @@
 //! never holds a whole body. Each encoder flush emits a complete block, so a
 //! scrubbed chunk reaches the client without waiting for the next one.
 
-use std::io::{self, Write};
+use std::cell::RefCell;
+use std::io::{self, Read, Write};
 
 use http::HeaderMap;
 use http::header::CONTENT_ENCODING;
@@ -214,6 +215,9 @@ impl Encoder {
 /// Decodes a complete (small) body, refusing to produce more than `limit`
 /// bytes.
 pub fn decode_all(coding: Coding, data: &[u8], limit: usize) -> io::Result<Vec<u8>> {
+    if coding == Coding::Gzip {
+        return gunzip(data, limit);
+    }
     let mut d = Decoder::new(coding);
     let mut out = Vec::new();
     for piece in data.chunks(4096) {
@@ -233,6 +237,46 @@ pub fn decode_all(coding: Coding, data: &[u8], limit: usize) -> io::Result<Vec<u
         ));
     }
     Ok(out)
+}
+
+type Gunzip = flate2::bufread::GzDecoder<io::Cursor<Vec<u8>>>;
+
+thread_local! {
+    /// Each thread's decoder for whole gzip bodies, reset for the next one.
+    /// Building a decoder allocates and zeroes about 15 KB of inflate state,
+    /// which cost as much as inflating a small gzip answer (callgrind: 15.7 k
+    /// of 52 k instructions per decode); a reset keeps that state.
+    static GUNZIP: RefCell<Option<Gunzip>> = const { RefCell::new(None) };
+}
+
+/// Decodes one whole gzip member, refusing more than `limit` decoded bytes,
+/// a truncated or corrupt member, and anything after it (a second member
+/// would otherwise go unread).
+fn gunzip(data: &[u8], limit: usize) -> io::Result<Vec<u8>> {
+    let invalid = |msg: &'static str| io::Error::new(io::ErrorKind::InvalidData, msg);
+    GUNZIP.with_borrow_mut(|slot| {
+        let input = io::Cursor::new(data.to_vec());
+        let d = match slot {
+            Some(d) => {
+                d.reset(input);
+                d
+            }
+            None => slot.insert(flate2::bufread::GzDecoder::new(input)),
+        };
+        let mut out = Vec::with_capacity(limit.saturating_add(1).min((data.len() * 8).max(4096)));
+        let read = Read::take(&mut *d, limit as u64 + 1).read_to_end(&mut out);
+        let rest = d.get_ref().get_ref().len() as u64 - d.get_ref().position();
+        // The body is not kept on the thread after its request.
+        *d.get_mut() = io::Cursor::new(Vec::new());
+        read?;
+        if out.len() > limit {
+            return Err(invalid("decoded body too large"));
+        }
+        if rest != 0 {
+            return Err(invalid("data after the gzip member"));
+        }
+        Ok(out)
+    })
 }
 
 #[cfg(test)]
@@ -278,6 +322,51 @@ pub(crate) mod tests {
             decode_all(Coding::Deflate, &raw, 1000).unwrap(),
             b"raw deflate body"
         );
+    }
+
+    #[test]
+    fn a_whole_gzip_body_is_exactly_one_intact_member() {
+        let a = encode_all(Coding::Gzip, br#"{"a":1}"#);
+        let b = encode_all(Coding::Gzip, br#"{"token":"SECRET"}"#);
+        assert_eq!(decode_all(Coding::Gzip, &a, 1000).unwrap(), br#"{"a":1}"#);
+        let two_members = [&a[..], &b[..]].concat();
+        let trailing = [&a[..], b"garbage"].concat();
+        let truncated = &a[..a.len() - 3];
+        let mut bad_crc = a.clone();
+        let n = bad_crc.len();
+        bad_crc[n - 6] ^= 1;
+        let not_gzip = br#"{"a":1}"#;
+        for (what, body) in [
+            ("two members", &two_members[..]),
+            ("trailing bytes", &trailing[..]),
+            ("truncated", truncated),
+            ("bad checksum", &bad_crc[..]),
+            ("not gzip", &not_gzip[..]),
+            ("empty", &[][..]),
+        ] {
+            assert!(decode_all(Coding::Gzip, body, 1000).is_err(), "{what}");
+        }
+    }
+
+    #[test]
+    fn the_reused_gzip_decoder_starts_afresh_for_each_body() {
+        let bodies: Vec<Vec<u8>> = (0..4)
+            .map(|i| format!(r#"{{"n":{i},"pad":"{}"}}"#, "x".repeat(i * 3000)).into_bytes())
+            .collect();
+        let corrupt = {
+            let mut c = encode_all(Coding::Gzip, &bodies[3]);
+            c.truncate(c.len() / 2);
+            c
+        };
+        for round in 0..2 {
+            for body in &bodies {
+                let enc = encode_all(Coding::Gzip, body);
+                assert_eq!(&decode_all(Coding::Gzip, &enc, 1 << 20).unwrap(), body);
+                // A failure halfway, and one over the limit, leave nothing behind.
+                assert!(decode_all(Coding::Gzip, &corrupt, 1 << 20).is_err());
+                assert!(decode_all(Coding::Gzip, &enc, 10).is_err(), "round {round}");
+            }
+        }
     }
 
     #[test]
