@@ -411,12 +411,12 @@ pub async fn inspect(resp: Response<UpstreamBody>) -> Result<Verdict, BoxError> 
     };
     let answer = match Coding::of(&parts.headers) {
         Some(Coding::Identity) if is_token_error(&whole) => return Ok(Verdict::Rejected),
-        Some(c) if c != Coding::Identity => match codec::decode_all(c, &whole, 4 * PEEK_LIMIT) {
+        Some(Coding::Identity) | None => Answer::Whole(whole),
+        Some(c) => match codec::decode_all(c, &whole, 4 * PEEK_LIMIT) {
             Ok(plain) if is_token_error(&plain) => return Ok(Verdict::Rejected),
             Ok(plain) => Answer::Decoded(whole, plain),
             Err(_) => Answer::Whole(whole),
         },
-        _ => Answer::Whole(whole),
     };
     Ok(Verdict::Pass(parts, answer))
 }
