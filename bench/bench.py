@@ -527,13 +527,6 @@ error_log {work}/ng.err warn;
 events {{ worker_connections 8192; }}
 http {{
   access_log off;
-  # Only for requests that ask (the icount scenario's gzip count): browsers
-  # always do, and ArcGIS compresses JSON; every other scenario sends no
-  # Accept-Encoding and gets the same bytes as before.
-  gzip on;
-  gzip_types application/json;
-  gzip_min_length 0;
-  gzip_comp_level 1;
   keepalive_requests 10000000;
   keepalive_timeout 120s;
   ssl_protocols TLSv1.2 TLSv1.3;
