@@ -19,6 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use bytes::Bytes;
+use percent_encoding::{AsciiSet, CONTROLS, NON_ALPHANUMERIC, percent_encode};
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Body;
@@ -468,8 +469,33 @@ pub fn is_token_error(body: &[u8]) -> bool {
     matches!(code, Some(498 | 499))
 }
 
-/// Bytes that need no escaping in a URI: unreserved, reserved and `%`.
-static URI_SAFE: [bool; 256] = crate::policy::path::ascii_set(b"-._~:/?#[]@!$&'()*+,;=%");
+/// Bytes encoded when a URI string does not parse as it is: everything but
+/// unreserved and reserved characters and `%` (escapes stay as they are).
+/// Non-ASCII bytes are always encoded.
+const URI_ESCAPE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b':')
+    .remove(b'/')
+    .remove(b'?')
+    .remove(b'#')
+    .remove(b'[')
+    .remove(b']')
+    .remove(b'@')
+    .remove(b'!')
+    .remove(b'$')
+    .remove(b'&')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')')
+    .remove(b'*')
+    .remove(b'+')
+    .remove(b',')
+    .remove(b';')
+    .remove(b'=')
+    .remove(b'%');
 
 /// Percent-encodes anything `http::Uri` would refuse, leaving valid URI
 /// characters (including `%` escapes) as they are.
@@ -479,28 +505,21 @@ pub fn to_uri(s: String) -> Option<Uri> {
     if let Ok(u) = Uri::from_maybe_shared(bytes.clone()) {
         return Some(u);
     }
-    let s = String::from_utf8_lossy(&bytes);
-    percent_encode_unless(&s, |b| URI_SAFE[usize::from(b)])
-        .parse()
-        .ok()
+    percent_encode(&bytes, URI_ESCAPE).to_string().parse().ok()
 }
 
-/// `s` with every byte that `keep` refuses written as `%XX`.
-fn percent_encode_unless(s: &str, keep: impl Fn(u8) -> bool) -> String {
-    let mut out = String::with_capacity(s.len() + 16);
-    for b in s.bytes() {
-        if keep(b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+/// Bytes a request target does not carry as they are: controls, space,
+/// `#` (a fragment never goes upstream), `"`, `<`, `>` and non-ASCII;
+/// everything else `http::Uri` takes in a path or query as it is (so `{z}`
+/// or `|` pass unchanged).
+const TARGET_ESCAPE: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'#')
+    .add(b'"')
+    .add(b'<')
+    .add(b'>');
 
-/// Whether a request target carries byte `b` as it is: visible ASCII that
-/// `http::Uri` takes in a path or query as it is (so `{z}` or `|` pass as
-/// before), except `#` (a fragment never goes upstream), `"`, `<`, `>`.
+/// Whether a request target carries byte `b` as it is (see [`TARGET_ESCAPE`]).
 const fn target_safe(b: u8) -> bool {
     b >= 0x21 && b < 0x7f && !matches!(b, b'#' | b'"' | b'<' | b'>')
 }
@@ -513,7 +532,7 @@ pub fn request_target(target: String) -> String {
     if target.bytes().fold(true, |ok, b| ok & target_safe(b)) {
         return target;
     }
-    percent_encode_unless(&target, target_safe)
+    percent_encode(target.as_bytes(), TARGET_ESCAPE).to_string()
 }
 
 #[cfg(test)]
@@ -581,18 +600,6 @@ mod tests {
         assert!(!with(&[("content-type", "text")]));
         assert!(!with(&[("content-length", "16385")]));
         assert!(with(&[("content-length", "16384")]));
-    }
-
-    #[test]
-    fn token_errors_are_recognised_only_at_the_top() {
-        assert!(is_token_error(
-            br#"{"error":{"code":498,"message":"Invalid token."}}"#
-        ));
-        assert!(is_token_error(br#"  {"error":{"code":"499"}}"#));
-        assert!(!is_token_error(br#"{"error":{"code":400}}"#));
-        assert!(!is_token_error(br#"{"features":[{"error":{"code":498}}]}"#));
-        assert!(!is_token_error(b"{\"err"));
-        assert!(!is_token_error(b""));
     }
 
     #[test]
@@ -711,6 +718,10 @@ mod tests {
             br#"{"features":[{"attributes":{"code":498}}]}"#
         ));
         assert!(!is_token_error(b"not json"));
+        // Only the top-level `error` member counts.
+        assert!(!is_token_error(br#"{"features":[{"error":{"code":498}}]}"#));
+        assert!(!is_token_error(b"{\"err"));
+        assert!(!is_token_error(b""));
     }
 
     #[test]

@@ -75,7 +75,7 @@ static PATH_PLAIN: [bool; 256] = ascii_set(b"/-._~!$&'()*+,;=:@");
 
 /// A byte-lookup table holding ASCII letters, digits and `extra`: one
 /// index per byte instead of a chain of comparisons in hot scans.
-pub(crate) const fn ascii_set(extra: &[u8]) -> [bool; 256] {
+const fn ascii_set(extra: &[u8]) -> [bool; 256] {
     let mut t = [false; 256];
     let mut b = 0;
     while b < 128 {
