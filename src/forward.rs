@@ -19,10 +19,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use bytes::Bytes;
-use percent_encoding::{AsciiSet, CONTROLS, NON_ALPHANUMERIC, percent_encode};
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Body;
+use percent_encoding::{AsciiSet, CONTROLS, NON_ALPHANUMERIC, percent_encode};
 
 mod pool;
 pub use pool::{Http1Error, Pool, UpstreamBody};
@@ -512,12 +512,7 @@ pub fn to_uri(s: String) -> Option<Uri> {
 /// `#` (a fragment never goes upstream), `"`, `<`, `>` and non-ASCII;
 /// everything else `http::Uri` takes in a path or query as it is (so `{z}`
 /// or `|` pass unchanged).
-const TARGET_ESCAPE: &AsciiSet = &CONTROLS
-    .add(b' ')
-    .add(b'#')
-    .add(b'"')
-    .add(b'<')
-    .add(b'>');
+const TARGET_ESCAPE: &AsciiSet = &CONTROLS.add(b' ').add(b'#').add(b'"').add(b'<').add(b'>');
 
 /// Whether a request target carries byte `b` as it is (see [`TARGET_ESCAPE`]).
 const fn target_safe(b: u8) -> bool {
