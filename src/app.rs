@@ -20,10 +20,10 @@ use hyper_util::server::conn::auto;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, Env};
-use crate::forward::Clients;
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::proxy::Proxy;
 use crate::server;
+use crate::upstream::Clients;
 
 /// Process-wide state the admin endpoints report on.
 #[derive(Debug, Default)]

@@ -31,8 +31,8 @@ pub mod codec;
 pub mod config;
 pub mod demo;
 pub mod error;
-pub mod forward;
 pub mod framing;
+pub mod http1;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
@@ -42,6 +42,7 @@ pub mod server;
 pub mod shared_rate;
 pub mod tls;
 pub mod token;
+pub mod upstream;
 
 use std::future::Future;
 use std::io;

@@ -2,7 +2,7 @@
 //! chunks or close): never panics, and the outcome does not depend on how
 //! reads cut the bytes.
 #![no_main]
-use arcgis_app_proxy::forward::read_answer;
+use arcgis_app_proxy::upstream::read_answer;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -26,8 +26,8 @@ use tokio::time::Instant;
 use super::fetch::{Fetcher, OAuthFetcher};
 use super::{Token, TokenError};
 use crate::config::{CredentialConfig, CredentialKind};
-use crate::forward::HttpClient;
 use crate::metrics::Metrics;
+use crate::upstream::HttpClient;
 
 /// First backoff step after a failed fetch.
 const BACKOFF_BASE: Duration = Duration::from_secs(1);

@@ -16,7 +16,7 @@ use url::Url;
 
 use super::{Secret, TokenError};
 use crate::body;
-use crate::forward::HttpClient;
+use crate::upstream::HttpClient;
 
 /// Largest token endpoint answer read.
 const MAX_TOKEN_RESPONSE: usize = 64 * 1024;

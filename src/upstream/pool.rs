@@ -34,7 +34,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::Outgoing;
 use crate::body::{BoxError, ProxyBody};
-use crate::forward;
+use crate::upstream;
 
 mod h1;
 pub use h1::Error as Http1Error;
@@ -106,7 +106,7 @@ impl Pool {
                     let body = body
                         .take()
                         .ok_or("upstream changed from HTTP/1.1 to HTTP/2 mid-request")?;
-                    let mut req = forward::build_request(out, body)?;
+                    let mut req = upstream::build_request(out, body)?;
                     // `:authority` carries the host on HTTP/2.
                     req.headers_mut().remove(header::HOST);
                     let resp = sender.send_request(req).await?;
@@ -630,7 +630,7 @@ mod tests {
         // Naming another header: kept, so that header is removed with it.
         let mut resp = send_req(&pool, get(port, "/")).await.unwrap();
         assert!(resp.headers().contains_key("connection"));
-        forward::clean_response_headers(resp.headers_mut());
+        upstream::clean_response_headers(resp.headers_mut());
         let names: Vec<&str> = resp.headers().keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["content-length"]);
     }

@@ -353,7 +353,10 @@ impl Answer {
 
 /// Classifies an upstream answer to a request that carried the proxy's token,
 /// reading at most [`PEEK_LIMIT`] bytes of candidate bodies.
-pub async fn inspect(resp: Response<UpstreamBody>) -> Result<Verdict, BoxError> {
+pub async fn inspect<B>(resp: Response<B>) -> Result<Verdict, BoxError>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Send + Sync + Unpin + 'static,
+{
     if matches!(resp.status().as_u16(), 401 | 498 | 499) {
         return Ok(Verdict::Rejected);
     }

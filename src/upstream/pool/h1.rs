@@ -30,7 +30,7 @@ use tokio_util::io::poll_read_buf;
 
 use super::Pool;
 use crate::body::{BoxError, ProxyBody};
-use crate::forward::{self, Outgoing};
+use crate::upstream::{self, Outgoing};
 
 /// Most header fields accepted in an answer head (hyper's default).
 const MAX_HEADERS: usize = 100;
@@ -227,7 +227,7 @@ impl Outbound {
         // end the request line early.
         head.put_slice(out.target.as_bytes());
         head.put_slice(b" HTTP/1.1\r\n");
-        forward::each_upstream_header(out, |name, value| {
+        upstream::each_upstream_header(out, |name, value| {
             // Header values cannot hold CR or LF (`HeaderValue` checks).
             head.put_slice(name.as_str().as_bytes());
             head.put_slice(b": ");
@@ -1129,7 +1129,7 @@ mod tests {
                 content_length: length,
                 decodable_only,
             };
-            let expected = forward::build_request(&out, crate::body::empty()).unwrap();
+            let expected = upstream::build_request(&out, crate::body::empty()).unwrap();
             let mut want: Vec<(String, String)> = expected
                 .headers()
                 .iter()

@@ -1,0 +1,78 @@
+//! The only HTTP/1 wire code in the crate: head limits, framing checks,
+//! chunked decoding, `Content-Length` and `Connection` tokens. The
+//! downstream framing guard ([`guard`]) and the upstream client
+//! (`upstream::pool::h1`) both read HTTP/1 through these functions, so a
+//! request and an answer are judged by the same rules.
+
+/// A `Content-Length` value: digits, or a comma-separated list of equal
+/// ones (RFC 9110 8.6); `None` for anything else (signs, hex, overflow,
+/// differing values).
+pub fn content_length(value: &[u8]) -> Option<u64> {
+    let mut found: Option<u64> = None;
+    for item in value.split(|b| *b == b',') {
+        let item = item.trim_ascii();
+        if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = std::str::from_utf8(item).ok()?.parse::<u64>().ok()?;
+        if found.is_some_and(|f| f != n) {
+            return None;
+        }
+        found = Some(n);
+    }
+    found
+}
+
+/// The comma-separated tokens of a `Connection` (or similar list) header
+/// value, trimmed, empty ones skipped.
+pub fn list_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// True when a `Transfer-Encoding` value ends in `chunked`: only then is
+/// the message framed by chunks (RFC 9112 6.3).
+pub fn chunked_is_last(value: &[u8]) -> bool {
+    value
+        .rsplit(|b| *b == b',')
+        .next()
+        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_lengths_are_digits_or_equal_lists() {
+        for (v, want) in [
+            (&b"0"[..], Some(0)),
+            (b" 42 ", Some(42)),
+            (b"7, 7,7", Some(7)),
+            (b"9999999999999999999", Some(9_999_999_999_999_999_999)),
+            // Twenty digits are refused before parsing (more than any body).
+            (b"18446744073709551615", None),
+            (b"7, 8", None),
+            (b"+7", None),
+            (b"-1", None),
+            (b"0x10", None),
+            (b"1e3", None),
+            (b"", None),
+            (b"7,", None),
+        ] {
+            assert_eq!(content_length(v), want, "{:?}", String::from_utf8_lossy(v));
+        }
+    }
+
+    #[test]
+    fn chunked_counts_only_when_last() {
+        assert!(chunked_is_last(b"chunked"));
+        assert!(chunked_is_last(b"gzip, Chunked "));
+        assert!(!chunked_is_last(b"chunked, gzip"));
+        assert!(!chunked_is_last(b"xchunked"));
+        let tokens: Vec<&[u8]> = list_tokens(b" close ,, X-A").collect();
+        assert_eq!(tokens, [&b"close"[..], b"X-A"]);
+    }
+}

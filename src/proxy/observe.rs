@@ -1,0 +1,295 @@
+//! Phase 7, observe: what every answer gets on its way out, whatever phase
+//! produced it. The request's CORS origin is echoed, the request is counted
+//! per route and status and attributed to its allowlist entry, and the
+//! access log line is written when the body has been sent (or dropped).
+//! [`RequestCtx`] carries what the phases learned to this point.
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+use prometheus_client::metrics::counter::Counter;
+use tokio::time::Instant;
+use url::Url;
+
+use super::{ConnInfo, Proxy};
+use crate::body::{BoxError, ProxyBody};
+use crate::error::ProxyError;
+use crate::metrics::{AppLabels, RequestLabels};
+
+/// What the phases learned about one request.
+pub(super) struct RequestCtx {
+    /// The connection it came on.
+    pub conn: ConnInfo,
+    /// The client's address (behind trusted proxies, the forwarded one).
+    pub client: IpAddr,
+    /// Allowlist entry that admitted it (inner `None`: no Referer/Origin).
+    pub app: Option<Option<usize>>,
+    /// Index of the route that serves it.
+    pub route: Option<usize>,
+    /// The Origin to echo in `Access-Control-Allow-Origin`.
+    pub cors_origin: Option<HeaderValue>,
+    /// The access log record, when the `access` target is enabled.
+    log: Option<AccessLog>,
+}
+
+impl RequestCtx {
+    /// The context of a request that has just arrived.
+    pub fn new<B>(proxy: &Proxy, req: &Request<B>, conn: &ConnInfo) -> RequestCtx {
+        // The access log line costs a URL parse and a body wrapper; skip
+        // both when the `access` target is filtered out (RUST_LOG=warn).
+        let client = proxy.client_ip(req.headers(), conn);
+        let log = tracing::enabled!(target: "access", tracing::Level::INFO).then(|| AccessLog {
+            method: req.method().clone(),
+            path: req.uri().path().chars().take(256).collect(),
+            route: None,
+            referer: referer_origin(req.headers()),
+            client,
+            status: 0,
+            started: Instant::now(),
+            bytes: 0,
+            error: None,
+        });
+        RequestCtx {
+            conn: *conn,
+            client,
+            app: None,
+            route: None,
+            cors_origin: None,
+            log,
+        }
+    }
+}
+
+impl Proxy {
+    /// The answer as it leaves: the phases' response, or the error's.
+    pub(super) fn observe(
+        &self,
+        ctx: RequestCtx,
+        result: Result<Response<ProxyBody>, ProxyError>,
+    ) -> Response<ProxyBody> {
+        let RequestCtx {
+            app,
+            route,
+            cors_origin,
+            mut log,
+            ..
+        } = ctx;
+        let mut resp = result.unwrap_or_else(|e| {
+            if let Some(log) = log.as_mut() {
+                log.error = Some(e.to_string());
+            }
+            e.into_response()
+        });
+        if let Some(origin) = cors_origin {
+            let h = resp.headers_mut();
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+            h.append(header::VARY, HeaderValue::from_static("Origin"));
+        }
+        let status = resp.status().as_u16();
+        let route_name = || {
+            route
+                .and_then(|i| self.config.routes.iter().nth(i))
+                .map_or_else(|| "none".into(), |r| r.name.clone())
+        };
+        if let Some(log) = log.as_mut() {
+            log.status = status;
+            log.route = route.is_some().then(route_name);
+        }
+        match route {
+            Some(i) if status == 200 => {
+                self.route_metrics[i].ok.inc();
+            }
+            _ => {
+                self.metrics
+                    .requests
+                    .get_or_create(&RequestLabels {
+                        route: route_name(),
+                        status,
+                    })
+                    .inc();
+            }
+        }
+        // Usage attribution, for requests that were admitted and routed.
+        let bytes = match (app, route) {
+            (Some(entry), Some(route)) => {
+                let (requests, bytes) = self.app_counters(entry, route);
+                requests.inc();
+                Some(bytes)
+            }
+            _ => None,
+        };
+        resp.map(|b| ObservedBody::wrap(b, log, bytes))
+    }
+
+    /// The (requests, bytes) counters for an allowlist entry and a route.
+    fn app_counters(&self, entry: Option<usize>, route: usize) -> &(Counter, Counter) {
+        let routes = self.config.routes.len().max(1);
+        let slot = entry.map_or(0, |e| e + 1) * routes + route;
+        self.app_metrics[slot].get_or_init(|| {
+            let labels = AppLabels {
+                app: entry.map_or_else(
+                    || "none".to_string(),
+                    |e| self.config.referers.label(e).to_string(),
+                ),
+                route: self
+                    .config
+                    .routes
+                    .iter()
+                    .nth(route)
+                    .map_or_else(String::new, |r| r.name.clone()),
+            };
+            (
+                self.metrics.app_requests.get_or_create(&labels).clone(),
+                self.metrics.app_bytes.get_or_create(&labels).clone(),
+            )
+        })
+    }
+}
+
+/// Only the origin of the Referer (or the Origin) goes into logs: paths and
+/// queries of the embedding page are not the operator's business.
+fn referer_origin(headers: &HeaderMap) -> Option<String> {
+    let v = headers
+        .get(header::ORIGIN)
+        .or_else(|| headers.get(header::REFERER))?;
+    let url = Url::parse(v.to_str().ok()?).ok()?;
+    match url.origin() {
+        o @ url::Origin::Tuple(..) => Some(o.ascii_serialization()),
+        url::Origin::Opaque(_) => None,
+    }
+}
+
+/// The access log record, written once the response body is finished.
+struct AccessLog {
+    method: Method,
+    path: String,
+    route: Option<String>,
+    referer: Option<String>,
+    client: IpAddr,
+    status: u16,
+    started: Instant,
+    bytes: u64,
+    error: Option<String>,
+}
+
+impl AccessLog {
+    fn emit(&self, complete: bool) {
+        let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(
+            target: "access",
+            method = %self.method,
+            path = %self.path,
+            route = self.route.as_deref().unwrap_or("-"),
+            status = self.status,
+            latency_ms = (latency_ms * 1000.0).round() / 1000.0,
+            referer = self.referer.as_deref().unwrap_or("-"),
+            client = %self.client,
+            bytes = self.bytes,
+            complete,
+            error = self.error.as_deref(),
+            "request"
+        );
+    }
+}
+
+/// Watches a response body on its way out: counts its bytes for usage
+/// attribution and the access log, and writes the access log line when the
+/// body ends or is dropped (client gone). One wrapper for both, and none when
+/// neither is wanted.
+struct ObservedBody {
+    inner: ProxyBody,
+    log: Option<AccessLog>,
+    bytes: Option<Counter>,
+}
+
+impl ObservedBody {
+    fn wrap(inner: ProxyBody, mut log: Option<AccessLog>, bytes: Option<&Counter>) -> ProxyBody {
+        // A body of known size is counted at once.
+        let mut bytes = bytes;
+        if let (Some(c), Some(n)) = (bytes, inner.size_hint().exact()) {
+            c.inc_by(n);
+            bytes = None;
+        }
+        if inner.is_end_stream()
+            && let Some(l) = log.take()
+        {
+            l.emit(true);
+        }
+        if log.is_none() && bytes.is_none() {
+            return inner;
+        }
+        ObservedBody {
+            inner,
+            log,
+            bytes: bytes.cloned(),
+        }
+        .boxed()
+    }
+}
+
+impl Body for ObservedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    let n = d.len() as u64;
+                    if let Some(c) = &this.bytes {
+                        c.inc_by(n);
+                    }
+                    if let Some(log) = this.log.as_mut() {
+                        log.bytes += n;
+                    }
+                }
+                // hyper stops polling once the body says it has ended.
+                if this.inner.is_end_stream()
+                    && let Some(log) = this.log.take()
+                {
+                    log.emit(true);
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(log) = this.log.take() {
+                    log.emit(true);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(mut log) = this.log.take() {
+                    log.error = Some("upstream body error".into());
+                    log.emit(false);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        if let Some(log) = self.log.take() {
+            log.emit(false);
+        }
+    }
+}
