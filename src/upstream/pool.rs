@@ -56,12 +56,21 @@ struct Origin {
     /// Most recently used last.
     idle: VecDeque<(h1::Conn, Instant)>,
     h2: Option<http2::SendRequest<ProxyBody>>,
+    /// Set once a connection negotiated HTTP/1.1: then each request may
+    /// open its own connection. Until then the origin may speak HTTP/2,
+    /// where one connection serves every request, so connects are single
+    /// flight behind `connecting`.
+    h1: bool,
+    connecting: Arc<tokio::sync::Mutex<()>>,
 }
 
 enum Conn {
     H1(h1::Conn),
     H2(http2::SendRequest<ProxyBody>),
 }
+
+/// An idle connection, or none and the connect lock to take (if any).
+type Checkout = Result<Conn, Option<Arc<tokio::sync::Mutex<()>>>>;
 
 impl Pool {
     /// A pool connecting through `connector`; idle connections are closed
@@ -95,11 +104,12 @@ impl Pool {
         loop {
             let (slot, idle) = self.checkout(out.origin, now);
             let (conn, reused) = match idle {
-                Some(conn) => (conn, true),
+                Ok(conn) => (conn, true),
                 // Boxed: the connect and HTTP/2 handshake state is several
                 // KiB, and every request's future would carry (and move)
                 // that much for what happens once per connection.
-                None => (Box::pin(self.connect(slot, out.origin)).await?, false),
+                Err(None) => (Box::pin(self.connect(slot, out.origin)).await?, false),
+                Err(Some(lock)) => Box::pin(self.connect_once(slot, out.origin, lock)).await?,
             };
             match conn {
                 Conn::H2(mut sender) => {
@@ -147,8 +157,9 @@ impl Pool {
 
     /// The slot of `origin` (added on first use) and, under the same lock, a
     /// live connection to it if one is idle: the most recently used, so that
-    /// connections beyond what the load needs stay idle and expire.
-    fn checkout(&self, origin: &str, now: Instant) -> (usize, Option<Conn>) {
+    /// connections beyond what the load needs stay idle and expire. With
+    /// none, `Err` holds the origin's connect lock while it may speak HTTP/2.
+    fn checkout(&self, origin: &str, now: Instant) -> (usize, Checkout) {
         let mut origins = self.origins();
         let slot = match origins.iter().position(|o| o.origin == origin) {
             Some(i) => i,
@@ -157,6 +168,8 @@ impl Pool {
                     origin: origin.to_string(),
                     idle: VecDeque::new(),
                     h2: None,
+                    h1: false,
+                    connecting: Arc::default(),
                 });
                 origins.len() - 1
             }
@@ -164,16 +177,41 @@ impl Pool {
         let entry = &mut origins[slot];
         if let Some(h2) = entry.h2.as_ref() {
             if !h2.is_closed() {
-                return (slot, Some(Conn::H2(h2.clone())));
+                return (slot, Ok(Conn::H2(h2.clone())));
             }
             entry.h2 = None;
         }
         while let Some((mut conn, since)) = entry.idle.pop_back() {
             if !self.expired(since, now) && !conn.is_dead() {
-                return (slot, Some(Conn::H1(conn)));
+                return (slot, Ok(Conn::H1(conn)));
             }
         }
-        (slot, None)
+        (
+            slot,
+            Err((!entry.h1).then(|| Arc::clone(&entry.connecting))),
+        )
+    }
+
+    /// Connects to an origin that may speak HTTP/2, one request at a time:
+    /// the others wait, then find the HTTP/2 connection the first one made
+    /// (or, once the origin is known to speak HTTP/1.1, connect on their
+    /// own). Without this, N concurrent first requests opened N
+    /// connections and only the last one stored was kept.
+    async fn connect_once(
+        self: &Arc<Self>,
+        slot: usize,
+        origin: &str,
+        lock: Arc<tokio::sync::Mutex<()>>,
+    ) -> Result<(Conn, bool), BoxError> {
+        let guard = lock.lock_owned().await;
+        match self.checkout(origin, Instant::now()).1 {
+            Ok(conn) => Ok((conn, true)),
+            Err(Some(_)) => Ok((self.connect(slot, origin).await?, false)),
+            Err(None) => {
+                drop(guard);
+                Ok((self.connect(slot, origin).await?, false))
+            }
+        }
     }
 
     async fn connect(self: &Arc<Self>, slot: usize, origin: &str) -> Result<Conn, BoxError> {
@@ -197,6 +235,7 @@ impl Pool {
             self.origins()[slot].h2 = Some(sender.clone());
             Ok(Conn::H2(sender))
         } else {
+            self.origins()[slot].h1 = true;
             Ok(Conn::H1(h1::Conn::new(h1::Io::from_connector(stream))))
         }
     }
@@ -1034,5 +1073,109 @@ mod tests {
         let mut bad = get(port, "/");
         *bad.uri_mut() = Uri::from_static("/relative");
         assert!(send_req(&pool(), bad).await.is_err());
+    }
+
+    /// A TLS upstream speaking HTTP/2 only (ALPN h2), answering every
+    /// request with 200 after `delay`; counts TCP connections. Returns the
+    /// port and a pool that trusts its CA.
+    async fn h2_upstream(delay: Duration) -> (u16, Arc<AtomicUsize>, Arc<Pool>) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let mut server = crate::tls::server_config(
+            vec![leaf.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap();
+        Arc::get_mut(&mut server).unwrap().alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(server);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&conns);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(move |_req| async move {
+                        tokio::time::sleep(delay).await;
+                        Ok::<_, std::convert::Infallible>(Response::new(crate::body::full("ok")))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        let mut tls = crate::tls::client_config(&[ca.der().clone()]);
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        let https = HttpsConnector::from((http, Arc::new(tls)));
+        (
+            port,
+            conns,
+            Arc::new(Pool::new(https, Duration::from_secs(90), 4)),
+        )
+    }
+
+    fn get_tls(port: u16) -> Request<ProxyBody> {
+        let mut req = get(port, "/x");
+        *req.uri_mut() = format!("https://127.0.0.1:{port}/x").parse().unwrap();
+        req
+    }
+
+    #[tokio::test]
+    async fn concurrent_first_requests_share_one_http2_connection() {
+        let (port, conns, pool) = h2_upstream(Duration::from_millis(20)).await;
+        let sends = (0..50).map(|_| {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move { text(send_req(&pool, get_tls(port)).await.unwrap()).await })
+        });
+        for answer in futures_util::future::join_all(sends).await {
+            assert_eq!(answer.unwrap(), "ok");
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1, "upstream connections");
+        // Later requests keep using it.
+        assert_eq!(
+            text(send_req(&pool, get_tls(port)).await.unwrap()).await,
+            "ok"
+        );
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_first_requests_to_http1_each_get_a_connection() {
+        // Once an origin is known to speak HTTP/1.1, connects are no longer
+        // single flight: held answers need connections of their own.
+        let (port, conns) = upstream("hi", 100).await;
+        let pool = pool();
+        assert_eq!(
+            text(send_req(&pool, get(port, "/a")).await.unwrap()).await,
+            "hi"
+        );
+        let held: Vec<_> =
+            futures_util::future::join_all((0..3).map(|_| send_req(&pool, get(port, "/b"))))
+                .await
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
+        assert_eq!(conns.load(Ordering::SeqCst), 3);
+        for resp in held {
+            assert_eq!(text(resp).await, "hi");
+        }
     }
 }
