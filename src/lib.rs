@@ -31,7 +31,6 @@ pub mod codec;
 pub mod config;
 pub mod demo;
 pub mod error;
-pub mod framing;
 pub mod http1;
 pub mod metrics;
 pub mod policy;

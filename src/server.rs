@@ -8,7 +8,7 @@
 //! The TLS handshake and the request head share the `header_read_timeout`
 //! budget (slow-loris guard); an HTTP/1 connection with no request in
 //! progress and no complete head for that long is closed (the framing
-//! guard's idle timer, see `framing::Activity`). On shutdown the loops stop accepting, every
+//! guard's idle timer, see `http1::guard::Activity`). On shutdown the loops stop accepting, every
 //! connection is asked to finish (HTTP/2 GOAWAY, HTTP/1 close after the
 //! current response), and stragglers are cut after `shutdown_grace`.
 
@@ -25,7 +25,7 @@ use crate::app::{App, Generation};
 use crate::body::{BoxError, Holding};
 use crate::coalesce::Coalesce;
 use crate::config::{Config, Limits};
-use crate::framing::{Activity, FramingGuard};
+use crate::http1::guard::{Activity, FramingGuard};
 use crate::proxy::ConnInfo;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -101,7 +101,7 @@ pub(crate) fn http_builder(limits: &Limits) -> auto::Builder<BoxingExecutor> {
     b.http1()
         .timer(TokioTimer::new())
         // Heads and idle connections are timed by the framing guard instead
-        // (see `framing::Activity`): hyper's timer costs an allocation and a
+        // (see `http1::guard::Activity`): hyper's timer costs an allocation and a
         // timer-wheel insert and removal per request.
         .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes.max(8192))

@@ -2,7 +2,7 @@
 //! output; a head with both Content-Length and Transfer-Encoding is never
 //! passed on.
 #![no_main]
-use arcgis_app_proxy::framing::Framing;
+use arcgis_app_proxy::http1::guard::Framing;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -4,6 +4,8 @@
 //! (`upstream::pool::h1`) both read HTTP/1 through these functions, so a
 //! request and an answer are judged by the same rules.
 
+pub mod guard;
+
 /// A `Content-Length` value: digits, or a comma-separated list of equal
 /// ones (RFC 9110 8.6); `None` for anything else (signs, hex, overflow,
 /// differing values).
@@ -61,6 +63,10 @@ mod tests {
             (b"1e3", None),
             (b"", None),
             (b"7,", None),
+            (b",", None),
+            (b"4 2", None),
+            (b"-0", None),
+            (b"99999999999999999999", None),
         ] {
             assert_eq!(content_length(v), want, "{:?}", String::from_utf8_lossy(v));
         }

@@ -26,7 +26,8 @@ use percent_encoding::{AsciiSet, CONTROLS, NON_ALPHANUMERIC, percent_encode};
 
 mod pool;
 pub use pool::{Http1Error, Pool, UpstreamBody};
-#[doc(hidden)]
+/// For the `upstream_answer` fuzz target (built with `--features fuzzing`).
+#[cfg(any(test, feature = "fuzzing"))]
 pub use pool::{ReadAnswer, read_answer};
 
 use crate::body::{BoxError, Prefixed, ProxyBody};
@@ -139,10 +140,8 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
     let mut out = Vec::new();
     for value in headers.get_all(header::CONNECTION) {
-        for token in value.as_bytes().split(|b| *b == b',') {
-            let token = token.trim_ascii();
-            if token.is_empty()
-                || token.eq_ignore_ascii_case(b"close")
+        for token in crate::http1::list_tokens(value.as_bytes()) {
+            if token.eq_ignore_ascii_case(b"close")
                 || HOP_BY_HOP
                     .iter()
                     .any(|h| token.eq_ignore_ascii_case(h.as_str().as_bytes()))

@@ -38,7 +38,7 @@ use crate::upstream;
 
 mod h1;
 pub use h1::Error as Http1Error;
-#[doc(hidden)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub use h1::{ReadAnswer, read_answer};
 
 /// Idle connections per origin for one serving thread.

@@ -263,7 +263,7 @@ impl Outbound {
 
 /// Writes `out` on `conn` and reads the answer head; the answer body is
 /// then read through [`Body`].
-pub async fn exchange(conn: &mut Conn, out: &mut Outbound) -> Result<Answer, Error> {
+pub async fn exchange(conn: &mut Conn, out: &mut Outbound) -> Result<AnswerHead, Error> {
     let mut writer = Writer {
         head: &out.head,
         out: BytesMut::new(),
@@ -284,7 +284,7 @@ fn poll_exchange(
     w: &mut Writer<'_>,
     head_request: bool,
     cx: &mut Context<'_>,
-) -> Poll<Result<Answer, Error>> {
+) -> Poll<Result<AnswerHead, Error>> {
     if !w.done && w.failed.is_none() {
         match w.poll_write(&mut conn.io, cx) {
             Poll::Ready(Ok(())) => w.done = true,
@@ -496,14 +496,14 @@ fn chunk_size_line(len: usize, buf: &mut [u8; 18]) -> &[u8] {
 }
 
 /// An answer head, and how to read its body from the connection.
-pub struct Answer {
+pub struct AnswerHead {
     pub parts: http::response::Parts,
-    decoder: Decoder,
+    decoder: BodyFraming,
     /// The connection can carry another request once the body has ended.
     reusable: bool,
 }
 
-impl Answer {
+impl AnswerHead {
     /// The answer, its body reading from `conn`; the connection goes back to
     /// `pool` (slot `slot`) when the body has ended cleanly.
     pub fn into_response(self, conn: Conn, pool: Arc<Pool>, slot: usize) -> Response<Body> {
@@ -514,7 +514,7 @@ impl Answer {
             pool: Some((pool, slot)),
             read_size: READ_MIN,
         };
-        if body.decoder == Decoder::Done {
+        if body.decoder == BodyFraming::Done {
             body.finish();
         }
         Response::from_parts(self.parts, body)
@@ -524,7 +524,7 @@ impl Answer {
 enum Parsed {
     /// A 1xx answer before the final one, skipped.
     Informational,
-    Final(Answer),
+    Final(AnswerHead),
 }
 
 /// Parses an answer head at the start of `buf` and removes it; `None` while
@@ -570,7 +570,8 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| Error::Malformed("header name"))?;
         if name == header::CONTENT_LENGTH {
-            let n = parse_content_length(h.value).ok_or(Error::Malformed("Content-Length"))?;
+            let n =
+                crate::http1::content_length(h.value).ok_or(Error::Malformed("Content-Length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(Error::Malformed("conflicting Content-Length"));
             }
@@ -578,25 +579,20 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         } else if name == header::TRANSFER_ENCODING {
             transfer_encoding = true;
             // Chunked only if it is the last coding applied.
-            chunked = h
-                .value
-                .rsplit(|b| *b == b',')
-                .next()
-                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            chunked = crate::http1::chunked_is_last(h.value);
             // Framing of this connection only: consumed here, never
             // forwarded (the client gets the proxy's own framing).
             continue;
         } else if name == header::CONNECTION {
             let mut only_ours = true;
-            for token in h.value.split(|b| *b == b',') {
-                let token = token.trim_ascii();
+            for token in crate::http1::list_tokens(h.value) {
                 if token.eq_ignore_ascii_case(b"close") {
                     close = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
                     if version == Version::HTTP_10 {
                         close = false;
                     }
-                } else if !token.is_empty() {
+                } else {
                     only_ours = false;
                 }
             }
@@ -620,7 +616,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     buf.advance(len);
     let decoder =
         if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-            Decoder::Done
+            BodyFraming::Done
         } else if transfer_encoding {
             // Both framings at once is how responses get smuggled: the body is
             // read as chunked (RFC 9112 6.3) and the connection not reused.
@@ -628,52 +624,35 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
                 close = true;
             }
             if chunked {
-                Decoder::Chunked(Chunk::Size)
+                BodyFraming::Chunked(Chunk::Size)
             } else {
                 close = true;
-                Decoder::UntilClose
+                BodyFraming::UntilClose
             }
         } else if let Some(n) = length {
             if n == 0 {
-                Decoder::Done
+                BodyFraming::Done
             } else {
-                Decoder::Length(n)
+                BodyFraming::Length(n)
             }
         } else {
             close = true;
-            Decoder::UntilClose
+            BodyFraming::UntilClose
         };
     let mut parts = Response::new(()).into_parts().0;
     parts.status = status;
     parts.version = version;
     parts.headers = headers;
-    Ok(Some(Parsed::Final(Answer {
+    Ok(Some(Parsed::Final(AnswerHead {
         parts,
         decoder,
         reusable: !close,
     })))
 }
 
-/// A `Content-Length` value: digits, or a list of equal ones.
-fn parse_content_length(value: &[u8]) -> Option<u64> {
-    let mut found: Option<u64> = None;
-    for item in value.split(|b| *b == b',') {
-        let item = item.trim_ascii();
-        if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        let n = std::str::from_utf8(item).ok()?.parse::<u64>().ok()?;
-        if found.is_some_and(|f| f != n) {
-            return None;
-        }
-        found = Some(n);
-    }
-    found
-}
-
 /// Where reading an answer body stands.
 #[derive(Debug, PartialEq)]
-enum Decoder {
+enum BodyFraming {
     /// This many bytes still to come.
     Length(u64),
     Chunked(Chunk),
@@ -699,33 +678,33 @@ enum Step {
     End,
 }
 
-impl Decoder {
+impl BodyFraming {
     /// The next piece of the body from `buf`.
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Step, Error> {
         loop {
             match self {
-                Decoder::Done => return Ok(Step::End),
-                Decoder::Length(0) => {
-                    *self = Decoder::Done;
+                BodyFraming::Done => return Ok(Step::End),
+                BodyFraming::Length(0) => {
+                    *self = BodyFraming::Done;
                     return Ok(Step::End);
                 }
-                Decoder::Length(left) => {
+                BodyFraming::Length(left) => {
                     if buf.is_empty() {
                         return Ok(Step::NeedMore);
                     }
                     let data = take_counted(left, buf);
                     if *left == 0 {
-                        *self = Decoder::Done;
+                        *self = BodyFraming::Done;
                     }
                     return Ok(Step::Frame(Frame::data(data)));
                 }
-                Decoder::UntilClose => {
+                BodyFraming::UntilClose => {
                     if buf.is_empty() {
                         return Ok(Step::NeedMore);
                     }
                     return Ok(Step::Frame(Frame::data(buf.split().freeze())));
                 }
-                Decoder::Chunked(Chunk::Size) => {
+                BodyFraming::Chunked(Chunk::Size) => {
                     let window = &buf[..buf.len().min(MAX_CHUNK_LINE)];
                     let Some(nl) = memchr::memchr(b'\n', window) else {
                         if buf.len() >= MAX_CHUNK_LINE {
@@ -735,7 +714,7 @@ impl Decoder {
                     };
                     let size = parse_chunk_size(&buf[..nl])?;
                     buf.advance(nl + 1);
-                    *self = Decoder::Chunked(if size == 0 {
+                    *self = BodyFraming::Chunked(if size == 0 {
                         Chunk::Trailers {
                             seen: 0,
                             fields: None,
@@ -744,17 +723,17 @@ impl Decoder {
                         Chunk::Data(size)
                     });
                 }
-                Decoder::Chunked(Chunk::Data(left)) => {
+                BodyFraming::Chunked(Chunk::Data(left)) => {
                     if buf.is_empty() {
                         return Ok(Step::NeedMore);
                     }
                     let data = take_counted(left, buf);
                     if *left == 0 {
-                        *self = Decoder::Chunked(Chunk::DataEnd);
+                        *self = BodyFraming::Chunked(Chunk::DataEnd);
                     }
                     return Ok(Step::Frame(Frame::data(data)));
                 }
-                Decoder::Chunked(Chunk::DataEnd) => {
+                BodyFraming::Chunked(Chunk::DataEnd) => {
                     if buf.len() < 2 {
                         return Ok(Step::NeedMore);
                     }
@@ -762,9 +741,9 @@ impl Decoder {
                         return Err(Error::Malformed("chunk not followed by CRLF"));
                     }
                     buf.advance(2);
-                    *self = Decoder::Chunked(Chunk::Size);
+                    *self = BodyFraming::Chunked(Chunk::Size);
                 }
-                Decoder::Chunked(Chunk::Trailers { seen, fields }) => {
+                BodyFraming::Chunked(Chunk::Trailers { seen, fields }) => {
                     let Some(nl) = memchr::memchr(b'\n', buf) else {
                         if *seen + buf.len() > MAX_TRAILERS {
                             return Err(Error::Malformed("trailers too large"));
@@ -781,7 +760,7 @@ impl Decoder {
                         .ok_or(Error::Malformed("trailer line without CRLF"))?;
                     if line.is_empty() {
                         let fields = fields.take();
-                        *self = Decoder::Done;
+                        *self = BodyFraming::Done;
                         return Ok(match fields {
                             Some(map) => Step::Frame(Frame::trailers(*map)),
                             None => Step::End,
@@ -832,7 +811,7 @@ fn parse_trailer(line: &[u8]) -> Result<(HeaderName, HeaderValue), Error> {
 /// An answer body read from its connection.
 pub struct Body {
     conn: Option<Conn>,
-    decoder: Decoder,
+    decoder: BodyFraming,
     reusable: bool,
     pool: Option<(Arc<Pool>, usize)>,
     read_size: usize,
@@ -842,7 +821,7 @@ impl Body {
     /// The body has ended: the connection goes back to its pool if it can
     /// carry another request (nothing unasked was read after the answer).
     fn finish(&mut self) {
-        self.decoder = Decoder::Done;
+        self.decoder = BodyFraming::Done;
         let conn = self.conn.take();
         if let (Some(conn), Some((pool, slot))) = (conn, self.pool.take())
             && self.reusable
@@ -868,7 +847,7 @@ impl hyper::body::Body for Body {
             };
             match this.decoder.decode(&mut conn.buf) {
                 Ok(Step::Frame(frame)) => {
-                    if this.decoder == Decoder::Done {
+                    if this.decoder == BodyFraming::Done {
                         this.finish();
                     }
                     return Poll::Ready(Some(Ok(frame)));
@@ -886,7 +865,7 @@ impl hyper::body::Body for Body {
             conn.buf.reserve(this.read_size);
             let room = conn.buf.capacity() - conn.buf.len();
             match ready!(poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf)) {
-                Ok(0) if this.decoder == Decoder::UntilClose => {
+                Ok(0) if this.decoder == BodyFraming::UntilClose => {
                     this.reusable = false;
                     this.finish();
                     return Poll::Ready(None);
@@ -909,19 +888,20 @@ impl hyper::body::Body for Body {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.decoder == Decoder::Done
+        self.decoder == BodyFraming::Done
     }
 
     fn size_hint(&self) -> SizeHint {
         match self.decoder {
-            Decoder::Length(n) => SizeHint::with_exact(n),
-            Decoder::Done => SizeHint::with_exact(0),
+            BodyFraming::Length(n) => SizeHint::with_exact(n),
+            BodyFraming::Done => SizeHint::with_exact(0),
             _ => SizeHint::default(),
         }
     }
 }
 
 /// What [`read_answer`] made of an answer.
+#[cfg(any(test, feature = "fuzzing"))]
 #[derive(Debug, PartialEq)]
 pub struct ReadAnswer {
     pub status: u16,
@@ -934,6 +914,7 @@ pub struct ReadAnswer {
 /// connection would (the end of `wire` is the upstream closing): for the
 /// fuzz target and tests, which check that nothing depends on how reads cut
 /// the bytes.
+#[cfg(any(test, feature = "fuzzing"))]
 pub fn read_answer(wire: &[u8], piece: usize, head_request: bool) -> Result<ReadAnswer, String> {
     let mut pieces = wire.chunks(piece.max(1));
     let mut buf = BytesMut::new();
@@ -961,7 +942,7 @@ pub fn read_answer(wire: &[u8], piece: usize, head_request: bool) -> Result<Read
             Step::End => break,
             Step::NeedMore => match pieces.next() {
                 Some(p) => buf.extend_from_slice(p),
-                None if decoder == Decoder::UntilClose => break,
+                None if decoder == BodyFraming::UntilClose => break,
                 None => return Err(Error::Incomplete.to_string()),
             },
         }
@@ -971,7 +952,7 @@ pub fn read_answer(wire: &[u8], piece: usize, head_request: bool) -> Result<Read
         body,
         trailers,
         reusable: answer.reusable
-            && decoder == Decoder::Done
+            && decoder == BodyFraming::Done
             && buf.is_empty()
             && pieces.next().is_none(),
     })
@@ -988,7 +969,7 @@ mod tests {
     /// Feeds `wire` to a decoder in pieces cut at `cuts`, as reads would
     /// deliver it; returns the data, the trailers and what was left unread.
     fn decode_in_pieces(
-        mut decoder: Decoder,
+        mut decoder: BodyFraming,
         wire: &[u8],
         cuts: &[usize],
     ) -> Result<Decoded, Error> {
@@ -1041,7 +1022,7 @@ mod tests {
             }
             wire.extend_from_slice(b"\r\nNEXT");
             let (data, trailers, rest) =
-                decode_in_pieces(Decoder::Chunked(Chunk::Size), &wire, &cuts).unwrap();
+                decode_in_pieces(BodyFraming::Chunked(Chunk::Size), &wire, &cuts).unwrap();
             prop_assert_eq!(data, chunks.concat());
             prop_assert_eq!(trailers.map(|t| t.len()), trailer.map(|_| 1));
             // The decoder never reads past the body's end.
@@ -1056,7 +1037,7 @@ mod tests {
             let mut wire = body.clone();
             wire.extend_from_slice(b"NEXT");
             let (data, _, rest) =
-                decode_in_pieces(Decoder::Length(body.len() as u64), &wire, &cuts).unwrap();
+                decode_in_pieces(BodyFraming::Length(body.len() as u64), &wire, &cuts).unwrap();
             prop_assert_eq!(data, body);
             prop_assert!(b"NEXT".starts_with(&rest), "{:?}", rest);
         }
@@ -1216,19 +1197,6 @@ mod tests {
             b"10000000000000000\r",
         ] {
             assert!(parse_chunk_size(bad).is_err(), "{bad:?}");
-        }
-        assert_eq!(parse_content_length(b"42"), Some(42));
-        assert_eq!(parse_content_length(b"42, 42"), Some(42));
-        for bad in [
-            &b""[..],
-            b"4 2",
-            b"42,43",
-            b"0x2",
-            b"-0",
-            b",",
-            b"99999999999999999999",
-        ] {
-            assert_eq!(parse_content_length(bad), None, "{bad:?}");
         }
     }
 }

@@ -203,8 +203,7 @@ impl Framing {
             return State::Poisoned;
         }
         if let Some(last) = encodings.last() {
-            let last_coding = last.rsplit(|b| *b == b',').next().map(trim).unwrap_or(b"");
-            return if last_coding.eq_ignore_ascii_case(b"chunked") {
+            return if super::chunked_is_last(last) {
                 State::Chunked(Chunk::Size {
                     value: 0,
                     digits: 0,
@@ -215,17 +214,19 @@ impl Framing {
                 State::Passthrough
             };
         }
-        match lengths.first() {
-            None => State::Head,
-            Some(v) => match std::str::from_utf8(v)
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-            {
-                Some(0) if lengths.iter().all(|l| l == v) => State::Head,
-                Some(n) if lengths.iter().all(|l| l == v) => State::Body(n),
-                // Differing or malformed lengths: hyper answers 400 itself.
-                _ => State::Passthrough,
-            },
+        let Some(first) = lengths.first() else {
+            return State::Head;
+        };
+        match super::content_length(first) {
+            // Differing or malformed lengths: hyper answers 400 itself.
+            Some(n) if lengths.iter().all(|l| super::content_length(l) == Some(n)) => {
+                if n == 0 {
+                    State::Head
+                } else {
+                    State::Body(n)
+                }
+            }
+            _ => State::Passthrough,
         }
     }
 }
