@@ -28,7 +28,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, mut stop: watch::Receiv
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            () = crate::server::stopped(&mut stop) => return,
+            () = crate::app::stopped(&mut stop) => return,
         };
         let stream = match accepted {
             Ok((s, _)) => s,

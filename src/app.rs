@@ -2,8 +2,9 @@
 //! atomically on reload, plus what outlives generations (metrics, status).
 //!
 //! A [`Generation`] bundles everything derived from one config: the
-//! [`Proxy`] pipeline, the HTTP connection builder (limits) and the TLS
-//! acceptor (certificate). Each request loads the current generation once
+//! [`Proxy`] pipeline and the TLS acceptor (certificate); the server builds
+//! its HTTP connection settings from the generation's limits. No hyper
+//! server types live here, so `app` depends on nothing that serves. Each request loads the current generation once
 //! and keeps it to the end, so in-flight requests finish on the config they
 //! started with; each new TLS connection uses the current certificate, so a
 //! renewed certificate is picked up without dropping anything. A reload keeps
@@ -15,14 +16,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 
+use tokio::sync::watch;
+
 use arc_swap::ArcSwap;
-use hyper_util::server::conn::auto;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, Env};
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::proxy::Proxy;
-use crate::server;
 use crate::upstream::Clients;
 
 /// Process-wide state the admin endpoints report on.
@@ -40,8 +41,6 @@ pub struct Status {
 pub struct Generation {
     /// The request pipeline.
     pub proxy: Arc<Proxy>,
-    /// HTTP/1 + HTTP/2 connection settings from `[limits]`.
-    pub(crate) http: auto::Builder<crate::server::BoxingExecutor>,
     /// TLS acceptor for the HTTPS listener.
     pub(crate) tls: Option<TlsAcceptor>,
 }
@@ -50,7 +49,6 @@ impl Generation {
     fn new(proxy: Arc<Proxy>) -> Generation {
         let config = proxy.config();
         Generation {
-            http: server::http_builder(&config.limits),
             tls: config.server.tls.clone().map(TlsAcceptor::from),
             proxy,
         }
@@ -178,5 +176,17 @@ impl App {
             .reloads
             .get_or_create(&OutcomeLabel { outcome })
             .inc();
+    }
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow_and_update() {
+            return;
+        }
+        if stop.changed().await.is_err() {
+            return;
+        }
     }
 }

@@ -117,9 +117,7 @@ async fn serve(path: PathBuf, threads: usize) -> ExitCode {
     }
     let app = arcgis_app_proxy::App::with_shards(config, threads);
     tokio::spawn(arcgis_app_proxy::reload_on_sighup(app.clone(), path));
-    match arcgis_app_proxy::server::run_sharded(app, listeners, arcgis_app_proxy::shutdown_signal())
-        .await
-    {
+    match arcgis_app_proxy::server::run(app, listeners, arcgis_app_proxy::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -12,7 +12,6 @@
 //! connection is asked to finish (HTTP/2 GOAWAY, HTTP/1 close after the
 //! current response), and stragglers are cut after `shutdown_grace`.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -20,102 +19,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::admin;
-use crate::app::{App, Generation};
-use crate::body::{BoxError, Holding};
-use crate::coalesce::Coalesce;
-use crate::config::{Config, Limits};
-use crate::http1::guard::{Activity, FramingGuard};
-use crate::proxy::ConnInfo;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use tokio::io::{AsyncRead, AsyncWrite};
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
-/// Bound sockets for the proxy's listeners.
-#[derive(Debug, Default)]
-pub struct Listeners {
-    /// HTTPS listener.
-    pub tls: Option<TcpListener>,
-    /// Cleartext listener.
-    pub plain: Option<TcpListener>,
-    /// Admin listener.
-    pub admin: Option<TcpListener>,
-}
+use crate::admin;
+use crate::app::{App, stopped};
+use crate::proxy::ConnInfo;
 
-impl Listeners {
-    /// Binds every listener the config names.
-    pub async fn bind(config: &Config) -> io::Result<Listeners> {
-        async fn bind_one(addr: Option<SocketAddr>, what: &str) -> io::Result<Option<TcpListener>> {
-            let Some(a) = addr else {
-                return Ok(None);
-            };
-            // SO_REUSEADDR, so a restart is not refused while old
-            // connections to the port sit in TIME_WAIT.
-            let bind = || -> io::Result<TcpListener> {
-                let socket = if a.is_ipv4() {
-                    tokio::net::TcpSocket::new_v4()?
-                } else {
-                    tokio::net::TcpSocket::new_v6()?
-                };
-                socket.set_reuseaddr(true)?;
-                socket.bind(a)?;
-                socket.listen(4096)
-            };
-            bind().map(Some).map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot bind {what} listener on {a}: {e}"))
-            })
-        }
-        Ok(Listeners {
-            tls: bind_one(config.server.listen, "HTTPS").await?,
-            plain: bind_one(config.server.plain_listen, "cleartext").await?,
-            admin: bind_one(config.server.admin_listen, "admin").await?,
-        })
-    }
-}
+mod conn;
+mod listeners;
 
-/// Spawns HTTP/2 streams boxed. hyper hands each stream's future (the
-/// request handler, several KiB) to the executor by value, and `tokio::spawn`
-/// moves it several times more before it runs; boxing it first turns those
-/// copies into pointer moves. A callgrind profile of an HTTP/2 request had
-/// 60 % of its instructions in those copies before this.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct BoxingExecutor;
-
-impl<F> hyper::rt::Executor<F> for BoxingExecutor
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        tokio::spawn(Box::pin(fut));
-    }
-}
-
-/// HTTP/1.1 + HTTP/2 connection settings from `[limits]`.
-pub(crate) fn http_builder(limits: &Limits) -> auto::Builder<BoxingExecutor> {
-    let mut b = auto::Builder::new(BoxingExecutor);
-    b.http1()
-        .timer(TokioTimer::new())
-        // Heads and idle connections are timed by the framing guard instead
-        // (see `http1::guard::Activity`): hyper's timer costs an allocation and a
-        // timer-wheel insert and removal per request.
-        .header_read_timeout(None)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.h2_max_concurrent_streams)
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_pending_accept_reset_streams(Some(50))
-        .max_local_error_reset_streams(Some(256))
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    b
-}
+pub use conn::BoxingExecutor;
+pub use listeners::Listeners;
 
 /// What the serving modes share: the connection limit, the signal that
 /// stops the accept loops, and the one that stops the admin listener once
@@ -148,42 +64,15 @@ fn prepare(app: &Arc<App>, listeners: &mut Listeners) -> io::Result<Prepared> {
     })
 }
 
-/// Serves `app` on `listeners` from the current runtime until `shutdown`
-/// completes, then drains. Tests and embedders use this; the binary uses
-/// [`run_sharded`].
+/// Serves `app` on `listeners` until `shutdown` completes, then drains.
+///
+/// With one upstream pool (one shard) the connections are served on the
+/// calling runtime; with more, each shard gets a thread with its own
+/// single-threaded runtime and pool, so a request never hops between
+/// cores. Either way the calling runtime accepts connections and hands each
+/// to the shard with the fewest open ones; it also runs the admin listener,
+/// token refreshes and `shutdown`.
 pub async fn run(
-    app: Arc<App>,
-    mut listeners: Listeners,
-    shutdown: impl Future<Output = ()>,
-) -> io::Result<()> {
-    let p = prepare(&app, &mut listeners)?;
-    let (queue, shard) = Queue::new();
-    app.status.listening.store(true, Ordering::SeqCst);
-    let acceptor = tokio::spawn(accept_loop(
-        Arc::clone(&app),
-        listeners.tls,
-        listeners.plain,
-        p.permits,
-        vec![queue],
-        p.stop.subscribe(),
-    ));
-    let serving = tokio::spawn(serve_shard(Arc::clone(&app), shard, 0));
-    shutdown.await;
-    begin_shutdown(&app);
-    let _ = p.stop.send(true);
-    let _ = acceptor.await;
-    let _ = serving.await;
-    let _ = p.admin_stop.send(true);
-    tracing::info!("stopped");
-    Ok(())
-}
-
-/// Serves `app` with one single-threaded runtime per serving thread, each
-/// owning its upstream connection pool, so a request never hops between
-/// cores. The calling runtime accepts connections and hands each to the
-/// serving thread with the fewest open ones; it also runs the admin
-/// listener, token refreshes and `shutdown`.
-pub async fn run_sharded(
     app: Arc<App>,
     mut listeners: Listeners,
     shutdown: impl Future<Output = ()>,
@@ -191,11 +80,17 @@ pub async fn run_sharded(
     let p = prepare(&app, &mut listeners)?;
     let shards = app.proxy().clients().shards();
     let mut queues = Vec::with_capacity(shards);
-    let mut threads = Vec::with_capacity(shards);
+    let mut serving = Vec::with_capacity(shards);
     for shard in 0..shards {
         let (queue, incoming) = Queue::new();
         queues.push(queue);
         let app = Arc::clone(&app);
+        if shards == 1 {
+            serving.push(Serving::Task(tokio::spawn(serve_shard(
+                app, incoming, shard,
+            ))));
+            continue;
+        }
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
             .name(format!("serve-{shard}"))
@@ -207,7 +102,7 @@ pub async fn run_sharded(
                 rt.block_on(serve_shard(app, incoming, shard));
                 let _ = done_tx.send(());
             })?;
-        threads.push(done_rx);
+        serving.push(Serving::Thread(done_rx));
     }
     app.status.listening.store(true, Ordering::SeqCst);
     let acceptor = tokio::spawn(accept_loop(
@@ -222,12 +117,23 @@ pub async fn run_sharded(
     begin_shutdown(&app);
     let _ = p.stop.send(true);
     let _ = acceptor.await;
-    for t in threads {
-        let _ = t.await;
+    for s in serving {
+        match s {
+            Serving::Task(t) => drop(t.await),
+            Serving::Thread(done) => drop(done.await),
+        }
     }
     let _ = p.admin_stop.send(true);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A shard being served, to wait for on shutdown.
+enum Serving {
+    /// On the calling runtime.
+    Task(tokio::task::JoinHandle<()>),
+    /// On a thread of its own, which says when it is done.
+    Thread(tokio::sync::oneshot::Receiver<()>),
 }
 
 fn begin_shutdown(app: &App) {
@@ -387,6 +293,7 @@ async fn accept_loop(
 /// to the grace period.
 async fn serve_shard(app: Arc<App>, mut incoming: Incoming, shard: usize) {
     let graceful = GracefulShutdown::new();
+    let mut last_settings = None;
     while let Some((a, open)) = incoming.rx.recv().await {
         let stream = match TcpStream::from_std(a.stream) {
             Ok(s) => s,
@@ -401,11 +308,12 @@ async fn serve_shard(app: Arc<App>, mut incoming: Incoming, shard: usize) {
             shard,
         };
         let watcher = graceful.watcher();
+        let settings = conn::Settings::current(&app, &mut last_settings);
         let (app, permit) = (Arc::clone(&app), a.permit);
         tokio::spawn(async move {
             // Both released when the task ends, even by a panic.
             let _held = (open, permit);
-            if let Err(e) = serve_connection(&app, stream, info, watcher).await {
+            if let Err(e) = conn::serve_connection(&app, &settings, stream, info, watcher).await {
                 tracing::debug!(peer = %info.peer, error = %crate::error::describe(&*e), "connection ended with an error");
             }
         });
@@ -414,92 +322,6 @@ async fn serve_shard(app: Arc<App>, mut incoming: Incoming, shard: usize) {
     match tokio::time::timeout(grace, graceful.shutdown()).await {
         Ok(()) => tracing::info!(shard, "all connections closed"),
         Err(_) => tracing::warn!(shard, "grace period over; closing remaining connections"),
-    }
-}
-
-/// One connection: TLS handshake (on the TLS listener), then HTTP/1.1 or
-/// HTTP/2 until either side closes or shutdown asks it to finish.
-async fn serve_connection(
-    app: &Arc<App>,
-    stream: TcpStream,
-    info: ConnInfo,
-    watcher: Watcher,
-) -> Result<(), BoxError> {
-    // The connection's settings and certificate come from the generation
-    // current when it was accepted; each request then runs on the
-    // generation current when it arrives.
-    let generation = app.current();
-    if !info.tls {
-        // HTTP/1 (or h2c prior knowledge, which the guard lets through).
-        return serve_http(app, &generation, stream, info, watcher).await;
-    }
-    let Some(acceptor) = generation.tls.clone() else {
-        return Err("no TLS settings".into());
-    };
-    let handshake_timeout = generation.proxy.config().limits.header_read_timeout;
-    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(tls_stream)) => {
-            // HTTP/2 answers finishing in the same turn share one write
-            // (see `coalesce`); HTTP/1.1 has one answer in flight per
-            // connection and passes straight through.
-            let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-            serve_http(
-                app,
-                &generation,
-                Coalesce::new(tls_stream, h2),
-                info,
-                watcher,
-            )
-            .await
-        }
-        Ok(Err(e)) => Err(format!("TLS handshake failed: {e}").into()),
-        Err(_) => Err("TLS handshake timed out".into()),
-    }
-}
-
-/// HTTP/1.1 or HTTP/2 on `io`, read through the framing guard (HTTP/2
-/// passes it untouched after its preface).
-async fn serve_http<IO>(
-    app: &Arc<App>,
-    generation: &Generation,
-    io: IO,
-    info: ConnInfo,
-    watcher: Watcher,
-) -> Result<(), BoxError>
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let limits = &generation.proxy.config().limits;
-    let svc_app = Arc::clone(app);
-    let activity = Activity::new();
-    let svc_activity = Arc::clone(&activity);
-    let svc = service_fn(move |req| {
-        let proxy = svc_app.proxy();
-        // In progress from here until the answer has been written.
-        let busy = svc_activity.begin();
-        async move {
-            let resp = proxy.handle(req, &info).await;
-            Ok::<_, Infallible>(resp.map(|b| Holding::wrap(b, busy)))
-        }
-    });
-    let guarded = FramingGuard::new(io, limits.max_header_bytes, limits.header_read_timeout)
-        .with_idle_timeout(activity, limits.header_read_timeout);
-    let conn = generation
-        .http
-        .serve_connection(TokioIo::new(guarded), svc)
-        .into_owned();
-    watcher.watch(conn).await
-}
-
-/// Resolves once `stop` turns true (or its sender is gone).
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    loop {
-        if *stop.borrow_and_update() {
-            return;
-        }
-        if stop.changed().await.is_err() {
-            return;
-        }
     }
 }
 
