@@ -14,7 +14,6 @@ use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::body::{self, ProxyBody};
 use crate::policy::path::PathError;
-use crate::token::TokenError;
 
 /// A failure the proxy answers on its own, mapped to exactly one status.
 #[derive(Debug, thiserror::Error)]
@@ -59,17 +58,6 @@ pub enum ProxyError {
     /// The process is shutting down.
     #[error("shutting down")]
     ShuttingDown,
-}
-
-impl From<TokenError> for ProxyError {
-    fn from(e: TokenError) -> Self {
-        match e {
-            TokenError::Rejected { .. } => ProxyError::TokenRejected,
-            TokenError::Unavailable { retry_after, .. } => {
-                ProxyError::TokenUnavailable { retry_after }
-            }
-        }
-    }
 }
 
 impl ProxyError {

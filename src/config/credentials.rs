@@ -8,10 +8,10 @@ use std::path::Path;
 use http::HeaderValue;
 use url::Url;
 
+use super::Secret;
 use super::raw::RawCredential;
 use super::secrets::{load_secret, warn_if_exposed};
 use super::{Env, Problems, is_label};
-use crate::token::Secret;
 
 /// A credential, with its secret already loaded.
 #[derive(Debug, PartialEq)]

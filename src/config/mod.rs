@@ -30,6 +30,7 @@ pub use credentials::{CredentialConfig, CredentialKind};
 pub use limits::Limits;
 pub use rate_limit::{RateLimitStore, StoreFallback};
 pub use raw::RawConfig;
+pub use secrets::Secret;
 pub use server::ServerConfig;
 
 use crate::policy::referer::RefererPolicy;

@@ -6,7 +6,45 @@
 use std::path::{Path, PathBuf};
 
 use super::{Env, Problems, resolve};
-use crate::token::Secret;
+use std::fmt;
+
+/// A client secret or API key as loaded from config.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret; `None` if it holds bytes no header or form can carry.
+    pub fn new(value: String) -> Option<Secret> {
+        value
+            .bytes()
+            .all(|b| (0x21..0x7f).contains(&b))
+            .then_some(Secret(value))
+    }
+
+    /// The clear value, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+// Wipe the secret from memory when it is no longer needed.
+impl Drop for Secret {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
 
 /// The secret `field` of the table at `key`, from whichever one of
 /// `inline`, `env_name` or `file` is set.

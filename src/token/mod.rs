@@ -17,43 +17,7 @@ use tokio::time::Instant;
 
 pub use cache::{TokenInfo, TokenSource, TokenState};
 
-/// A client secret or API key as loaded from config.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret; `None` if it holds bytes no header or form can carry.
-    pub fn new(value: String) -> Option<Secret> {
-        value
-            .bytes()
-            .all(|b| (0x21..0x7f).contains(&b))
-            .then_some(Secret(value))
-    }
-
-    /// The clear value, for the one place that sends it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-// Wipe the secret from memory when it is no longer needed.
-impl Drop for Secret {
-    fn drop(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.0);
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+pub use crate::config::Secret;
 
 /// An access token (or API key) ready to inject, with its lifetime.
 pub struct Token {
@@ -188,6 +152,19 @@ pub enum TokenError {
         /// How long until the next attempt.
         retry_after: Duration,
     },
+}
+
+// Here rather than in `error`, so that `error` depends on no module
+// that uses it.
+impl From<TokenError> for crate::error::ProxyError {
+    fn from(e: TokenError) -> Self {
+        match e {
+            TokenError::Rejected { .. } => crate::error::ProxyError::TokenRejected,
+            TokenError::Unavailable { retry_after, .. } => {
+                crate::error::ProxyError::TokenUnavailable { retry_after }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
