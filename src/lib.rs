@@ -3,23 +3,32 @@
 //!
 //! Map of the crate, in the order a request meets it:
 //!
-//! - [`config`]: `proxy.toml` → validated, precompiled [`config::Config`].
-//! - [`app`]: the current config generation (swapped on SIGHUP), metrics,
-//!   status.
-//! - [`server`]: listeners, TLS accept ([`tls`]), strict HTTP/1 framing
-//!   ([`framing`]), HTTP/2 write coalescing ([`coalesce`]), connection limits,
+//! - [`config`]: `proxy.toml` → validated, precompiled [`config::Config`]
+//!   (one module per section).
+//! - [`app`]: the current config generation (swapped on SIGHUP) and the
+//!   process status; no hyper server types.
+//! - [`server`]: listeners, accept loop and connection limit, TLS ([`tls`]),
+//!   HTTP/1.1 and HTTP/2 serving with write coalescing ([`coalesce`]),
 //!   graceful shutdown; hands each request to [`proxy::Proxy::handle`].
-//! - [`proxy`]: the pipeline of phases — ping, referer/origin, CORS, route and
-//!   path safety ([`policy`]), body, token ([`token`]), forward ([`forward`]),
-//!   response hygiene ([`scrub`]), access log.
-//! - [`shared_rate`]: optional Redis-backed rate limits shared by replicas.
+//! - [`http1`]: the only HTTP/1 wire code: the request framing guard and
+//!   the length, chunked and `Connection` rules the upstream client reads
+//!   answers with.
+//! - [`proxy`]: the request path as phases over one `RequestCtx` — admit
+//!   (ping, referer/origin, CORS), target (route and path safety,
+//!   [`policy`]), limit ([`shared_rate`] across replicas), body, forward
+//!   (token from [`token`], retry), respond ([`scrub`]), observe (access
+//!   log, [`metrics`]).
+//! - [`upstream`]: the request that goes upstream, the verdict on its
+//!   answer (token refusal, codings), and the per-thread connection pool.
 //! - [`error`]: every failure → one ArcGIS-shaped JSON response.
 //! - [`redact`]: every log line is scrubbed of token-like values on write.
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics` ([`metrics`]) on a separate
-//!   listener.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on a separate listener.
 //! - [`demo`]: an embedded fake ArcGIS for `arcgis-app-proxy demo`.
 //! - [`codec`]: streaming gzip/deflate/br, so bodies can be scrubbed.
 //! - [`body`]: the boxed body type shared by all of the above.
+//!
+//! Dependencies point one way: `server` → {`admin`, `app`} → `proxy` →
+//! {`policy`, `token`, `upstream`, `scrub`, `error`} → `http1`.
 
 #![forbid(unsafe_code)]
 

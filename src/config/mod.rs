@@ -1,9 +1,9 @@
-//! `proxy.toml`: what the file says ([`raw`], strict serde) and what the
+//! `proxy.toml`: what the file says (`raw`, strict serde) and what the
 //! proxy runs on ([`Config`], validated once, typed and precompiled).
 //!
 //! One module per section validates it into the shared problem collector:
-//! [`server`], [`limits`], [`routes`], [`credentials`] (with [`secrets`])
-//! and [`rate_limit`]; the small `[referers]`, `[upstream]` and `[log]`
+//! `server`, `limits`, `routes`, `credentials` (with `secrets`)
+//! and `rate_limit`; the small `[referers]`, `[upstream]` and `[log]`
 //! sections are checked here. Validation collects every problem before
 //! giving up, each naming the file and the key (`routes[2].upstream`), so an
 //! operator fixes a config in one pass. Messages never quote secret values;

@@ -1,6 +1,6 @@
 //! The only HTTP/1 wire code in the crate: head limits, framing checks,
 //! chunked decoding, `Content-Length` and `Connection` tokens. The
-//! downstream framing guard ([`guard`]) and the upstream client
+//! downstream framing guard (`guard`) and the upstream client
 //! (`upstream::pool::h1`) both read HTTP/1 through these functions, so a
 //! request and an answer are judged by the same rules.
 

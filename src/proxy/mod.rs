@@ -1,13 +1,13 @@
-//! The request path, as a sequence of named phases over one [`RequestCtx`]:
+//! The request path, as a sequence of named phases over one `RequestCtx`:
 //!
-//! 1. [`admit`]: absolute-form refusal, `?ping`, Referer/Origin, CORS
+//! 1. `admit`: absolute-form refusal, `?ping`, Referer/Origin, CORS
 //!    preflight;
-//! 2. [`target`]: route resolution and path safety, the upstream query;
-//! 3. [`limit`]: per-client rate limits;
-//! 4. [`body`]: method and request body (kept for a retry, or streamed);
-//! 5. [`forward`]: token, upstream exchange, one retry on a refused token;
-//! 6. [`respond`]: response headers, token scrubbing, URL rewriting;
-//! 7. [`observe`]: CORS header, metrics, usage attribution, access log.
+//! 2. `target`: route resolution and path safety, the upstream query;
+//! 3. `limit`: per-client rate limits;
+//! 4. `body`: method and request body (kept for a retry, or streamed);
+//! 5. `forward`: token, upstream exchange, one retry on a refused token;
+//! 6. `respond`: response headers, token scrubbing, URL rewriting;
+//! 7. `observe`: CORS header, metrics, usage attribution, access log.
 //!
 //! [`Proxy::handle`] never fails: every phase returns a [`ProxyError`] that
 //! becomes an ArcGIS-shaped response in one place.
