@@ -141,8 +141,14 @@ pub fn json_error(status: StatusCode, message: &str) -> Response<ProxyBody> {
     let body = serde_json::json!({
         "error": { "code": status.as_u16(), "message": message, "details": [] }
     });
-    let mut resp = Response::new(body::full(Bytes::from(body.to_string())));
+    let mut resp = json_answer(&body);
     *resp.status_mut() = status;
+    resp
+}
+
+/// A 200 JSON answer of the proxy's own, never cached.
+pub fn json_answer(body: &serde_json::Value) -> Response<ProxyBody> {
+    let mut resp = Response::new(body::full(Bytes::from(body.to_string())));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

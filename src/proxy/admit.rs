@@ -63,14 +63,7 @@ impl Proxy {
             "version": env!("CARGO_PKG_VERSION"),
             "credentials": creds,
         });
-        let mut resp = Response::new(body::full(body.to_string()));
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        resp.headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        resp
+        crate::error::json_answer(&body)
     }
 }
 
