@@ -139,74 +139,94 @@ fn validate_one(
             )?;
             CredentialKind::ApiKey(secret)
         }
-        (true, false) => {
-            let token_url = match c.token_url.as_deref() {
-                None => {
-                    p.add(
-                        format!("{key}.token_url"),
-                        "missing, e.g. \"https://www.arcgis.com/sharing/rest/oauth2/token\"",
-                    );
-                    None
-                }
-                Some(v) => match Url::parse(v) {
-                    Ok(u)
-                        if matches!(u.scheme(), "http" | "https")
-                            && u.host_str().is_some()
-                            && u.username().is_empty()
-                            && u.password().is_none() =>
-                    {
-                        if u.scheme() == "http" {
-                            warnings.push(format!(
-                                "{key}.token_url uses cleartext http: the client secret travels unencrypted"
-                            ));
-                        }
-                        Some(u)
-                    }
-                    _ => {
-                        p.add(
-                            format!("{key}.token_url"),
-                            format!("{v:?} is not an http(s) URL without userinfo"),
-                        );
-                        None
-                    }
-                },
-            };
-            let client_id = match c.client_id {
-                Some(id) if !id.trim().is_empty() => Some(id),
-                _ => {
-                    p.add(format!("{key}.client_id"), "missing or empty");
-                    None
-                }
-            };
-            let expiration_minutes = c.expiration_minutes.unwrap_or(120);
-            if !(1..=20160).contains(&expiration_minutes) {
-                p.add(
-                    format!("{key}.expiration_minutes"),
-                    "must be between 1 and 20160 (14 days)",
-                );
-            }
-            let secret = load_secret(
-                p,
-                warnings,
-                key,
-                "client_secret",
-                c.client_secret,
-                c.client_secret_env,
-                c.client_secret_file,
-                base,
-                env,
-            );
-            CredentialKind::ClientCredentials {
-                token_url: token_url?,
-                client_id: client_id?,
-                client_secret: secret?,
-                expiration_minutes,
-            }
-        }
+        (true, false) => client_credentials(c, key, base, env, p, warnings)?,
     };
     Some(CredentialConfig {
         name: name.to_string(),
         kind,
         upstream_referer,
     })
+}
+
+/// The client-credentials kind: token endpoint, client id, secret and the
+/// requested lifetime.
+fn client_credentials(
+    c: RawCredential,
+    key: &str,
+    base: &Path,
+    env: &dyn Env,
+    p: &mut Problems,
+    warnings: &mut Vec<String>,
+) -> Option<CredentialKind> {
+    let token_url = token_url(c.token_url.as_deref(), key, p, warnings);
+    let client_id = match c.client_id {
+        Some(id) if !id.trim().is_empty() => Some(id),
+        _ => {
+            p.add(format!("{key}.client_id"), "missing or empty");
+            None
+        }
+    };
+    let expiration_minutes = c.expiration_minutes.unwrap_or(120);
+    if !(1..=20160).contains(&expiration_minutes) {
+        p.add(
+            format!("{key}.expiration_minutes"),
+            "must be between 1 and 20160 (14 days)",
+        );
+    }
+    let secret = load_secret(
+        p,
+        warnings,
+        key,
+        "client_secret",
+        c.client_secret,
+        c.client_secret_env,
+        c.client_secret_file,
+        base,
+        env,
+    );
+    Some(CredentialKind::ClientCredentials {
+        token_url: token_url?,
+        client_id: client_id?,
+        client_secret: secret?,
+        expiration_minutes,
+    })
+}
+
+/// `token_url`: required, an http(s) URL without userinfo; cleartext http
+/// is a warning (the secret would travel unencrypted).
+fn token_url(
+    value: Option<&str>,
+    key: &str,
+    p: &mut Problems,
+    warnings: &mut Vec<String>,
+) -> Option<Url> {
+    let Some(v) = value else {
+        p.add(
+            format!("{key}.token_url"),
+            "missing, e.g. \"https://www.arcgis.com/sharing/rest/oauth2/token\"",
+        );
+        return None;
+    };
+    match Url::parse(v) {
+        Ok(u)
+            if matches!(u.scheme(), "http" | "https")
+                && u.host_str().is_some()
+                && u.username().is_empty()
+                && u.password().is_none() =>
+        {
+            if u.scheme() == "http" {
+                warnings.push(format!(
+                    "{key}.token_url uses cleartext http: the client secret travels unencrypted"
+                ));
+            }
+            Some(u)
+        }
+        _ => {
+            p.add(
+                format!("{key}.token_url"),
+                format!("{v:?} is not an http(s) URL without userinfo"),
+            );
+            None
+        }
+    }
 }

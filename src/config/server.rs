@@ -62,33 +62,7 @@ pub(super) fn validate(
             "missing: set listen (HTTPS) and/or plain_listen (cleartext)",
         );
     }
-    let mut tls = None;
-    if s.listen.is_some() && tls_override.is_some() {
-        tls = tls_override;
-    } else if s.listen.is_some() {
-        match (&s.tls_cert, &s.tls_key) {
-            (Some(cert), Some(key)) => {
-                warn_if_exposed(&resolve(base, key), "server.tls_key", warnings);
-                match tls::server_config_from_files(&resolve(base, cert), &resolve(base, key)) {
-                    Ok(cfg) => tls = Some(cfg),
-                    Err(e) => p.add(e.key(), e.to_string()),
-                }
-            }
-            (cert, key) => {
-                if cert.is_none() {
-                    p.add("server.tls_cert", "missing: required with server.listen");
-                }
-                if key.is_none() {
-                    p.add("server.tls_key", "missing: required with server.listen");
-                }
-            }
-        }
-    } else if s.tls_cert.is_some() || s.tls_key.is_some() {
-        p.add(
-            "server.listen",
-            "missing: tls_cert/tls_key are set but there is no HTTPS listener",
-        );
-    }
+    let tls = listener_tls(&s, base, tls_override, p, warnings);
     let addrs: Vec<(&str, SocketAddr)> = [
         ("server.listen", listen),
         ("server.plain_listen", plain_listen),
@@ -170,4 +144,43 @@ fn parse_addr(p: &mut Problems, key: &str, value: &str) -> Option<SocketAddr> {
             None
         }
     }
+}
+
+/// The HTTPS listener's TLS settings: the override, or the certificate and
+/// key files, which `server.listen` requires and nothing else may use.
+fn listener_tls(
+    s: &RawServer,
+    base: &Path,
+    tls_override: Option<Arc<rustls::ServerConfig>>,
+    p: &mut Problems,
+    warnings: &mut Vec<String>,
+) -> Option<Arc<rustls::ServerConfig>> {
+    let mut tls = None;
+    if s.listen.is_some() && tls_override.is_some() {
+        tls = tls_override;
+    } else if s.listen.is_some() {
+        match (&s.tls_cert, &s.tls_key) {
+            (Some(cert), Some(key)) => {
+                warn_if_exposed(&resolve(base, key), "server.tls_key", warnings);
+                match tls::server_config_from_files(&resolve(base, cert), &resolve(base, key)) {
+                    Ok(cfg) => tls = Some(cfg),
+                    Err(e) => p.add(e.key(), e.to_string()),
+                }
+            }
+            (cert, key) => {
+                if cert.is_none() {
+                    p.add("server.tls_cert", "missing: required with server.listen");
+                }
+                if key.is_none() {
+                    p.add("server.tls_key", "missing: required with server.listen");
+                }
+            }
+        }
+    } else if s.tls_cert.is_some() || s.tls_key.is_some() {
+        p.add(
+            "server.listen",
+            "missing: tls_cert/tls_key are set but there is no HTTPS listener",
+        );
+    }
+    tls
 }
