@@ -40,8 +40,6 @@ pub struct Route {
     pub rewrite_urls: bool,
     /// Per-client bucket: requests per period.
     pub rate_limit: Option<(u32, Duration)>,
-    /// ArcGIS Basemap Styles service: send `echoToken=false`.
-    pub basemap_styles: bool,
     /// Position in the route table (config order).
     pub index: usize,
     /// `scheme://host[:port]`, default port omitted.
@@ -70,8 +68,6 @@ impl Route {
         )
         .expect("a parsed URL's host and port are a valid header value");
         let base_path = upstream.path().trim_end_matches('/').to_string();
-        let basemap_styles = upstream.path().contains("/rest/services/styles/")
-            || upstream.path().ends_with("/rest/services/styles");
         Route {
             name,
             upstream,
@@ -80,7 +76,6 @@ impl Route {
             token_in,
             rewrite_urls,
             rate_limit,
-            basemap_styles,
             index: 0,
             origin,
             host,
@@ -203,6 +198,25 @@ impl RouteTable {
     }
 }
 
+/// True when an upstream URL path is a Basemap Styles service request
+/// (`…/rest/services/styles/…`), whatever route it took: such requests get
+/// `echoToken=false`, so the service does not write the token into the
+/// sprite, glyph and tile URLs of its styles. Matched without regard to
+/// ASCII case and after percent-decoding, as ArcGIS servers match paths.
+pub fn is_basemap_styles(path: &str) -> bool {
+    const MARK: &[u8] = b"/rest/services/styles";
+    let decoded;
+    let bytes = if path.contains('%') {
+        decoded = percent_encoding::percent_decode_str(path).collect::<Vec<u8>>();
+        &decoded[..]
+    } else {
+        path.as_bytes()
+    };
+    bytes.windows(MARK.len()).enumerate().any(|(i, w)| {
+        w.eq_ignore_ascii_case(MARK) && matches!(bytes.get(i + MARK.len()), None | Some(b'/'))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,14 +328,12 @@ mod tests {
     fn upstream_paths_join_without_escaping() {
         let t = table();
         let (r, rest) = t.by_mount("/basemaps/styles/arcgis/navigation").unwrap();
-        assert!(r.basemap_styles);
         assert_eq!(
             r.upstream_path(rest),
             "/arcgis/rest/services/styles/v2/styles/arcgis/navigation"
         );
         let (r, rest) = t.by_mount("/geocode/v1").unwrap();
         assert_eq!(r.upstream_path(rest), "/");
-        assert!(!r.basemap_styles);
     }
 
     fn segment() -> impl proptest::strategy::Strategy<Value = &'static str> {
@@ -399,6 +411,27 @@ mod tests {
                 proptest::prop_assert!(!up.split('/').any(|s| s == ".." || s == "."), "{raw} → {up}");
                 proptest::prop_assert!(!up.to_ascii_lowercase().contains("%2f"));
             }
+        }
+    }
+
+    #[test]
+    fn basemap_styles_are_recognised_by_the_request_path() {
+        for (path, styles) in [
+            (
+                "/arcgis/rest/services/styles/v2/styles/arcgis/navigation",
+                true,
+            ),
+            ("/arcgis/rest/services/styles", true),
+            ("/arcgis/rest/services/styles/", true),
+            ("/ARCGIS/REST/Services/Styles/v2/x", true),
+            ("/arcgis/rest/services/%73tyles/v2/x", true),
+            ("/arcgis/rest/services%2Fstyles/v2/x", true),
+            ("/arcgis/rest/services/stylesheet/x", false),
+            ("/arcgis/rest/services/World/MapServer", false),
+            ("/styles/v2", false),
+            ("/", false),
+        ] {
+            assert_eq!(is_basemap_styles(path), styles, "{path}");
         }
     }
 }

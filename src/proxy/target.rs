@@ -71,11 +71,12 @@ impl Target<'_> {
     }
 
     /// The query that goes upstream, before the token: the client's without
-    /// any `token`, and for Basemap Styles with `echoToken=false` in place of
-    /// the client's own `echoToken`. Borrowed from the client's URI unless
+    /// any `token`, and for a Basemap Styles request (decided by this
+    /// request's upstream path, not the route's) with `echoToken=false` in
+    /// place of the client's own `echoToken`. Borrowed from the client's URI unless
     /// something changed.
     pub fn upstream_query(&self) -> Cow<'_, str> {
-        let styles = self.route.basemap_styles;
+        let styles = crate::policy::route::is_basemap_styles(self.path());
         let mut q: Cow<'_, str> = self
             .query
             .as_deref()

@@ -314,6 +314,57 @@ async fn basemap_styles_get_echo_token_false() {
     proxy.stop().await;
 }
 
+/// The decision follows the request's upstream path, not the route's: a
+/// broad route over a whole services tree and a host-only route reached
+/// through `/proxy?<url>` send `echoToken=false` on styles requests, and
+/// nothing extra on other paths.
+#[tokio::test]
+async fn basemap_styles_get_echo_token_false_through_any_route() {
+    let pki = Pki::new();
+    let fake = FakeArcGis::start().await;
+    // A second upstream host, reached only through a host-only route.
+    let other = FakeArcGis::start().await;
+    let toml = standard_config(
+        &fake,
+        &format!(
+            "[[routes]]\nname = \"host-only\"\nupstream = \"{}/\"\ncredential = \"online\"\n",
+            other.url()
+        ),
+    );
+    let proxy = TestProxy::start(&pki, &toml).await;
+    let client = TestClient::new(&pki, proxy.addr);
+    // Broad mounted route: `/svc` covers `{fake}/svc/...`.
+    let a = client
+        .get("/svc/echo/arcgis/rest/services/styles/v2/styles/arcgis/navigation?echoToken=true&f=json")
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["query"], "f=json&echoToken=false");
+    let a = client
+        .get("/svc/echo/arcgis/rest/services/World/FeatureServer/0?f=json")
+        .await;
+    assert_eq!(a.json()["query"], "f=json");
+    // Host-only route through the `/proxy?` form.
+    let styles = format!(
+        "/proxy?{}/svc/echo/arcgis/rest/services/styles/v2/styles/arcgis/navigation?language=de",
+        other.url()
+    );
+    let a = client.get(&styles).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["query"], "language=de&echoToken=false");
+    let a = client
+        .get(&format!(
+            "/proxy?{}/svc/echo/arcgis/rest/services/x?echoToken=true",
+            other.url()
+        ))
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["query"], "echoToken=true");
+    // The host-only route's token went along, by header.
+    assert_eq!(a.json()["headers"]["x-esri-authorization"], "<present>");
+    assert_eq!(other.requests().len(), 2);
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn routes_without_credential_get_no_token() {
     let (_pki, fake, proxy, client) = setup_with("").await;
