@@ -4,7 +4,39 @@
 //! (`upstream::pool::h1`) both read HTTP/1 through these functions, so a
 //! request and an answer are judged by the same rules.
 
+pub mod answer;
 pub mod guard;
+
+use std::io;
+
+use crate::body::BoxError;
+
+/// What went wrong in an upstream HTTP/1.1 exchange.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The upstream closed the connection (or reset it) before a byte of
+    /// an answer arrived.
+    #[error("upstream closed the connection before answering")]
+    Closed(#[source] Option<io::Error>),
+    #[error("upstream connection: {0}")]
+    Io(#[from] io::Error),
+    /// The answer is not well-formed HTTP/1.1.
+    #[error("malformed upstream answer: {0}")]
+    Malformed(&'static str),
+    /// The answer ended before its announced length.
+    #[error("upstream answer cut short")]
+    Incomplete,
+    /// The request body the client sent failed (or broke its own framing).
+    #[error("request body: {0}")]
+    RequestBody(#[source] BoxError),
+}
+
+impl Error {
+    /// Whether the client's request body caused this error.
+    pub fn is_request_body(&self) -> bool {
+        matches!(self, Error::RequestBody(_))
+    }
+}
 
 /// A `Content-Length` value: digits, or a comma-separated list of equal
 /// ones (RFC 9110 8.6); `None` for anything else (signs, hex, overflow,

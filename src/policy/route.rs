@@ -212,8 +212,12 @@ pub fn is_basemap_styles(path: &str) -> bool {
     } else {
         path.as_bytes()
     };
-    bytes.windows(MARK.len()).enumerate().any(|(i, w)| {
-        w.eq_ignore_ascii_case(MARK) && matches!(bytes.get(i + MARK.len()), None | Some(b'/'))
+    // Every request asks this: compare only where a segment starts.
+    memchr::memchr_iter(b'/', bytes).any(|i| {
+        bytes
+            .get(i..i + MARK.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(MARK))
+            && matches!(bytes.get(i + MARK.len()), None | Some(b'/'))
     })
 }
 

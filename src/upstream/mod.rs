@@ -25,10 +25,10 @@ use hyper::body::Body;
 use percent_encoding::{AsciiSet, CONTROLS, NON_ALPHANUMERIC, percent_encode};
 
 mod pool;
-pub use pool::{Http1Error, Pool, UpstreamBody};
 /// For the `upstream_answer` fuzz target (built with `--features fuzzing`).
 #[cfg(any(test, feature = "fuzzing"))]
-pub use pool::{ReadAnswer, read_answer};
+pub use crate::http1::answer::{ReadAnswer, read_answer};
+pub use pool::{Http1Error, Pool, UpstreamBody};
 
 use crate::body::{BoxError, Prefixed, ProxyBody};
 use crate::codec::{self, Coding};

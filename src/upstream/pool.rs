@@ -37,9 +37,7 @@ use crate::body::{BoxError, ProxyBody};
 use crate::upstream;
 
 mod h1;
-pub use h1::Error as Http1Error;
-#[cfg(any(test, feature = "fuzzing"))]
-pub use h1::{ReadAnswer, read_answer};
+pub use crate::http1::Error as Http1Error;
 
 /// Idle connections per origin for one serving thread.
 pub struct Pool {
@@ -132,13 +130,13 @@ impl Pool {
                     };
                     match h1::exchange(&mut conn, encoded).await {
                         Ok(answer) => {
-                            let resp = answer.into_response(conn, Arc::clone(self), slot);
+                            let resp = h1::into_response(answer, conn, Arc::clone(self), slot);
                             return Ok(resp.map(|b| UpstreamBody(Inner::H1(b))));
                         }
                         // A reused connection the upstream had closed
                         // while it was idle; nothing of the request was
                         // acted on, so it goes out again.
-                        Err(h1::Error::Closed(_)) if reused && encoded.replayable() => {}
+                        Err(Http1Error::Closed(_)) if reused && encoded.replayable() => {}
                         Err(e) => return Err(e.into()),
                     }
                 }
