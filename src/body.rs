@@ -13,6 +13,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Body of every request sent upstream and every response sent to a client.
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
+/// What `poll_frame` of a body of the proxy's returns.
+pub type PollFrame = std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>>;
+
 /// A complete body from bytes already in memory.
 pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
     Full::new(bytes.into())
@@ -52,10 +55,7 @@ impl Body for Prefixed {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> PollFrame {
         if let Some(b) = self.prefix.pop_front() {
             return Poll::Ready(Some(Ok(Frame::data(b))));
         }
@@ -98,10 +98,7 @@ impl<T: Unpin> Body for Holding<T> {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> PollFrame {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 

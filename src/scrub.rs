@@ -288,7 +288,7 @@ use aho_corasick::{AhoCorasick, Input, MatchKind};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
-use crate::body::{BoxError, ProxyBody};
+use crate::body::{BoxError, PollFrame, ProxyBody};
 use crate::codec::{Coding, Decoder, Encoder};
 use http_body_util::BodyExt;
 
@@ -630,10 +630,7 @@ impl Body for ScrubBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> PollFrame {
         let this = &mut *self;
         loop {
             if this.done {

@@ -6,6 +6,7 @@
 
 pub mod answer;
 pub mod guard;
+mod idle;
 
 use std::io;
 

@@ -12,13 +12,13 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, SizeHint};
+use hyper::body::{Body, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 use url::Url;
 
 use super::{ConnInfo, Proxy};
-use crate::body::{BoxError, ProxyBody};
+use crate::body::{BoxError, PollFrame, ProxyBody};
 use crate::error::ProxyError;
 use crate::metrics::{AppLabels, RequestLabels};
 
@@ -237,10 +237,7 @@ impl Body for ObservedBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> PollFrame {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {

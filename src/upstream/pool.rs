@@ -26,14 +26,14 @@ use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::{Response, Uri, header};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Incoming, SizeHint};
 use hyper::client::conn::http2;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::Outgoing;
-use crate::body::{BoxError, ProxyBody};
+use crate::body::{BoxError, PollFrame, ProxyBody};
 use crate::upstream;
 
 mod h1;
@@ -313,10 +313,7 @@ impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> PollFrame {
         loop {
             let frame = match &mut self.0 {
                 Inner::H1(b) => {
@@ -775,7 +772,8 @@ mod tests {
     }
 
     fn streamed(pieces: Vec<Result<Bytes, BoxError>>) -> ProxyBody {
-        let frames = futures_util::stream::iter(pieces.into_iter().map(|p| p.map(Frame::data)));
+        let frames =
+            futures_util::stream::iter(pieces.into_iter().map(|p| p.map(hyper::body::Frame::data)));
         http_body_util::StreamBody::new(frames).boxed()
     }
 
