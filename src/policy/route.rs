@@ -212,11 +212,13 @@ pub fn is_basemap_styles(path: &str) -> bool {
     } else {
         path.as_bytes()
     };
-    // Every request asks this: compare only where a segment starts.
+    // Every request asks this: compare only where a segment starting with
+    // `r` or `R` begins.
     memchr::memchr_iter(b'/', bytes).any(|i| {
-        bytes
-            .get(i..i + MARK.len())
-            .is_some_and(|w| w.eq_ignore_ascii_case(MARK))
+        bytes.get(i + 1).is_some_and(|b| b | 0x20 == b'r')
+            && bytes
+                .get(i..i + MARK.len())
+                .is_some_and(|w| w.eq_ignore_ascii_case(MARK))
             && matches!(bytes.get(i + MARK.len()), None | Some(b'/'))
     })
 }

@@ -54,12 +54,14 @@ impl Upstream for Arc<Pool> {
     }
 }
 
-/// What came back: the answer's head and body, and the token the request
-/// that got it carried.
-pub(super) struct Forwarded {
+/// What came back: the answer's head and body, the token the request that
+/// got it carried, and the credential's token source (whose tokens the
+/// answer must not show).
+pub(super) struct Forwarded<'a> {
     pub parts: http::response::Parts,
     pub answer: Answer,
     pub token: Option<Arc<Token>>,
+    pub source: Option<&'a TokenSource>,
 }
 
 impl Proxy {
@@ -71,10 +73,14 @@ impl Proxy {
         parts: &Parts,
         target: &Target<'_>,
         mut request_body: RequestBody,
-    ) -> Result<Forwarded, ProxyError> {
+    ) -> Result<Forwarded<'_>, ProxyError> {
         let route = target.route;
         let base_query = target.upstream_query();
-        let source = source_of(self, target);
+        let source = target
+            .route
+            .credential
+            .as_deref()
+            .and_then(|n| self.tokens.get(n));
         let mut token = match source {
             Some(s) => Some(s.token().await?),
             None => None,
@@ -115,6 +121,7 @@ impl Proxy {
                     parts,
                     answer,
                     token,
+                    source,
                 });
             };
             if let Verdict::Pass(parts, answer) = verdict {
@@ -122,6 +129,7 @@ impl Proxy {
                     parts,
                     answer,
                     token,
+                    source,
                 });
             }
             src.invalidate(sent);
@@ -231,13 +239,4 @@ fn chain_has<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'stati
         cur = err.source();
     }
     false
-}
-
-/// The token source of the target's credential, if it has one.
-pub(super) fn source_of<'a>(proxy: &'a Proxy, target: &Target<'_>) -> Option<&'a TokenSource> {
-    target
-        .route
-        .credential
-        .as_deref()
-        .and_then(|n| proxy.tokens.get(n))
 }

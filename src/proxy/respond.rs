@@ -12,7 +12,7 @@ use http::header::{self, HeaderMap};
 use http::request::Parts;
 use http_body_util::BodyExt;
 
-use super::forward::{Forwarded, source_of};
+use super::forward::Forwarded;
 use super::target::Target;
 use super::{ConnInfo, Proxy};
 use crate::body::ProxyBody;
@@ -33,7 +33,7 @@ impl Proxy {
         &self,
         req: &Parts,
         target: &Target<'_>,
-        forwarded: Forwarded,
+        forwarded: Forwarded<'_>,
         conn: &ConnInfo,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let route = target.route;
@@ -41,6 +41,7 @@ impl Proxy {
             parts: mut parts_out,
             answer,
             token,
+            source,
         } = forwarded;
         upstream::clean_response_headers(&mut parts_out.headers);
         // Proxy URLs are written only for URL headers and rewrite_urls.
@@ -60,9 +61,7 @@ impl Proxy {
             upstream_query: target.query.as_deref(),
             route: Some(route),
         };
-        let held = source_of(self, target)
-            .map(|s| s.held())
-            .unwrap_or_default();
+        let held = source.map(|s| s.held()).unwrap_or_default();
         let mut secrets: Vec<&str> = Vec::with_capacity(6);
         for t in token.iter().chain(held.iter().flatten()) {
             for v in [t.expose(), t.query_value()] {
