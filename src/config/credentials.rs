@@ -10,8 +10,8 @@ use url::Url;
 
 use super::Secret;
 use super::raw::RawCredential;
-use super::secrets::{load_secret, warn_if_exposed};
-use super::{Env, Problems, is_label};
+use super::secrets::{SecretFields, load_secret, warn_if_exposed};
+use super::{Files, Problems, is_label};
 
 /// A credential, with its secret already loaded.
 #[derive(Debug, PartialEq)]
@@ -47,8 +47,7 @@ pub enum CredentialKind {
 pub(super) fn validate(
     raw: BTreeMap<String, RawCredential>,
     file: &Path,
-    base: &Path,
-    env: &dyn Env,
+    files: Files<'_>,
     p: &mut Problems,
     warnings: &mut Vec<String>,
 ) -> BTreeMap<String, CredentialConfig> {
@@ -67,7 +66,7 @@ pub(super) fn validate(
                 "credential names may use letters, digits, - and _ only",
             );
         }
-        if let Some(cred) = validate_one(&name, c, &key, base, env, p, warnings) {
+        if let Some(cred) = validate_one(&name, c, &key, files, p, warnings) {
             credentials.insert(name, cred);
         }
     }
@@ -78,8 +77,7 @@ fn validate_one(
     name: &str,
     c: RawCredential,
     key: &str,
-    base: &Path,
-    env: &dyn Env,
+    files: Files<'_>,
     p: &mut Problems,
     warnings: &mut Vec<String>,
 ) -> Option<CredentialConfig> {
@@ -126,20 +124,15 @@ fn validate_one(
                     "only applies to client credentials",
                 );
             }
-            let secret = load_secret(
-                p,
-                warnings,
-                key,
-                "api_key",
-                c.api_key,
-                c.api_key_env,
-                c.api_key_file,
-                base,
-                env,
-            )?;
+            let given = SecretFields {
+                inline: c.api_key,
+                env: c.api_key_env,
+                file: c.api_key_file,
+            };
+            let secret = load_secret(p, warnings, key, "api_key", given, files)?;
             CredentialKind::ApiKey(secret)
         }
-        (true, false) => client_credentials(c, key, base, env, p, warnings)?,
+        (true, false) => client_credentials(c, key, files, p, warnings)?,
     };
     Some(CredentialConfig {
         name: name.to_string(),
@@ -153,8 +146,7 @@ fn validate_one(
 fn client_credentials(
     c: RawCredential,
     key: &str,
-    base: &Path,
-    env: &dyn Env,
+    files: Files<'_>,
     p: &mut Problems,
     warnings: &mut Vec<String>,
 ) -> Option<CredentialKind> {
@@ -173,17 +165,12 @@ fn client_credentials(
             "must be between 1 and 20160 (14 days)",
         );
     }
-    let secret = load_secret(
-        p,
-        warnings,
-        key,
-        "client_secret",
-        c.client_secret,
-        c.client_secret_env,
-        c.client_secret_file,
-        base,
-        env,
-    );
+    let given = SecretFields {
+        inline: c.client_secret,
+        env: c.client_secret_env,
+        file: c.client_secret_file,
+    };
+    let secret = load_secret(p, warnings, key, "client_secret", given, files);
     Some(CredentialKind::ClientCredentials {
         token_url: token_url?,
         client_id: client_id?,

@@ -208,6 +208,14 @@ impl Config {
     }
 }
 
+/// Where relative paths and `*_env` names in the config resolve: the
+/// config file's directory and the environment.
+#[derive(Clone, Copy)]
+struct Files<'a> {
+    base: &'a Path,
+    env: &'a dyn Env,
+}
+
 fn resolve(base: &Path, path: &Path) -> PathBuf {
     if path.is_absolute() {
         path.to_path_buf()
@@ -256,7 +264,8 @@ fn validate(
     }
 
     let declared: HashSet<String> = raw.credentials.keys().cloned().collect();
-    let credentials = credentials::validate(raw.credentials, file, base, env, p, &mut warnings);
+    let credentials =
+        credentials::validate(raw.credentials, file, Files { base, env }, p, &mut warnings);
     let routes = routes::validate(raw.routes, &declared, &server.proxy_path, p, &mut warnings);
     let rate_limit_store = rate_limit::validate(raw.rate_limit, p);
     Config {

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{Env, Problems, resolve};
+use super::{Files, Problems, resolve};
 use std::fmt;
 
 /// A client secret or API key as loaded from config.
@@ -46,20 +46,29 @@ impl fmt::Display for Secret {
     }
 }
 
+/// The three ways a secret `field` can be given: `field`, `field_env`,
+/// `field_file`.
+pub(super) struct SecretFields {
+    pub inline: Option<String>,
+    pub env: Option<String>,
+    pub file: Option<PathBuf>,
+}
+
 /// The secret `field` of the table at `key`, from whichever one of
 /// `inline`, `env_name` or `file` is set.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn load_secret(
     p: &mut Problems,
     warnings: &mut Vec<String>,
     key: &str,
     field: &str,
-    inline: Option<String>,
-    env_name: Option<String>,
-    file: Option<PathBuf>,
-    base: &Path,
-    env: &dyn Env,
+    given: SecretFields,
+    files: Files<'_>,
 ) -> Option<Secret> {
+    let SecretFields {
+        inline,
+        env: env_name,
+        file,
+    } = given;
     let count = inline.is_some() as u8 + env_name.is_some() as u8 + file.is_some() as u8;
     if count != 1 {
         p.add(
@@ -74,7 +83,7 @@ pub(super) fn load_secret(
         ));
         v
     } else if let Some(var) = env_name {
-        match env.var(&var) {
+        match files.env.var(&var) {
             Some(v) => v,
             None => {
                 p.add(
@@ -85,7 +94,7 @@ pub(super) fn load_secret(
             }
         }
     } else {
-        let path = resolve(base, file.as_deref().unwrap_or(Path::new("")));
+        let path = resolve(files.base, file.as_deref().unwrap_or(Path::new("")));
         warn_if_exposed(&path, &format!("{key}.{field}_file"), warnings);
         match std::fs::read_to_string(&path) {
             Ok(v) => v.trim_end().to_string(),

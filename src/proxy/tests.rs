@@ -185,6 +185,15 @@ fn app_get(uri: &str) -> Request<Empty<Bytes>> {
     )
 }
 
+/// A POST from the allowed app, without a Content-Length.
+fn app_post(content_type: &str, body: &'static [u8]) -> Request<Full<Bytes>> {
+    Request::post("/basemaps/x")
+        .header("referer", "https://app.example.com/")
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from_static(body)))
+        .unwrap()
+}
+
 #[tokio::test]
 async fn the_token_goes_upstream_and_never_comes_back() {
     let h = Harness::new();
@@ -228,11 +237,7 @@ async fn the_token_goes_upstream_and_never_comes_back() {
 async fn a_refused_token_is_retried_once_with_the_kept_body() {
     let h = Harness::new();
     let up = FakeUpstream::answering(vec![json(200, REJECTED), json(200, r#"{"ok":true}"#)]);
-    let req = Request::post("/basemaps/x")
-        .header("referer", "https://app.example.com/")
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(Full::new(Bytes::from_static(b"f=json&token=mine")))
-        .unwrap();
+    let req = app_post("application/x-www-form-urlencoded", b"f=json&token=mine");
     let (status, _, body) = serve(&h, &up, req).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, r#"{"ok":true}"#));
     let seen = up.seen();
@@ -262,12 +267,7 @@ async fn a_token_refused_twice_or_with_a_streamed_body_is_a_502() {
 
     // No announced length: the body streamed once and cannot be resent.
     let up = FakeUpstream::answering(vec![json(401, REJECTED)]);
-    let req = Request::post("/basemaps/x")
-        .header("referer", "https://app.example.com/")
-        .header("content-type", "application/octet-stream")
-        .body(Full::new(Bytes::from_static(b"blob")))
-        .unwrap();
-    let (status, _, _) = serve(&h, &up, req).await;
+    let (status, _, _) = serve(&h, &up, app_post("application/octet-stream", b"blob")).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert_eq!(up.seen().len(), 1);
 }
