@@ -55,7 +55,7 @@ pub(super) struct SecretFields {
 }
 
 /// The secret `field` of the table at `key`, from whichever one of
-/// `inline`, `env_name` or `file` is set.
+/// the ways in `given` is set.
 pub(super) fn load_secret(
     p: &mut Problems,
     warnings: &mut Vec<String>,
