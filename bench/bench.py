@@ -383,9 +383,9 @@ def alternate(targets, load, rounds, upstream=None, after_pair=None):
     """Runs `load(url)` against nginx, then the proxy, `rounds` times
     (A B A B ...), each round `measured`; `after_pair(rs)` runs after each
     pair. Returns every round by target."""
-    rs = {"nginx": [], "proxy": []}
+    rs = {name: [] for name in targets}
     for _ in range(rounds):
-        for name in ["nginx", "proxy"]:
+        for name in targets:
             server, url = targets[name]
             rs[name].append(measured(server, lambda: load(url), upstream))
         if after_pair:
@@ -453,6 +453,9 @@ def main():
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--keep", action="store_true", help="leave the servers running (for profiling)")
     ap.add_argument("--proxy-args", default="", help="extra arguments for the proxy, e.g. '--threads 1'")
+    ap.add_argument("--versus", default="",
+                    help="a second proxy binary (e.g. the previous commit's) run in the same rounds as "
+                         "nginx and --binary, for the h1 and h2 scenarios; its ratios are printed too")
     # Two of each by default, so neither helper is a single-threaded station
     # that sets the pace: with one, wrk's thread was running or waiting for a
     # CPU 86-94 % of each HTTP/1 round and the upstream's worker 71-84 %, and
@@ -606,13 +609,23 @@ mount = "/raw"
     anchor = Server("nginx", ["nginx", "-c", f"{work}/ng.conf", "-p", work], ng_port)
     proxy = Server("proxy", [args.binary, "--config", f"{work}/proxy.toml", *args.proxy_args.split()], px_port, env=env,
                    log=f"{work}/proxy.log")
+    versus = None
+    if args.versus:
+        vs_port, vs_admin = free_port(), free_port()
+        with open(f"{work}/versus.toml", "w") as f:
+            f.write(proxy_conf(vs_port, vs_admin, token_url))
+        versus = Server("versus", [args.versus, "--config", f"{work}/versus.toml", *args.proxy_args.split()],
+                        vs_port, env=env, log=f"{work}/versus.log")
     time.sleep(0.5)
     results = {"machine": {"cpus": os.cpu_count()}, "secs": secs, "rounds": rounds, "binary": args.binary,
+               "versus": args.versus or None,
                "client_threads": args.client_threads, "upstream_workers": args.upstream_workers}
     targets = {
         "nginx": (anchor, f"https://127.0.0.1:{ng_port}/features{QUERY}"),
         "proxy": (proxy, f"https://127.0.0.1:{px_port}/features{QUERY}"),
     }
+    if versus:
+        targets["versus"] = (versus, f"https://127.0.0.1:{vs_port}/features{QUERY}")
     direct_url = f"http://127.0.0.1:{up_port}/arcgis/rest/services{QUERY}"
 
     if args.keep:
@@ -662,7 +675,8 @@ mount = "/raw"
             keep_rounds(results, "h2_8x32", rs)
 
         if want("newconn"):
-            rs = alternate(targets, lambda url: wrk(url, 16, secs, ("-H", "Connection: close")), rounds)
+            two = {k: targets[k] for k in ["nginx", "proxy"]}
+            rs = alternate(two, lambda url: wrk(url, 16, secs, ("-H", "Connection: close")), rounds)
             keep_rounds(results, "new_tls_connection_per_request", rs)
             results["tls_session_resumed"] = {"nginx": resumes(ng_port), "proxy": resumes(px_port)}
 
@@ -716,14 +730,31 @@ mount = "/raw"
             cold.stop()
             slow.stop()
     finally:
-        for s in [proxy, anchor, upstream]:
-            s.stop()
+        for s in [proxy, anchor, upstream, versus]:
+            if s:
+                s.stop()
 
     print_report(results)
+    if results.get("versus"):
+        print_versus(results)
     os.makedirs("bench/results", exist_ok=True)
     with open("bench/results/latest.json", "w") as f:
         json.dump(results, f, indent=2)
     print("\nfull results: bench/results/latest.json")
+
+
+def print_versus(r):
+    """--binary against --versus, both measured in the same rounds."""
+    print(f"\n--binary against --versus ({r['versus']}), median rounds, same rounds as above:")
+    for key, label in [("h1_keepalive_64", "h1 keep-alive"), ("h2_8x32", "HTTP/2")]:
+        if key not in r or "versus" not in r[key]:
+            continue
+        p, v = r[key]["proxy"], r[key]["versus"]
+        pairs = [a["rps"] / b["rps"] for a, b in zip(r[f"{key}_rounds"]["proxy"], r[f"{key}_rounds"]["versus"])]
+        print(f"  {label:14} requests/s {p['rps']:.0f} vs {v['rps']:.0f} (ratio {p['rps'] / v['rps']:.2f}; "
+              f"each round {' / '.join(f'{x:.2f}' for x in pairs)}), CPU per request {p['cpu_us_per_req']:.1f} vs "
+              f"{v['cpu_us_per_req']:.1f} us (ratio {p['cpu_us_per_req'] / v['cpu_us_per_req']:.2f})"
+              + (f", p99 {p['p99_ms']:.2f} vs {v['p99_ms']:.2f} ms" if "p99_ms" in p else ""))
 
 
 def print_report(r):

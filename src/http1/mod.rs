@@ -1,8 +1,20 @@
 //! The only HTTP/1 wire code in the crate: head limits, framing checks,
-//! chunked decoding, `Content-Length` and `Connection` tokens. The
-//! downstream framing guard (`guard`) and the upstream client
-//! (`upstream::pool::h1`) both read HTTP/1 through these functions, so a
-//! request and an answer are judged by the same rules.
+//! chunked decoding, `Content-Length` and `Connection` tokens.
+//!
+//! - `guard`: the request framing guard in front of hyper's server (plus
+//!   `idle`, the connection idle timer it enforces);
+//! - `answer`: reading an upstream answer (head, body framing, chunked
+//!   decoding) for the upstream client in `upstream::pool::h1`, and the
+//!   chunk-size line its request encoder writes;
+//! - here: the rules both sides share (`Content-Length` values, whether
+//!   chunked is the last coding, `Connection` list tokens).
+//!
+//! Chunked bodies are walked twice on purpose. The guard follows a request
+//! body byte by byte without buffering it and must accept at least what
+//! hyper's server accepts: were it stricter, a client could switch it into
+//! pass-through with framing only it refuses and smuggle the next request
+//! past it. The answer reader is the strict one (CRLF line ends, bounded
+//! size lines and trailers) and hands the data on without copying.
 
 pub mod answer;
 pub mod guard;
