@@ -499,9 +499,9 @@ mod tests {
             Ok((format!("tok{n}"), Some(Duration::from_secs(100))))
         });
         assert_eq!(src.token().await.unwrap().expose(), "tok0");
-        tokio::time::advance(Duration::from_secs(69)).await;
+        tokio::time::advance(Duration::from_secs(89)).await;
         assert_eq!(src.token().await.unwrap().expose(), "tok0");
-        // 100 s lifetime − 30 s margin: from 70 s on, a new token is fetched.
+        // 100 s lifetime − 10 s margin: from 90 s on, a new token is fetched.
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(src.token().await.unwrap().expose(), "tok1");
         assert_eq!(s.calls.load(Ordering::SeqCst), 2);
@@ -634,6 +634,49 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1000)).await;
         assert!(task.is_finished());
         assert_eq!(s.calls.load(Ordering::SeqCst), 1);
+    }
+
+    /// Requests arrive every `lifetime / 40` for 25 lifetimes while the
+    /// refresher runs; the token endpoint takes 1 % of the lifetime (at most
+    /// 2 s) to answer. Returns the number of fetches and whether any request
+    /// after the first had to wait.
+    async fn fetches_over_many_lifetimes(lifetime: Duration) -> (usize, bool) {
+        let latency = (lifetime / 100).min(Duration::from_secs(2));
+        let (s, src) = scripted(latency, move |n| Ok((format!("tok{n}"), Some(lifetime))));
+        let task = src.spawn_refresher().unwrap();
+        src.token().await.unwrap();
+        let mut waited = false;
+        for _ in 0..25 * 40 {
+            tokio::time::sleep(lifetime / 40).await;
+            let before = Instant::now();
+            let t = src.token().await.unwrap();
+            waited |= Instant::now() != before;
+            assert!(t.usable_at(Instant::now()));
+        }
+        task.abort();
+        (s.calls.load(Ordering::SeqCst), waited)
+    }
+
+    /// One fetch per refresh interval (plus the first), whatever the
+    /// lifetime, and requests never queue behind a fetch. With the old fixed
+    /// 30 s margin a 5 s token was never usable and every request fetched.
+    #[tokio::test(start_paused = true)]
+    async fn token_timing_holds_from_5_seconds_to_14_days() {
+        let s = Duration::from_secs;
+        for life in [s(5), s(60), s(7200), s(14 * 24 * 3600)] {
+            let (fetches, waited) = fetches_over_many_lifetimes(life).await;
+            let span = life * 25;
+            // The refresh fires `refresh_offset` after the previous token
+            // arrived, which is one fetch latency after the refresh began.
+            let latency = (life / 100).min(s(2));
+            let interval = crate::token::refresh_offset(life) + latency;
+            let expected = 1 + (span.as_secs_f64() / interval.as_secs_f64()) as usize;
+            assert!(
+                fetches.abs_diff(expected) <= 1,
+                "{life:?}: {fetches} fetches, expected about {expected}"
+            );
+            assert!(!waited, "{life:?}: a request waited for a token");
+        }
     }
 
     #[test]

@@ -43,9 +43,16 @@ const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUM
     .remove(b'_')
     .remove(b'~');
 
-/// Tokens are not injected during the last `EXPIRY_MARGIN` of their life, to
-/// allow for clock skew and request latency.
+/// Tokens are not injected during the last `expiry_margin(lifetime)` of
+/// their life, to allow for clock skew and request latency: at most this
+/// long, and at most a tenth of the lifetime, so a 5 s token is injected for
+/// 4.5 s of its life rather than never.
 pub const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
+
+/// The longest lifetime believed: ArcGIS issues tokens for at most 14 days
+/// (`expiration` 20160 minutes). A token endpoint claiming more (or an
+/// absurd `expires_in` that would overflow the clock) gets this.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(14 * 24 * 3600);
 
 impl Token {
     /// A token with a lifetime (`expires_in`) counted from `issued_at`.
@@ -55,10 +62,13 @@ impl Token {
         let query_value = percent_encoding::utf8_percent_encode(&value, QUERY_VALUE).to_string();
         let (usable_until, refresh_at) = match lifetime {
             None => (None, None),
-            Some(life) => (
-                Some(issued_at + life.saturating_sub(EXPIRY_MARGIN)),
-                Some(issued_at + refresh_offset(life)),
-            ),
+            Some(life) => {
+                let life = life.min(MAX_LIFETIME);
+                (
+                    Some(issued_at + (life - expiry_margin(life))),
+                    Some(issued_at + refresh_offset(life)),
+                )
+            }
         };
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Some(Token {
@@ -133,6 +143,14 @@ pub fn refresh_offset(lifetime: Duration) -> Duration {
     lifetime - (lifetime / 5).min(Duration::from_secs(300))
 }
 
+/// `min(30 s, lifetime/10)`: the end of a token's life during which it is no
+/// longer injected. Always shorter than the refresh lead (`lifetime/5`, at
+/// most 5 min), so a background refresh replaces a token before requests
+/// would have to wait for one.
+pub fn expiry_margin(lifetime: Duration) -> Duration {
+    (lifetime / 10).min(EXPIRY_MARGIN)
+}
+
 /// Why no token could be had.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TokenError {
@@ -200,8 +218,40 @@ mod tests {
         let now = Instant::now();
         let t = Token::new("t".into(), now, Some(Duration::from_secs(120))).unwrap();
         assert!(t.usable_at(now));
-        assert!(t.usable_at(now + Duration::from_secs(89)));
-        assert!(!t.usable_at(now + Duration::from_secs(90)));
+        // 120 s: a tenth (12 s) is shorter than 30 s.
+        assert!(t.usable_at(now + Duration::from_secs(107)));
+        assert!(!t.usable_at(now + Duration::from_secs(108)));
         assert_eq!(t.refresh_at(), Some(now + Duration::from_secs(96)));
+    }
+
+    #[test]
+    fn margin_and_refresh_scale_with_the_lifetime() {
+        let s = Duration::from_secs;
+        // (lifetime, margin, refresh after issue)
+        for (life, margin, refresh) in [
+            (s(5), Duration::from_millis(500), s(4)),
+            (s(60), s(6), s(48)),
+            (s(300), s(30), s(240)),
+            (s(7200), s(30), s(6900)),
+            (s(14 * 24 * 3600), s(30), s(14 * 24 * 3600 - 300)),
+        ] {
+            assert_eq!(expiry_margin(life), margin, "{life:?}");
+            assert_eq!(refresh_offset(life), refresh, "{life:?}");
+            // The refresh always comes before the token stops being usable.
+            assert!(refresh < life - margin, "{life:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn absurd_lifetimes_are_capped_not_overflowed() {
+        let now = Instant::now();
+        let t = Token::new("t".into(), now, Some(Duration::from_secs(u64::MAX))).unwrap();
+        assert_eq!(
+            t.usable_until(),
+            Some(now + MAX_LIFETIME - EXPIRY_MARGIN),
+            "a lifetime beyond 14 days is not believed"
+        );
+        let t = Token::new("t".into(), now, Some(Duration::from_nanos(1))).unwrap();
+        assert!(t.usable_at(now));
     }
 }

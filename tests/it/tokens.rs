@@ -175,3 +175,67 @@ async fn api_key_credential_is_injected_as_is() {
     );
     proxy.stop().await;
 }
+
+/// Short-lived tokens (an Enterprise portal set to 5 s) under concurrent
+/// load: one token about every 4 s, no request queued behind a fetch, no
+/// expired token sent. With a fixed 30 s "do not inject" margin every
+/// request fetched a token of its own.
+#[tokio::test]
+async fn five_second_tokens_under_load_cost_one_fetch_per_refresh() {
+    let pki = Pki::new();
+    let fake = FakeArcGis::start().await;
+    fake.lifetime_secs
+        .store(5, std::sync::atomic::Ordering::SeqCst);
+    let proxy = TestProxy::start(&pki, &standard_config(&fake, "")).await;
+    let run = Duration::from_secs(9);
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..32 {
+        let client = if c % 2 == 0 {
+            TestClient::new(&pki, proxy.addr)
+        } else {
+            TestClient::h2(&pki, proxy.addr)
+        };
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut other) = (0usize, Vec::new());
+            while started.elapsed() < run {
+                let path = if c % 4 < 2 {
+                    "/svc/features"
+                } else {
+                    "/q/features"
+                };
+                let a = client.get(path).await;
+                if a.status == 200 {
+                    ok += 1;
+                } else {
+                    other.push(a.status.as_u16());
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (ok, other)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        let (ok, other) = t.await.unwrap();
+        assert!(other.is_empty(), "non-200 answers: {other:?}");
+        total += ok;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let tokens = fake.token_count();
+    // One at the start, then one per refresh interval (4 s after each).
+    let bound = 2 + (elapsed / 4.0) as usize;
+    assert!(
+        tokens <= bound,
+        "{tokens} token requests for {total} requests in {elapsed:.1} s (bound {bound})"
+    );
+    assert!(tokens >= 2, "the token was never refreshed: {tokens}");
+    assert!(total > 32 * 10, "only {total} requests were answered");
+    assert_eq!(
+        fake.expired_presented
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "an expired token went upstream"
+    );
+    proxy.stop().await;
+}

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -159,6 +159,10 @@ pub struct FakeArcGis {
     pub revoked: Mutex<HashSet<String>>,
     pub requests: Mutex<Vec<Recorded>>,
     pub lifetime_secs: AtomicUsize,
+    /// When each issued token stops being accepted (issue + `expires_in`).
+    pub expires: Mutex<HashMap<String, std::time::Instant>>,
+    /// Service requests refused because their token had expired.
+    pub expired_presented: AtomicUsize,
     /// When set, every token is treated as revoked.
     pub reject_all_tokens: std::sync::atomic::AtomicBool,
     /// TCP connections accepted.
@@ -186,6 +190,8 @@ impl FakeArcGis {
             revoked: Mutex::new(HashSet::new()),
             requests: Mutex::new(Vec::new()),
             lifetime_secs: AtomicUsize::new(7200),
+            expires: Mutex::new(HashMap::new()),
+            expired_presented: AtomicUsize::new(0),
             reject_all_tokens: std::sync::atomic::AtomicBool::new(false),
             connections: AtomicUsize::new(0),
         });
@@ -275,7 +281,17 @@ impl FakeArcGis {
         }
         match self.presented_token(r) {
             Some(t) => {
-                self.issued.lock().unwrap().contains(&t)
+                let expired = self
+                    .expires
+                    .lock()
+                    .unwrap()
+                    .get(&t)
+                    .is_some_and(|at| *at <= std::time::Instant::now());
+                if expired {
+                    self.expired_presented.fetch_add(1, Ordering::SeqCst);
+                }
+                !expired
+                    && self.issued.lock().unwrap().contains(&t)
                     && !self.revoked.lock().unwrap().contains(&t)
             }
             None => false,
@@ -539,10 +555,14 @@ impl FakeArcGis {
             fastrand::u64(..) & 0xffff_ffff_ffff
         );
         self.issued.lock().unwrap().push(token.clone());
+        let lifetime = self.lifetime_secs.load(Ordering::SeqCst);
+        self.expires.lock().unwrap().insert(
+            token.clone(),
+            std::time::Instant::now() + Duration::from_secs(lifetime as u64),
+        );
         json(
             StatusCode::OK,
-            serde_json::json!({"access_token": token,
-                "expires_in": self.lifetime_secs.load(Ordering::SeqCst)}),
+            serde_json::json!({"access_token": token, "expires_in": lifetime}),
         )
     }
 }
