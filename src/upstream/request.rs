@@ -183,7 +183,9 @@ pub fn build_request(out: &Outgoing<'_>, body: ProxyBody) -> Result<Request<Prox
 }
 
 /// Removes headers from an upstream answer that must not reach the client:
-/// hop-by-hop, cookies, upstream CORS (the proxy sets its own).
+/// hop-by-hop (with `Proxy-*`: an upstream's `Proxy-Authenticate` would
+/// challenge the browser for credentials of a proxy it never chose),
+/// cookies, upstream CORS (the proxy sets its own).
 pub fn clean_response_headers(headers: &mut HeaderMap) {
     // One pass over the names present; usually nothing is removed and
     // nothing is allocated.
@@ -197,6 +199,7 @@ pub fn clean_response_headers(headers: &mut HeaderMap) {
                 || n == "set-cookie"
                 || n == "set-cookie2"
                 || n.starts_with("access-control-")
+                || n.starts_with("proxy-")
         })
         .cloned()
         .collect();
@@ -363,6 +366,9 @@ mod tests {
             ("x-hop", "1"),
             ("transfer-encoding", "chunked"),
             ("keep-alive", "timeout=5"),
+            ("proxy-authenticate", "Basic realm=\"corp\""),
+            ("proxy-authentication-info", "nextnonce=\"x\""),
+            ("proxy-connection", "keep-alive"),
             ("access-control-allow-origin", "*"),
             ("content-type", "application/json"),
             ("cache-control", "max-age=60"),

@@ -30,6 +30,7 @@ async fn request_and_response_header_hygiene() {
                 ("authorization", "Bearer client-supplied"),
                 ("x-esri-authorization", "Bearer client-supplied"),
                 ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+                ("proxy-connection", "keep-alive"),
                 ("forwarded", "for=6.6.6.6"),
                 ("x-forwarded-for", "6.6.6.6"),
                 ("x-forwarded-host", "evil.example"),
@@ -47,6 +48,7 @@ async fn request_and_response_header_hygiene() {
         "cookie",
         "authorization",
         "proxy-authorization",
+        "proxy-connection",
         "forwarded",
         "x-forwarded-for",
         "x-forwarded-host",
@@ -74,6 +76,8 @@ async fn request_and_response_header_hygiene() {
     // Response side.
     assert!(a.headers.get("set-cookie").is_none());
     assert!(a.headers.get("x-hop-by-hop").is_none());
+    assert!(a.headers.get("proxy-authenticate").is_none());
+    assert!(a.headers.get("proxy-connection").is_none());
     assert!(a.headers.get("access-control-allow-origin").is_none());
     assert_eq!(a.headers["x-upstream"], "yes");
     proxy.stop().await;

@@ -380,6 +380,11 @@ impl FakeArcGis {
             h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
             h.insert("connection", HeaderValue::from_static("x-hop-by-hop"));
             h.insert("x-hop-by-hop", HeaderValue::from_static("1"));
+            h.insert(
+                "proxy-authenticate",
+                HeaderValue::from_static("Basic realm=\"corporate proxy\""),
+            );
+            h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
             return resp;
         }
         if !token_ok {
