@@ -2,8 +2,10 @@
 //! on the public listeners).
 //!
 //! `/healthz` answers 200 while the process runs. `/readyz` answers 200 once
-//! the listeners accept and every credential in use holds a usable token, and
-//! 503 from the moment shutdown begins so load balancers drain first.
+//! the listeners accept and the first token fetch of every credential in use
+//! has finished (succeeded or not: a failing credential is reported in the
+//! body, not by turning the whole fleet unready), and 503 from the moment
+//! shutdown begins so load balancers drain first.
 //! `/metrics` is the Prometheus (OpenMetrics) text exposition.
 
 use std::convert::Infallible;
@@ -73,8 +75,7 @@ pub fn handle(req: &Request<Incoming>, app: &App) -> Response<ProxyBody> {
         _ => {
             let shutting_down = status.shutting_down.load(Ordering::SeqCst);
             let listening = status.listening.load(Ordering::SeqCst);
-            let tokens_ready = proxy.tokens_ready();
-            let ready = listening && !shutting_down && tokens_ready;
+            let ready = listening && !shutting_down && proxy.tokens_settled();
             let creds: serde_json::Map<String, serde_json::Value> = proxy
                 .config()
                 .credentials_in_use()

@@ -30,7 +30,7 @@ use crate::policy::client;
 use crate::policy::rate::RateLimiter;
 use crate::scrub::ScrubPatterns;
 use crate::shared_rate::SharedStore;
-use crate::token::{TokenSource, TokenState};
+use crate::token::TokenSource;
 use crate::upstream::Clients;
 
 mod admit;
@@ -190,13 +190,16 @@ impl Proxy {
         &self.tokens
     }
 
-    /// True when every credential in use holds a usable token.
-    pub fn tokens_ready(&self) -> bool {
-        self.config.credentials_in_use().all(|n| {
-            self.tokens
-                .get(n)
-                .is_some_and(|t| t.state() == TokenState::Ok)
-        })
+    /// True when the first token fetch of every credential in use has
+    /// finished, successfully or not. A failing credential shows in
+    /// `/readyz`'s body, in metrics and in its routes' 503/502 answers, not
+    /// in readiness: during a token outage every replica would turn unready
+    /// at once and clients would get connection errors instead of those
+    /// answers.
+    pub fn tokens_settled(&self) -> bool {
+        self.config
+            .credentials_in_use()
+            .all(|n| self.tokens.get(n).is_some_and(|t| t.settled()))
     }
 
     /// Starts the background refresh of every credential in use: the first

@@ -90,6 +90,8 @@ struct Inner {
     previous: ArcSwapOption<Token>,
     flight: Mutex<Flight>,
     state: AtomicU8,
+    /// Set once the first fetch has finished, whatever its outcome.
+    settled: AtomicBool,
     wait_timeout: Duration,
 }
 
@@ -151,6 +153,7 @@ impl TokenSource {
                 previous: ArcSwapOption::empty(),
                 flight: Mutex::new(Flight::default()),
                 state: AtomicU8::new(OK),
+                settled: AtomicBool::new(true),
                 wait_timeout: Duration::ZERO,
             }),
         }
@@ -169,6 +172,7 @@ impl TokenSource {
                 previous: ArcSwapOption::empty(),
                 flight: Mutex::new(Flight::default()),
                 state: AtomicU8::new(FETCHING),
+                settled: AtomicBool::new(false),
                 wait_timeout,
             }),
         }
@@ -177,6 +181,13 @@ impl TokenSource {
     /// Credential name.
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// True once the first token fetch has finished, succeeded or not (always
+    /// for a fixed token): readiness waits for this, not for success, so a
+    /// token outage does not take every replica out of its load balancer.
+    pub fn settled(&self) -> bool {
+        self.inner.settled.load(Ordering::Relaxed)
     }
 
     /// The current state, for ping and readiness.
@@ -244,7 +255,9 @@ impl TokenSource {
         };
         self.inner.state.store(FETCHING, Ordering::Relaxed);
         let started = Instant::now();
-        match fetcher.fetch().await {
+        let fetched = fetcher.fetch().await;
+        self.inner.settled.store(true, Ordering::Relaxed);
+        match fetched {
             Ok((value, lifetime)) => match Token::new(value, started, lifetime) {
                 Some(token) => {
                     let token = Arc::new(token);

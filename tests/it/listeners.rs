@@ -375,17 +375,50 @@ async fn admin_endpoints() {
     proxy.stop().await;
 }
 
+/// Readiness waits for each credential's first token fetch, not for its
+/// success: while the token endpoint refuses, the replica stays in its
+/// Service and clients get the proxy's 502 JSON, not connection errors.
 #[tokio::test]
-async fn not_ready_while_token_endpoint_fails() {
+async fn ready_but_reporting_a_failing_credential() {
     let pki = Pki::new();
     let fake = FakeArcGis::start().await;
     fake.set_mode(TokenMode::Reject);
     let proxy = TestProxy::start(&pki, &standard_config(&fake, "")).await;
     let admin = TestClient::plain(proxy.admin_addr.unwrap());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut answer = None;
+    for _ in 0..50 {
+        let a = admin.get_with("/readyz", &[]).await;
+        if a.status == 200 {
+            answer = Some(a);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let a = answer.expect("never became ready while the credential failed");
+    assert_eq!(a.json()["credentials"]["online"], "failing");
+    assert_eq!(a.json()["ready"], true);
+    TestClient::new(&pki, proxy.addr)
+        .get("/svc/features")
+        .await
+        .assert_error(502);
+    proxy.stop().await;
+}
+
+/// Before the first token fetch has finished, `/readyz` is 503 and says so.
+#[tokio::test]
+async fn not_ready_until_the_first_fetch_finishes() {
+    let pki = Pki::new();
+    let fake = FakeArcGis::start().await;
+    fake.set_mode(TokenMode::Slow(Duration::from_millis(1500)));
+    let proxy = TestProxy::start(&pki, &standard_config(&fake, "")).await;
+    let admin = TestClient::plain(proxy.admin_addr.unwrap());
     let a = admin.get_with("/readyz", &[]).await;
     assert_eq!(a.status, 503);
-    assert_eq!(a.json()["credentials"]["online"], "failing");
+    assert_eq!(a.json()["credentials"]["online"], "fetching");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let a = admin.get_with("/readyz", &[]).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["credentials"]["online"], "ok");
     proxy.stop().await;
 }
 
