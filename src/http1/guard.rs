@@ -1,7 +1,7 @@
 //! Strict HTTP/1.1 request framing, checked before hyper sees a request.
 //!
 //! hyper follows RFC 9112 leniently: a request with both `Content-Length`
-//! and `Transfer-Encoding` is accepted with the length dropped. SPEC asks for
+//! and `Transfer-Encoding` is accepted with the length dropped. The proxy answers
 //! 400 and a closed connection instead — such a request is a smuggling
 //! attempt against whatever sits in front of or behind the proxy. So HTTP/1
 //! connections read through [`FramingGuard`]: it holds back each request head

@@ -58,10 +58,17 @@ pub fn content_length(value: &[u8]) -> Option<u64> {
     let mut found: Option<u64> = None;
     for item in value.split(|b| *b == b',') {
         let item = item.trim_ascii();
-        if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
+        // At most 19 digits, so the value cannot overflow a u64.
+        if item.is_empty() || item.len() > 19 {
             return None;
         }
-        let n = std::str::from_utf8(item).ok()?.parse::<u64>().ok()?;
+        let mut n: u64 = 0;
+        for &b in item {
+            if !b.is_ascii_digit() {
+                return None;
+            }
+            n = n * 10 + u64::from(b - b'0');
+        }
         if found.is_some_and(|f| f != n) {
             return None;
         }

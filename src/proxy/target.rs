@@ -30,6 +30,7 @@ pub(super) struct Target<'a> {
 
 /// Resolves the route and upstream URL of a request (either addressing
 /// style).
+#[inline]
 pub(super) fn resolve<'a>(cfg: &'a Config, parts: &'a Parts) -> Result<Target<'a>, ProxyError> {
     if parts.uri.path() == cfg.server.proxy_path {
         let raw = parts.uri.query().ok_or(PathError::MissingTarget)?;
@@ -75,6 +76,7 @@ impl Target<'_> {
     /// request's upstream path, not the route's) with `echoToken=false` in
     /// place of the client's own `echoToken`. Borrowed from the client's URI unless
     /// something changed.
+    #[inline]
     pub fn upstream_query(&self) -> Cow<'_, str> {
         let styles = crate::policy::route::is_basemap_styles(self.path());
         let mut q: Cow<'_, str> = self
@@ -101,6 +103,7 @@ impl Target<'_> {
 
     /// The request target of one attempt: the path, `base_query`, and the
     /// proxy's token when the route puts it in the query.
+    #[inline]
     pub fn request_target(&self, base_query: &str, token: Option<&Token>) -> String {
         let path = self.path();
         let mut s = String::with_capacity(path.len() + base_query.len() + 160);
