@@ -130,12 +130,12 @@ impl App {
             }
         }
         let kept: Vec<String> = reuse.keys().cloned().collect();
-        let proxy = Arc::new(Proxy::assemble(
-            Arc::new(config),
-            clients,
-            reuse,
-            Arc::clone(&self.metrics),
-        ));
+        let mut proxy =
+            Proxy::assemble(Arc::new(config), clients, reuse, Arc::clone(&self.metrics));
+        // Rate-limit buckets and quota counts of unchanged apps and routes
+        // carry over, so a reload hands no client a fresh allowance.
+        proxy.keep_counts_of(&old.proxy);
+        let proxy = Arc::new(proxy);
         proxy.start_refreshers();
         self.current.store(Arc::new(Generation::new(proxy)));
         tracing::info!(tokens_kept = ?kept, "configuration reloaded");

@@ -39,9 +39,15 @@ pub enum ProxyError {
     /// The request body is larger than `max_request_body_bytes`.
     #[error("request body too large")]
     BodyTooLarge,
-    /// The client's bucket for this route is empty.
+    /// The request's app may not use this route (`routes[].apps`).
+    #[error("app not allowed on this route")]
+    AppNotAllowed,
+    /// The client's bucket for this route or app is empty.
     #[error("rate limited")]
     RateLimited { retry_after: Duration },
+    /// The app's quota for the current window is used up.
+    #[error("app quota exhausted")]
+    QuotaExhausted { retry_after: Duration },
     /// The credential has no valid token and cannot get one right now.
     #[error("token unavailable")]
     TokenUnavailable { retry_after: Duration },
@@ -65,11 +71,15 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) | ProxyError::BadBody => StatusCode::BAD_REQUEST,
-            ProxyError::RefererNotAllowed | ProxyError::NotProxied => StatusCode::FORBIDDEN,
+            ProxyError::RefererNotAllowed | ProxyError::NotProxied | ProxyError::AppNotAllowed => {
+                StatusCode::FORBIDDEN
+            }
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::RateLimited { .. } | ProxyError::QuotaExhausted { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ProxyError::TokenUnavailable { .. } | ProxyError::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -88,7 +98,9 @@ impl ProxyError {
             ProxyError::NoRoute => "No route for this path.",
             ProxyError::MethodNotAllowed => "Method not allowed.",
             ProxyError::BodyTooLarge => "Request body too large.",
+            ProxyError::AppNotAllowed => "App not allowed on this route.",
             ProxyError::RateLimited { .. } => "Too many requests.",
+            ProxyError::QuotaExhausted { .. } => "App quota exhausted.",
             ProxyError::TokenUnavailable { .. } => "Service token temporarily unavailable.",
             ProxyError::TokenRejected => "The ArcGIS credential was rejected.",
             ProxyError::UpstreamUnreachable => "Upstream service unavailable.",
@@ -100,6 +112,7 @@ impl ProxyError {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             ProxyError::RateLimited { retry_after }
+            | ProxyError::QuotaExhausted { retry_after }
             | ProxyError::TokenUnavailable { retry_after } => Some(*retry_after),
             ProxyError::ShuttingDown => Some(Duration::from_secs(1)),
             _ => None,

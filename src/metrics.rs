@@ -33,12 +33,20 @@ pub struct RouteLabel {
 /// `app`, `route` labels for usage attribution.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AppLabels {
-    /// The allowlist entry that admitted the request, as configured
-    /// (`none` when no Referer/Origin was sent and that is allowed). Never
-    /// the raw header: the label set stays as small as the allowlist.
+    /// The app the request belongs to: an `[[apps]]` name, a `[referers]
+    /// allowed` entry as configured, or `none` when no Referer/Origin was
+    /// sent and that is allowed. Never the raw header: the label set stays
+    /// as small as the config.
     pub app: String,
     /// Route name.
     pub route: String,
+}
+
+/// `app` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppLabel {
+    /// App name (see [`AppLabels::app`]).
+    pub app: String,
 }
 
 /// `credential` label.
@@ -91,6 +99,14 @@ pub struct Metrics {
     pub app_bytes: Family<AppLabels, Counter>,
     /// Shared rate-limit store calls that failed or ran over budget.
     pub rate_limit_store_errors: Counter,
+    /// Requests refused because their app may not use the route.
+    pub app_rejections: Family<AppLabels, Counter>,
+    /// Requests refused by an app's per-client rate limit.
+    pub app_rate_limited: Family<AppLabel, Counter>,
+    /// Requests refused because the app's quota was used up.
+    pub app_quota_exhausted: Family<AppLabel, Counter>,
+    /// Requests left in the app's quota window, as this process saw last.
+    pub app_quota_remaining: Family<AppLabel, Gauge>,
 }
 
 /// `outcome` label.
@@ -126,6 +142,30 @@ impl Metrics {
         let app_requests = Family::<AppLabels, Counter>::default();
         let app_bytes = Family::<AppLabels, Counter>::default();
         let rate_limit_store_errors = Counter::default();
+        let app_rejections = Family::<AppLabels, Counter>::default();
+        let app_rate_limited = Family::<AppLabel, Counter>::default();
+        let app_quota_exhausted = Family::<AppLabel, Counter>::default();
+        let app_quota_remaining = Family::<AppLabel, Gauge>::default();
+        registry.register(
+            "arcgis_proxy_app_rejections",
+            "Requests refused because their app may not use the route",
+            app_rejections.clone(),
+        );
+        registry.register(
+            "arcgis_proxy_app_rate_limited",
+            "Requests refused by an app's per-client rate limit",
+            app_rate_limited.clone(),
+        );
+        registry.register(
+            "arcgis_proxy_app_quota_exhausted",
+            "Requests refused because the app's quota for the window was used up",
+            app_quota_exhausted.clone(),
+        );
+        registry.register(
+            "arcgis_proxy_app_quota_remaining",
+            "Requests left in the app's quota window (this process's view)",
+            app_quota_remaining.clone(),
+        );
         registry.register(
             "arcgis_proxy_rate_limit_store_errors",
             "Shared rate-limit store calls that failed or exceeded their time budget",
@@ -206,6 +246,10 @@ impl Metrics {
             app_requests,
             app_bytes,
             rate_limit_store_errors,
+            app_rejections,
+            app_rate_limited,
+            app_quota_exhausted,
+            app_quota_remaining,
         }
     }
 

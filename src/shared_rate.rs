@@ -8,11 +8,12 @@
 //! (refuse) — and counts it.
 
 use std::net::IpAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use redis::aio::ConnectionManager;
 
 use crate::config::StoreFallback;
+use crate::policy::quota::{QuotaSpec, QuotaVerdict, until};
 
 /// GCRA: `ARGV[1]` emission interval (ms), `ARGV[2]` bucket span (ms, the
 /// whole period). Returns 0 when admitted, else the wait in ms.
@@ -30,10 +31,23 @@ redis.call('SET', KEYS[1], new_tat, 'PX', span)
 return 0
 ";
 
+/// Quota count: `KEYS[1]` the app's key for this window, `ARGV[1]` the
+/// quota, `ARGV[2]` the window's end (Unix seconds). Counts the request and
+/// returns the count, or -1 without counting when the quota is used up. The
+/// key expires with its window.
+const QUOTA: &str = r"
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n >= tonumber(ARGV[1]) then return -1 end
+n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIREAT', KEYS[1], tonumber(ARGV[2]) + 60) end
+return n
+";
+
 /// The shared store and what to do without it.
 pub struct SharedStore {
     conn: ConnectionManager,
     script: redis::Script,
+    quota: redis::Script,
     budget: Duration,
     /// What to do when the store does not answer in time.
     pub fallback: StoreFallback,
@@ -51,6 +65,7 @@ impl SharedStore {
         Ok(SharedStore {
             conn: ConnectionManager::new_lazy_with_config(client, config)?,
             script: redis::Script::new(GCRA),
+            quota: redis::Script::new(QUOTA),
             budget,
             fallback,
         })
@@ -83,6 +98,41 @@ impl SharedStore {
             Ok(Ok(wait_ms)) => Ok(Some(Duration::from_millis(wait_ms))),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "rate-limit store failed");
+                Err(())
+            }
+            Err(_) => Err(()),
+        }
+    }
+
+    /// Counts one request of `app` against its quota in the window holding
+    /// `now`, cluster-wide; `Err(())` when the store did not answer within
+    /// the budget.
+    pub async fn take_quota(
+        &self,
+        app: &str,
+        spec: QuotaSpec,
+        now: SystemTime,
+    ) -> Result<QuotaVerdict, ()> {
+        let (start, end) = spec.per.bounds(now);
+        let key = format!("arcgis-app-proxy:quota:{app}:{}:{start}", spec.per.as_str());
+        let mut conn = self.conn.clone();
+        let call = async move {
+            self.quota
+                .key(key)
+                .arg(spec.requests)
+                .arg(end)
+                .invoke_async::<i64>(&mut conn)
+                .await
+        };
+        match tokio::time::timeout(self.budget, call).await {
+            Ok(Ok(n)) if n >= 0 => Ok(QuotaVerdict::Admitted {
+                remaining: spec.requests.saturating_sub(n as u64),
+            }),
+            Ok(Ok(_)) => Ok(QuotaVerdict::Exhausted {
+                retry_after: until(end, now),
+            }),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "quota store failed");
                 Err(())
             }
             Err(_) => Err(()),

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use rustls_pki_types::CertificateDer;
 use serde::Deserialize;
 
+mod apps;
 mod credentials;
 mod limits;
 mod rate_limit;
@@ -26,6 +27,7 @@ mod routes;
 mod secrets;
 mod server;
 
+pub use apps::{AppConfig, Apps, NONE_APP};
 pub use credentials::{CredentialConfig, CredentialKind};
 pub use limits::Limits;
 pub use rate_limit::{RateLimitStore, StoreFallback};
@@ -61,8 +63,10 @@ pub struct Config {
     pub server: ServerConfig,
     /// Size, time and count limits.
     pub limits: Limits,
-    /// Compiled Referer/Origin allowlist.
+    /// Compiled Referer/Origin allowlist: which app a request belongs to.
     pub referers: RefererPolicy,
+    /// Every app (`[[apps]]`, one per `[referers] allowed` entry, `none`).
+    pub apps: Apps,
     /// Log format.
     pub log_format: LogFormat,
     /// Extra trust roots for upstream TLS.
@@ -194,13 +198,22 @@ impl Config {
         }
     }
 
-    /// Names of credentials some route uses.
+    /// Names of credentials some route uses, directly or as an app's
+    /// replacement for the route's credential.
     pub fn credentials_in_use(&self) -> impl Iterator<Item = &str> {
-        let used: HashSet<&str> = self
+        let mut used: HashSet<&str> = self
             .routes
             .iter()
             .filter_map(|r| r.credential.as_deref())
             .collect();
+        let replacements: Vec<&str> = self
+            .apps
+            .iter()
+            .flat_map(|a| a.credentials.iter())
+            .filter(|(from, _)| used.contains(from.as_str()))
+            .map(|(_, to)| to.as_str())
+            .collect();
+        used.extend(replacements);
         self.credentials
             .keys()
             .map(String::as_str)
@@ -237,19 +250,12 @@ fn validate(
     let mut warnings = Vec::new();
     let server = server::validate(raw.server, base, tls_override, p, &mut warnings);
     let limits = limits::validate(raw.limits, p);
-    // [referers]
-    let referers = match RefererPolicy::compile(&raw.referers.allowed, raw.referers.allow_missing) {
-        Ok(r) => r,
-        Err(errs) => {
-            for (i, msg) in errs {
-                p.add(format!("referers.allowed[{i}]"), msg);
-            }
-            RefererPolicy::deny_all()
-        }
-    };
-    if raw.referers.allowed.is_empty() && !raw.referers.allow_missing {
+    let declared: HashSet<String> = raw.credentials.keys().cloned().collect();
+    // [[apps]] and [referers]
+    let (apps, referers) = apps::validate(raw.apps, &raw.referers, &declared, p);
+    if raw.referers.allowed.is_empty() && apps.len() == 1 && !raw.referers.allow_missing {
         warnings.push(
-            "referers.allowed is empty and allow_missing is false: every proxied request will be refused"
+            "referers.allowed is empty, there are no [[apps]] and allow_missing is false: every proxied request will be refused"
                 .into(),
         );
     }
@@ -263,16 +269,23 @@ fn validate(
         }
     }
 
-    let declared: HashSet<String> = raw.credentials.keys().cloned().collect();
     let credentials =
         credentials::validate(raw.credentials, file, Files { base, env }, p, &mut warnings);
-    let routes = routes::validate(raw.routes, &declared, &server.proxy_path, p, &mut warnings);
+    let routes = routes::validate(
+        raw.routes,
+        &declared,
+        &apps,
+        &server.proxy_path,
+        p,
+        &mut warnings,
+    );
     let rate_limit_store = rate_limit::validate(raw.rate_limit, p);
     Config {
         source: file.to_path_buf(),
         server,
         limits,
         referers,
+        apps,
         log_format: raw.log.format,
         extra_ca,
         credentials,
@@ -344,6 +357,104 @@ mount = "/basemaps"
 
     fn keys(text: &str) -> Vec<String> {
         problems(text).into_iter().map(|p| p.key).collect()
+    }
+
+    #[test]
+    fn apps_load_with_their_settings_and_the_legacy_entries() {
+        let text = format!(
+            "{MINIMAL}{}",
+            r#"
+[credentials.parks]
+api_key_env = "KEY"
+[[apps]]
+name = "parks-map"
+referers = ["https://parks.example.org", "https://*.parks.example.org"]
+credentials = { online = "parks" }
+rate_limit = { requests = 120, per_secs = 60 }
+quota = { requests = 50000, per = "day" }
+"#
+        )
+        .replace(
+            "mount = \"/basemaps\"",
+            "mount = \"/basemaps\"\napps = [\"parks-map\", \"none\"]",
+        );
+        let c = load(&text).unwrap();
+        let names: Vec<&str> = c.apps.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["parks-map", "https://app.example.com", "none"]);
+        let parks = c.apps.get(0);
+        assert!(parks.declared);
+        assert_eq!(
+            parks.rate_limit,
+            Some((120, std::time::Duration::from_secs(60)))
+        );
+        assert_eq!(
+            parks.quota,
+            Some(crate::policy::quota::QuotaSpec {
+                requests: 50000,
+                per: crate::policy::quota::Window::Day
+            })
+        );
+        assert_eq!(c.apps.credential_for(0, "online"), "parks");
+        assert_eq!(c.apps.credential_for(1, "online"), "online");
+        let route = c.routes.iter().next().unwrap();
+        assert_eq!(route.apps.as_deref(), Some(&[0, 2][..]));
+        // The replacement credential is in use: it gets a refresher and
+        // counts for readiness.
+        let mut used: Vec<&str> = c.credentials_in_use().collect();
+        used.sort_unstable();
+        assert_eq!(used, ["online", "parks"]);
+    }
+
+    #[test]
+    fn app_mistakes_are_named_by_key() {
+        let text = format!(
+            "{MINIMAL}{}",
+            r#"
+[[apps]]
+name = "Parks Map"
+referers = ["https://app.example.com"]
+credentials = { online = "nope", missing = "online" }
+quota = { requests = 0, per = "week" }
+rate_limit = { requests = 0, per_secs = 60 }
+[[apps]]
+name = "none"
+referers = ["https://b.example.com"]
+[[apps]]
+name = "dup"
+referers = []
+[[apps]]
+name = "dup"
+referers = ["ftp://x"]
+"#
+        )
+        .replace(
+            "mount = \"/basemaps\"",
+            "mount = \"/basemaps\"\napps = [\"ghost\"]",
+        );
+        let p = problems(&text);
+        let k: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        for expected in [
+            "apps[0].name",
+            "apps[0].credentials.online",
+            "apps[0].credentials.missing",
+            "apps[0].quota.per",
+            "apps[0].quota.requests",
+            "apps[0].rate_limit",
+            "apps[1].name",
+            "apps[2].referers",
+            "apps[3].name",
+            "apps[3].referers[0]",
+            "routes[0].apps[0]",
+        ] {
+            assert!(k.contains(&expected), "{expected} not in {k:?}");
+        }
+        // The same origin in an app and in [referers] allowed.
+        let dup = p
+            .iter()
+            .find(|p| p.key == "referers.allowed[0]")
+            .expect("duplicate entry not reported");
+        assert!(dup.message.contains("apps[0].referers[0]"), "{dup:?}");
+        assert!(dup.message.contains("Parks Map"), "{dup:?}");
     }
 
     #[test]

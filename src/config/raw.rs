@@ -31,7 +31,28 @@ pub struct RawConfig {
     pub(super) credentials: BTreeMap<String, RawCredential>,
     #[serde(default)]
     pub(super) routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub(super) apps: Vec<RawApp>,
     pub(super) rate_limit: Option<RawRateLimitStore>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawApp {
+    pub(super) name: String,
+    #[serde(default)]
+    pub(super) referers: Vec<String>,
+    #[serde(default)]
+    pub(super) credentials: BTreeMap<String, String>,
+    pub(super) rate_limit: Option<RawRateLimit>,
+    pub(super) quota: Option<RawQuota>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawQuota {
+    pub(super) requests: u64,
+    pub(super) per: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,6 +180,7 @@ pub(super) struct RawRoute {
     #[serde(default)]
     pub(super) rewrite_urls: bool,
     pub(super) rate_limit: Option<RawRateLimit>,
+    pub(super) apps: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

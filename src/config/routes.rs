@@ -8,14 +8,17 @@ use std::time::Duration;
 use url::Url;
 
 use super::Problems;
+use super::apps::Apps;
 use super::raw::RawRoute;
 use crate::policy::route::{Route, RouteTable};
 
-/// Validates `[[routes]]`; `declared` names the credentials that exist and
-/// `proxy_path` is `server.proxy_path`, which no mount may shadow.
+/// Validates `[[routes]]`; `declared` names the credentials that exist,
+/// `apps` the apps a route may be limited to, and `proxy_path` is
+/// `server.proxy_path`, which no mount may shadow.
 pub(super) fn validate(
     raw: Vec<RawRoute>,
     declared: &HashSet<String>,
+    apps: &Apps,
     proxy_path: &str,
     p: &mut Problems,
     warnings: &mut Vec<String>,
@@ -81,6 +84,22 @@ pub(super) fn validate(
             Some(rl) => Some((rl.requests, Duration::from_secs(rl.per_secs))),
             None => None,
         };
+        let allowed_apps = r.apps.as_ref().map(|names| {
+            names
+                .iter()
+                .enumerate()
+                .filter_map(|(j, n)| {
+                    let found = apps.index(n);
+                    if found.is_none() {
+                        p.add(
+                            format!("{key}.apps[{j}]"),
+                            format!("no app named {n:?} in [[apps]] or [referers] allowed"),
+                        );
+                    }
+                    found
+                })
+                .collect::<Vec<usize>>()
+        });
         let Some(upstream) = upstream else { continue };
         let name = r
             .name
@@ -102,7 +121,7 @@ pub(super) fn validate(
             }
             names.push((n.clone(), i));
         }
-        routes.push(Route::new(
+        let mut route = Route::new(
             name,
             upstream,
             r.credential,
@@ -110,7 +129,9 @@ pub(super) fn validate(
             r.token_in,
             r.rewrite_urls,
             rate_limit,
-        ));
+        );
+        route.apps = allowed_apps;
+        routes.push(route);
     }
     if routes.is_empty() && p.0.iter().all(|x| !x.key.starts_with("routes")) {
         p.add("routes", "no routes: add at least one [[routes]] table");

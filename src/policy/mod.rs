@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod path;
+pub mod quota;
 pub mod rate;
 pub mod referer;
 pub mod route;

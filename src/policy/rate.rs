@@ -1,6 +1,10 @@
-//! Per-client, per-route rate limits: a token bucket of `requests` tokens
-//! refilled evenly over `per_secs` (GCRA, from `governor`), one bucket per
-//! (route, client IP).
+//! Per-client rate limits of routes and apps: a token bucket of `requests`
+//! tokens refilled evenly over `per_secs` (GCRA, from `governor`), one
+//! bucket per (limit, client IP).
+//!
+//! A limit is named by its slot (routes first, then apps) and identified by
+//! its name and settings: a reload that keeps a route's or app's limit as it
+//! was finds its buckets again ([`RateLimiter::keep_buckets_of`]).
 //!
 //! Buckets live in a bounded moka cache. An entry idle for longer than its
 //! period would be a full bucket again, so expiring it loses nothing; the
@@ -16,18 +20,32 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter as Gcra};
 
-use super::route::RouteTable;
-
 /// Most buckets held at once.
 const MAX_BUCKETS: u64 = 100_000;
 
 type Bucket<C> = Gcra<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
-/// Rate limiter for every route that has a `rate_limit`.
+/// One limit: who it belongs to (`route:<name>`, `app:<name>`) and its
+/// setting.
+pub type Limit = (String, Option<(u32, Duration)>);
+
+/// Rate limiter for every route and app that has a `rate_limit`.
 pub struct RateLimiter<C: Clock = MonotonicClock> {
-    quotas: Vec<Option<Quota>>,
-    buckets: moka::sync::Cache<(usize, IpAddr), Arc<Bucket<C>>>,
+    /// Per slot: the quota and the identity its buckets are keyed by.
+    quotas: Vec<Option<(Quota, u64)>>,
+    buckets: moka::sync::Cache<(u64, IpAddr), Arc<Bucket<C>>>,
+    /// The idle time after which a bucket is full again and is dropped.
+    longest: Duration,
     clock: C,
+}
+
+/// The identity of a limit: its owner and setting, hashed.
+fn identity(owner: &str, requests: u32, per: Duration) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // Fixed keys: identities must agree between the old and new limiter.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (owner, requests, per).hash(&mut h);
+    h.finish()
 }
 
 /// A quota of `requests` per `period`, refilled evenly.
@@ -37,9 +55,9 @@ pub fn quota(requests: u32, period: Duration) -> Option<Quota> {
 }
 
 impl RateLimiter<MonotonicClock> {
-    /// A limiter for the routes' `rate_limit` settings.
-    pub fn new(routes: &RouteTable) -> Self {
-        RateLimiter::with_clock(routes, MonotonicClock)
+    /// A limiter for the given limits, by slot.
+    pub fn new(limits: &[Limit]) -> Self {
+        RateLimiter::with_clock(limits, MonotonicClock)
     }
 }
 
@@ -49,14 +67,16 @@ where
     C::Instant: Send + Sync,
 {
     /// A limiter with a given clock (tests use a fake one).
-    pub fn with_clock(routes: &RouteTable, clock: C) -> Self {
-        let quotas: Vec<Option<Quota>> = routes
+    pub fn with_clock(limits: &[Limit], clock: C) -> Self {
+        let quotas: Vec<Option<(Quota, u64)>> = limits
             .iter()
-            .map(|r| r.rate_limit.and_then(|(n, per)| quota(n, per)))
+            .map(|(owner, rl)| {
+                rl.and_then(|(n, per)| quota(n, per).map(|q| (q, identity(owner, n, per))))
+            })
             .collect();
-        let longest = routes
+        let longest = limits
             .iter()
-            .filter_map(|r| r.rate_limit.map(|(_, per)| per))
+            .filter_map(|(_, rl)| rl.map(|(_, per)| per))
             .max()
             .unwrap_or(Duration::from_secs(60))
             .max(Duration::from_secs(1));
@@ -66,17 +86,29 @@ where
                 .max_capacity(MAX_BUCKETS)
                 .time_to_idle(longest)
                 .build(),
+            longest,
             clock,
         }
     }
 
-    /// Takes one token for `client` on route `route`; `Err(wait)` when the
-    /// bucket is empty, with the time until the next token.
-    pub fn check(&self, route: usize, client: IpAddr) -> Result<(), Duration> {
-        let Some(Some(quota)) = self.quotas.get(route) else {
+    /// Takes over `old`'s buckets: limits whose owner and setting did not
+    /// change keep their clients' buckets across a reload. (When the
+    /// longest period grew, the old store would drop buckets too early, and
+    /// a fresh one is kept instead.)
+    pub fn keep_buckets_of(&mut self, old: &RateLimiter<C>) {
+        if old.longest >= self.longest {
+            self.buckets = old.buckets.clone();
+            self.longest = old.longest;
+        }
+    }
+
+    /// Takes one token for `client` from the limit in `slot`; `Err(wait)`
+    /// when the bucket is empty, with the time until the next token.
+    pub fn check(&self, slot: usize, client: IpAddr) -> Result<(), Duration> {
+        let Some(Some((quota, id))) = self.quotas.get(slot) else {
             return Ok(());
         };
-        let bucket = self.buckets.get_with((route, client), || {
+        let bucket = self.buckets.get_with((*id, client), || {
             Arc::new(Gcra::direct_with_clock(*quota, self.clock.clone()))
         });
         bucket
@@ -94,25 +126,41 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::route::{Route, TokenIn};
     use governor::clock::FakeRelativeClock;
 
-    fn routes() -> RouteTable {
-        let r = |u: &str, rl: Option<(u32, Duration)>| {
-            Route::new(
-                u.into(),
-                url::Url::parse(u).unwrap(),
-                None,
-                None,
-                TokenIn::Header,
-                false,
-                rl,
-            )
-        };
-        RouteTable::new(vec![
-            r("https://a.example/x", Some((3, Duration::from_secs(60)))),
-            r("https://b.example/y", None),
-        ])
+    fn routes() -> Vec<Limit> {
+        vec![
+            ("route:a".into(), Some((3, Duration::from_secs(60)))),
+            ("route:b".into(), None),
+        ]
+    }
+
+    #[test]
+    fn a_reload_keeps_the_buckets_of_unchanged_limits() {
+        let clock = FakeRelativeClock::default();
+        let ip: IpAddr = "203.0.113.7".parse().unwrap();
+        let old = RateLimiter::with_clock(&routes(), clock.clone());
+        for _ in 0..3 {
+            old.check(0, ip).unwrap();
+        }
+        // Same route, now in another slot, same setting: still empty.
+        let mut kept = RateLimiter::with_clock(
+            &[
+                ("route:new".into(), Some((9, Duration::from_secs(60)))),
+                routes()[0].clone(),
+            ],
+            clock.clone(),
+        );
+        kept.keep_buckets_of(&old);
+        assert!(kept.check(1, ip).is_err());
+        // A new setting is a new bucket.
+        assert!(kept.check(0, ip).is_ok());
+        let mut changed = RateLimiter::with_clock(
+            &[("route:a".into(), Some((4, Duration::from_secs(60))))],
+            clock,
+        );
+        changed.keep_buckets_of(&old);
+        assert!(changed.check(0, ip).is_ok());
     }
 
     #[test]

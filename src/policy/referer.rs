@@ -1,30 +1,41 @@
-//! The Referer/Origin allowlist, compiled once from `[referers]`.
+//! The Referer/Origin allowlist, compiled once from `[[apps]] referers` and
+//! `[referers] allowed`: every entry belongs to one app, and a request
+//! belongs to the app whose entries match all its Referer and Origin values.
 //!
 //! Entries and request values both go through the WHATWG URL parser, so case,
 //! IDN (punycode), default ports and IPv4 spellings are compared in one
-//! canonical form. Rules (SPEC "Request policy" 2): every present header must
+//! canonical form. Rules (docs/behaviour.md, "Request policy"): every present header must
 //! match; `*.example.org` covers the apex and any depth of subdomain;
 //! `:*` any port; a trailing-dot host is a different host; an entry with a path
 //! matches by prefix on a segment boundary; `*` matches any present value.
+//! When entries of several apps match, the most specific wins: an exact host
+//! beats a wildcard, a longer wildcard suffix a shorter one, an explicit port
+//! `:*`, a longer path a shorter one, anything `*`.
 
 use http::HeaderValue;
+use http::header::{self, HeaderMap};
 use url::Url;
 
 /// A compiled allowlist.
 #[derive(Debug, Clone)]
 pub struct RefererPolicy {
     entries: Vec<Entry>,
+    /// The app each entry belongs to.
+    apps: Vec<usize>,
     allow_missing: bool,
+    /// The app of requests with neither header (`none`).
+    none_app: usize,
     /// Canonical `scheme://host[:port]` of entries that are a plain origin:
     /// a value equal to one, or continuing it with `/`, matches without a
     /// URL parse (the common case of a browser's own Origin or Referer).
-    /// Paired with the entry's index.
+    /// Paired with the entry's index. Such an entry is the most specific
+    /// one possible unless some entry has a path, so the shortcut is only
+    /// taken when none has.
     exact_origins: Vec<(String, usize)>,
-    /// The entries as configured, for usage attribution labels.
-    labels: Vec<String>,
+    has_paths: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Entry {
     Any,
     Pattern {
@@ -35,12 +46,16 @@ enum Entry {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum HostPattern {
     Exact(String),
     /// The apex and every subdomain of it.
     Domain(String),
 }
+
+/// How specific an entry is; the larger wins: host kind (exact, wildcard,
+/// `*`), wildcard suffix length, explicit port, path length.
+type Specificity = (u8, usize, bool, usize);
 
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -48,64 +63,97 @@ pub enum RefererError {
     /// Neither header present and `allow_missing` is false.
     #[error("no Referer or Origin")]
     Missing,
-    /// A present header matched no entry.
+    /// A present header matched no entry, or no one app's entries match
+    /// them all.
     #[error("Referer or Origin not allowed")]
     NotAllowed,
 }
 
+/// Why an allowlist did not compile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CompileError {
+    /// Entry `i` is not a valid entry.
+    Bad(usize, String),
+    /// Entry `i` is the same entry as entry `j` of another app.
+    Duplicate(usize, usize),
+}
+
 impl RefererPolicy {
-    /// Compiles entries; returns every bad entry's index and reason.
-    pub fn compile(entries: &[String], allow_missing: bool) -> Result<Self, Vec<(usize, String)>> {
+    /// Compiles `(entry, app)` pairs; `none_app` is the app of requests
+    /// without either header. Returns every bad or duplicated entry.
+    pub fn compile(
+        entries: &[(String, usize)],
+        allow_missing: bool,
+        none_app: usize,
+    ) -> Result<Self, Vec<CompileError>> {
         let mut out = Vec::with_capacity(entries.len());
         let mut errors = Vec::new();
-        for (i, e) in entries.iter().enumerate() {
-            match Entry::compile(e) {
-                Ok(entry) => out.push(entry),
-                Err(msg) => errors.push((i, msg)),
+        let mut seen: std::collections::HashMap<Entry, usize> = Default::default();
+        for (i, (text, app)) in entries.iter().enumerate() {
+            match Entry::compile(text) {
+                Ok(entry) => {
+                    match seen.get(&entry) {
+                        Some(&j) if entries[j].1 != *app => {
+                            errors.push(CompileError::Duplicate(i, j));
+                        }
+                        Some(_) => {}
+                        None => {
+                            seen.insert(entry.clone(), i);
+                        }
+                    }
+                    out.push(entry);
+                }
+                Err(msg) => errors.push(CompileError::Bad(i, msg)),
             }
         }
-        if errors.is_empty() {
-            let exact_origins = out
-                .iter()
-                .enumerate()
-                .filter_map(|(i, e)| match e {
-                    Entry::Pattern {
-                        scheme,
-                        host: HostPattern::Exact(h),
-                        port: Some(port),
-                        path: None,
-                    } => {
-                        let default = if scheme == "https" { 443 } else { 80 };
-                        Some((
-                            if *port == default {
-                                format!("{scheme}://{h}")
-                            } else {
-                                format!("{scheme}://{h}:{port}")
-                            },
-                            i,
-                        ))
-                    }
-                    _ => None,
-                })
-                .collect();
-            Ok(RefererPolicy {
-                entries: out,
-                allow_missing,
-                exact_origins,
-                labels: entries.iter().map(|e| e.trim().to_string()).collect(),
-            })
-        } else {
-            Err(errors)
+        if !errors.is_empty() {
+            return Err(errors);
         }
+        let exact_origins = out
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| match e {
+                Entry::Pattern {
+                    scheme,
+                    host: HostPattern::Exact(h),
+                    port: Some(port),
+                    path: None,
+                } => {
+                    let default = if scheme == "https" { 443 } else { 80 };
+                    Some((
+                        if *port == default {
+                            format!("{scheme}://{h}")
+                        } else {
+                            format!("{scheme}://{h}:{port}")
+                        },
+                        i,
+                    ))
+                }
+                _ => None,
+            })
+            .collect();
+        let has_paths = out
+            .iter()
+            .any(|e| matches!(e, Entry::Pattern { path: Some(_), .. }));
+        Ok(RefererPolicy {
+            apps: entries.iter().map(|(_, a)| *a).collect(),
+            entries: out,
+            allow_missing,
+            none_app,
+            exact_origins,
+            has_paths,
+        })
     }
 
     /// A policy that refuses everything (used when compilation failed).
     pub fn deny_all() -> Self {
         RefererPolicy {
             entries: Vec::new(),
+            apps: Vec::new(),
             allow_missing: false,
+            none_app: 0,
             exact_origins: Vec::new(),
-            labels: Vec::new(),
+            has_paths: false,
         }
     }
 
@@ -119,41 +167,61 @@ impl RefererPolicy {
         self.entries.is_empty()
     }
 
-    /// The configured text of entry `i` (a bounded label for metrics).
-    pub fn label(&self, i: usize) -> &str {
-        self.labels.get(i).map_or("", String::as_str)
+    /// The app a request belongs to, from every Referer and Origin value it
+    /// carries (a repeated header must match in each copy): the app whose
+    /// entries match them all, the most specific match for the Origin
+    /// deciding between several; the `none` app when neither header is
+    /// present and that is allowed.
+    pub fn app_of(&self, headers: &HeaderMap) -> Result<usize, RefererError> {
+        let values = || {
+            headers
+                .get_all(header::REFERER)
+                .iter()
+                .chain(headers.get_all(header::ORIGIN).iter())
+        };
+        let mut app = None;
+        let mut mixed = false;
+        for value in values() {
+            let entry = self
+                .matching_entry(value.as_bytes())
+                .ok_or(RefererError::NotAllowed)?;
+            let a = self.apps[entry];
+            mixed |= app.is_some_and(|x| x != a);
+            app = Some(a);
+        }
+        match app {
+            None if self.allow_missing => Ok(self.none_app),
+            None => Err(RefererError::Missing),
+            Some(a) if !mixed => Ok(a),
+            // The values' best matches lie in different apps: some app may
+            // still match them all through less specific entries.
+            Some(_) => self.common_app(values()),
+        }
     }
 
-    /// Checks a request's Referer and Origin headers.
-    pub fn check(
+    /// The app matching every value, the most specific for the last one
+    /// (Origin when present) first.
+    fn common_app<'a>(
         &self,
-        referer: Option<&HeaderValue>,
-        origin: Option<&HeaderValue>,
-    ) -> Result<(), RefererError> {
-        self.check_all([referer, origin].into_iter().flatten())
-            .map(|_| ())
-    }
-
-    /// Checks every Referer and Origin value a request carries (a repeated
-    /// header must match in each copy). On success, the index of the entry
-    /// that matched the last value (Origin when present), or `None` when no
-    /// header was present and that is allowed.
-    pub fn check_all<'a>(
-        &self,
-        values: impl IntoIterator<Item = &'a HeaderValue>,
-    ) -> Result<Option<usize>, RefererError> {
-        let mut matched = None;
+        values: impl Iterator<Item = &'a HeaderValue>,
+    ) -> Result<usize, RefererError> {
+        let mut common: Option<Vec<(usize, Specificity)>> = None;
         for value in values {
-            match self.matching_entry(value.as_bytes()) {
-                Some(i) => matched = Some(i),
-                None => return Err(RefererError::NotAllowed),
-            }
+            let here = self.matching_apps(value.as_bytes());
+            common = Some(match common {
+                None => here,
+                Some(before) => here
+                    .into_iter()
+                    .filter(|(a, _)| before.iter().any(|(b, _)| b == a))
+                    .collect(),
+            });
         }
-        if matched.is_some() || self.allow_missing {
-            Ok(matched)
-        } else {
-            Err(RefererError::Missing)
-        }
+        common
+            .unwrap_or_default()
+            .into_iter()
+            .max_by_key(|(a, spec)| (*spec, std::cmp::Reverse(*a)))
+            .map(|(a, _)| a)
+            .ok_or(RefererError::NotAllowed)
     }
 
     /// True when some entry accepts this header value.
@@ -161,56 +229,85 @@ impl RefererPolicy {
         self.matching_entry(value).is_some()
     }
 
-    /// The index of the entry that accepts this header value: an exact
-    /// origin before a wildcard, then config order, `*` last.
-    pub fn matching_entry(&self, value: &[u8]) -> Option<usize> {
+    /// The app of the entry that accepts this header value, if any.
+    pub fn app_for_value(&self, value: &[u8]) -> Option<usize> {
+        self.matching_entry(value).map(|e| self.apps[e])
+    }
+
+    /// The most specific entry that accepts this header value (the first
+    /// in config order among equals).
+    fn matching_entry(&self, value: &[u8]) -> Option<usize> {
         if value.is_empty() {
             return None;
         }
-        // `*` accepts any present value, even one that is not a URL.
-        let any = self.entries.iter().position(|e| matches!(e, Entry::Any));
-        let Ok(text) = std::str::from_utf8(value) else {
-            return any;
-        };
-        // WHATWG parsing silently drops tabs/newlines and trims spaces; a
-        // header carrying them is not a URL a browser sent.
-        if text.bytes().any(|b| b <= b' ' || b == 0x7f) {
-            return any;
-        }
-        if let Some((_, i)) = self.exact_origins.iter().find(|(o, _)| {
-            text.strip_prefix(o.as_str()).is_some_and(|rest| {
-                rest.is_empty() || (rest.starts_with('/') && !rest.contains('\\'))
+        if !self.has_paths
+            && let Ok(text) = std::str::from_utf8(value)
+            && let Some((_, i)) = self.exact_origins.iter().find(|(o, _)| {
+                text.strip_prefix(o.as_str()).is_some_and(|rest| {
+                    rest.is_empty() || (rest.starts_with('/') && !rest.contains('\\'))
+                })
             })
-        }) {
+            && !text.bytes().any(|b| b <= b' ' || b == 0x7f)
+        {
             return Some(*i);
         }
-        let Ok(url) = Url::parse(text) else {
-            return any;
-        };
-        let Some(host) = url.host_str() else {
-            return any;
-        };
+        self.matches(value)
+            .max_by_key(|(i, spec)| (*spec, std::cmp::Reverse(*i)))
+            .map(|(i, _)| i)
+    }
+
+    /// Each app with an entry that accepts the value, with its most
+    /// specific such entry's specificity.
+    fn matching_apps(&self, value: &[u8]) -> Vec<(usize, Specificity)> {
+        let mut out: Vec<(usize, Specificity)> = Vec::new();
+        for (i, spec) in self.matches(value) {
+            let app = self.apps[i];
+            match out.iter_mut().find(|(a, _)| *a == app) {
+                Some((_, best)) => *best = (*best).max(spec),
+                None => out.push((app, spec)),
+            }
+        }
+        out
+    }
+
+    /// Every entry that accepts the value, with its specificity.
+    fn matches<'a>(&'a self, value: &[u8]) -> impl Iterator<Item = (usize, Specificity)> + 'a {
+        let parsed = (!value.is_empty())
+            .then(|| std::str::from_utf8(value).ok())
+            .flatten()
+            // WHATWG parsing silently drops tabs/newlines and trims spaces; a
+            // header carrying them is not a URL a browser sent.
+            .filter(|text| !text.bytes().any(|b| b <= b' ' || b == 0x7f))
+            .and_then(|text| Url::parse(text).ok())
+            .filter(|url| url.host_str().is_some());
+        let present = !value.is_empty();
         self.entries
             .iter()
             .enumerate()
-            .filter(|(_, e)| !matches!(e, Entry::Any) && e.matches(&url, host))
-            .min_by_key(|(i, e)| (!e.is_exact_origin(), *i))
-            .map(|(i, _)| i)
-            .or(any)
+            .filter(move |(_, e)| match (e, &parsed) {
+                // `*` accepts any present value, even one that is not a URL.
+                (Entry::Any, _) => present,
+                (_, Some(url)) => e.matches(url, url.host_str().unwrap_or_default()),
+                (_, None) => false,
+            })
+            .map(|(i, e)| (i, e.specificity()))
     }
 }
 
 impl Entry {
-    fn is_exact_origin(&self) -> bool {
-        matches!(
-            self,
+    fn specificity(&self) -> Specificity {
+        match self {
+            Entry::Any => (0, 0, false, 0),
             Entry::Pattern {
-                host: HostPattern::Exact(_),
-                port: Some(_),
-                path: None,
-                ..
+                host, port, path, ..
+            } => {
+                let path = path.as_ref().map_or(0, String::len);
+                match host {
+                    HostPattern::Exact(_) => (2, 0, port.is_some(), path),
+                    HostPattern::Domain(d) => (1, d.len(), port.is_some(), path),
+                }
             }
-        )
+        }
     }
 
     fn compile(raw: &str) -> Result<Entry, String> {
@@ -316,9 +413,37 @@ pub(crate) fn path_under(path: &str, prefix: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// Each entry an app of its own, numbered as the entry.
     fn policy(entries: &[&str]) -> RefererPolicy {
-        let owned: Vec<String> = entries.iter().map(|s| s.to_string()).collect();
-        RefererPolicy::compile(&owned, false).unwrap()
+        let owned: Vec<(String, usize)> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.to_string(), i))
+            .collect();
+        RefererPolicy::compile(&owned, false, usize::MAX).unwrap()
+    }
+
+    fn headers(pairs: &[(&'static str, &'static [u8])]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_bytes(v).unwrap());
+        }
+        h
+    }
+
+    fn check(
+        p: &RefererPolicy,
+        referer: Option<&'static str>,
+        origin: Option<&'static str>,
+    ) -> Result<usize, RefererError> {
+        let mut pairs = Vec::new();
+        if let Some(r) = referer {
+            pairs.push(("referer", r.as_bytes()));
+        }
+        if let Some(o) = origin {
+            pairs.push(("origin", o.as_bytes()));
+        }
+        p.app_of(&headers(&pairs))
     }
 
     #[test]
@@ -394,58 +519,126 @@ mod tests {
     }
 
     #[test]
-    fn matches_are_attributed_to_one_entry() {
+    fn matches_are_attributed_to_the_most_specific_entry() {
         let p = policy(&["https://*.example.com", "https://app.example.com", "*"]);
         // Exact origin wins over the earlier wildcard, fast path or not.
         assert_eq!(p.matching_entry(b"https://app.example.com/x"), Some(1));
         assert_eq!(p.matching_entry(b"https://app.example.com:443/x"), Some(1));
         assert_eq!(p.matching_entry(b"https://b.example.com/"), Some(0));
         assert_eq!(p.matching_entry(b"https://other.example/"), Some(2));
-        assert_eq!(p.label(1), "https://app.example.com");
-        let ok = HeaderValue::from_static("https://b.example.com/");
-        let origin = HeaderValue::from_static("https://app.example.com");
-        assert_eq!(p.check_all([&ok, &origin]), Ok(Some(1)));
+        assert_eq!(p.matching_entry(b"null"), Some(2));
+        // Referer and Origin both match app 0's wildcard; the Origin's best
+        // match is app 1, which does not match the Referer: app 0 it is.
+        assert_eq!(
+            check(
+                &p,
+                Some("https://b.example.com/"),
+                Some("https://app.example.com")
+            ),
+            Ok(0)
+        );
+        assert_eq!(check(&p, Some("https://app.example.com/x"), None), Ok(1));
+    }
+
+    #[test]
+    fn specificity_decides_between_apps() {
+        let p = policy(&[
+            "https://*.example.org",
+            "https://*.maps.example.org",
+            "https://city.maps.example.org:*",
+            "https://city.maps.example.org",
+            "http://localhost:*",
+            "http://localhost:3000",
+            "https://docs.example.net",
+            "https://docs.example.net/viewer",
+        ]);
+        for (value, app) in [
+            ("https://example.org/", 0),
+            ("https://a.example.org/", 0),
+            ("https://maps.example.org/", 1),
+            ("https://x.maps.example.org/", 1),
+            ("https://city.maps.example.org:8443/", 2),
+            ("https://city.maps.example.org/", 3),
+            ("https://city.maps.example.org:443/", 3),
+            ("http://localhost:8080/", 4),
+            ("http://localhost:3000/", 5),
+            ("https://docs.example.net/", 6),
+            ("https://docs.example.net/viewer/x", 7),
+            ("https://docs.example.net/viewerx", 6),
+        ] {
+            assert_eq!(p.app_for_value(value.as_bytes()), Some(app), "{value}");
+        }
+        // Referer and Origin of different apps with nothing in common.
+        assert_eq!(
+            check(
+                &p,
+                Some("https://docs.example.net/"),
+                Some("http://localhost:3000")
+            ),
+            Err(RefererError::NotAllowed)
+        );
+    }
+
+    #[test]
+    fn the_same_entry_in_two_apps_is_refused() {
+        let entries: Vec<(String, usize)> = [
+            ("https://a.example.com", 0),
+            ("https://A.example.com:443/", 1),
+            ("https://b.example.com", 1),
+            ("https://b.example.com", 1),
+            ("*", 0),
+            ("*", 2),
+        ]
+        .iter()
+        .map(|(e, a)| (e.to_string(), *a))
+        .collect();
+        let errs = RefererPolicy::compile(&entries, false, 9).unwrap_err();
+        assert_eq!(
+            errs,
+            [CompileError::Duplicate(1, 0), CompileError::Duplicate(5, 4)]
+        );
     }
 
     #[test]
     fn every_present_header_must_match() {
         let p = policy(&["https://app.example.com"]);
-        let ok = HeaderValue::from_static("https://app.example.com/page");
-        let bad = HeaderValue::from_static("https://evil.com");
-        assert_eq!(p.check(Some(&ok), None), Ok(()));
-        assert_eq!(p.check(None, Some(&ok)), Ok(()));
+        let ok = "https://app.example.com/page";
+        let bad = "https://evil.com";
+        assert_eq!(check(&p, Some(ok), None), Ok(0));
+        assert_eq!(check(&p, None, Some(ok)), Ok(0));
         assert_eq!(
-            p.check(Some(&ok), Some(&bad)),
+            check(&p, Some(ok), Some(bad)),
             Err(RefererError::NotAllowed)
         );
         assert_eq!(
-            p.check(Some(&bad), Some(&ok)),
+            check(&p, Some(bad), Some(ok)),
             Err(RefererError::NotAllowed)
         );
-        assert_eq!(p.check(None, None), Err(RefererError::Missing));
-        let non_utf8 = HeaderValue::from_bytes(b"https://app.example.com/\xff").unwrap();
-        assert_eq!(
-            p.check(Some(&non_utf8), None),
-            Err(RefererError::NotAllowed)
-        );
+        assert_eq!(check(&p, None, None), Err(RefererError::Missing));
+        let twice = headers(&[("referer", ok.as_bytes()), ("referer", bad.as_bytes())]);
+        assert_eq!(p.app_of(&twice), Err(RefererError::NotAllowed));
+        let non_utf8 = headers(&[("referer", b"https://app.example.com/\xff")]);
+        assert_eq!(p.app_of(&non_utf8), Err(RefererError::NotAllowed));
     }
 
     #[test]
     fn allow_missing_and_star() {
-        let p = RefererPolicy::compile(&["https://a.example.com".into()], true).unwrap();
-        assert_eq!(p.check(None, None), Ok(()));
-        let bad = HeaderValue::from_static("https://evil.com");
-        assert_eq!(p.check(Some(&bad), None), Err(RefererError::NotAllowed));
+        let p = RefererPolicy::compile(&[("https://a.example.com".into(), 0)], true, 7).unwrap();
+        assert_eq!(check(&p, None, None), Ok(7));
+        assert_eq!(
+            check(&p, Some("https://evil.com"), None),
+            Err(RefererError::NotAllowed)
+        );
 
         let star = policy(&["*"]);
         assert!(star.allows(b"null"));
         assert!(star.allows(b"https://anything.example"));
-        assert_eq!(star.check(None, None), Err(RefererError::Missing));
+        assert_eq!(check(&star, None, None), Err(RefererError::Missing));
     }
 
     #[test]
     fn bad_entries_are_reported_by_index() {
-        let entries: Vec<String> = [
+        let entries: Vec<(String, usize)> = [
             "https://ok.example.com",
             "ftp://x.example.com",
             "app.example.com",
@@ -454,10 +647,17 @@ mod tests {
             "https://x.example.com/?q",
         ]
         .iter()
-        .map(|s| s.to_string())
+        .enumerate()
+        .map(|(i, s)| (s.to_string(), i))
         .collect();
-        let errs = RefererPolicy::compile(&entries, false).unwrap_err();
-        let idx: Vec<usize> = errs.iter().map(|(i, _)| *i).collect();
+        let errs = RefererPolicy::compile(&entries, false, 0).unwrap_err();
+        let idx: Vec<usize> = errs
+            .iter()
+            .map(|e| match e {
+                CompileError::Bad(i, _) => *i,
+                CompileError::Duplicate(i, _) => panic!("duplicate {i}"),
+            })
+            .collect();
         assert_eq!(idx, [1, 2, 3, 4, 5]);
     }
 

@@ -40,6 +40,8 @@ pub struct Route {
     pub rewrite_urls: bool,
     /// Per-client bucket: requests per period.
     pub rate_limit: Option<(u32, Duration)>,
+    /// The apps (by index) allowed on this route; `None`: every app.
+    pub apps: Option<Vec<usize>>,
     /// Position in the route table (config order).
     pub index: usize,
     /// `scheme://host[:port]`, default port omitted.
@@ -76,6 +78,7 @@ impl Route {
             token_in,
             rewrite_urls,
             rate_limit,
+            apps: None,
             index: 0,
             origin,
             host,

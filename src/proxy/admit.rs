@@ -15,6 +15,7 @@ use crate::policy::path::PathError;
 impl Proxy {
     /// Admits the request into `ctx` (its allowlist entry, its CORS origin),
     /// or answers it here: `Ok(Some(_))` for ping and preflight.
+    #[inline]
     pub(super) fn admit(
         &self,
         parts: &http::request::Parts,
@@ -32,13 +33,8 @@ impl Proxy {
         {
             return Ok(Some(self.ping()));
         }
-        let values = parts
-            .headers
-            .get_all(header::REFERER)
-            .iter()
-            .chain(parts.headers.get_all(header::ORIGIN).iter());
-        match self.config.referers.check_all(values) {
-            Ok(entry) => ctx.app = Some(entry),
+        match self.config.referers.app_of(&parts.headers) {
+            Ok(app) => ctx.app = Some(app),
             Err(e) => {
                 tracing::debug!(reason = %e, "referer check failed");
                 self.metrics.referer_rejections.inc();
@@ -52,16 +48,32 @@ impl Proxy {
         Ok(None)
     }
 
-    /// `?ping`: version and each credential's state, never a secret.
+    /// `?ping`: version, each credential's state and each `[[apps]]` app
+    /// with its quota state; never a secret, never a Referer entry.
     fn ping(&self) -> Response<ProxyBody> {
         let creds: serde_json::Map<String, serde_json::Value> = self
             .tokens
             .iter()
             .map(|(n, t)| (n.clone(), t.state().as_str().into()))
             .collect();
+        let apps: serde_json::Map<String, serde_json::Value> = self
+            .config
+            .apps
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.declared)
+            .map(|(i, a)| {
+                let mut state = serde_json::Map::new();
+                if let Some(left) = self.quota_remaining(i) {
+                    state.insert("quota_remaining".into(), left.into());
+                }
+                (a.name.clone(), state.into())
+            })
+            .collect();
         let body = serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "credentials": creds,
+            "apps": apps,
         });
         crate::error::json_answer(&body)
     }
@@ -150,7 +162,7 @@ mod tests {
             &[("origin", "https://app.example.com")],
         ));
         assert!(h.proxy.admit(&parts, &mut ctx).unwrap().is_none());
-        assert_eq!(ctx.app, Some(Some(0)));
+        assert_eq!(ctx.app, Some(0));
         assert_eq!(ctx.cors_origin.as_ref().unwrap(), "https://app.example.com");
     }
 

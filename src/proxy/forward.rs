@@ -65,29 +65,29 @@ pub(super) struct Forwarded<'a> {
 }
 
 impl Proxy {
-    /// Sends the request upstream with the route's token, retrying once with
-    /// a fresh token when the upstream refuses it and the body was kept.
+    /// Sends the request upstream with the token of the route's credential
+    /// (or the one `app` uses in its place), retrying once with a fresh
+    /// token when the upstream refuses it and the body was kept.
     pub(super) async fn forward<U: Upstream>(
         &self,
         upstream: &U,
         parts: &Parts,
         target: &Target<'_>,
+        app: usize,
         mut request_body: RequestBody,
     ) -> Result<Forwarded<'_>, ProxyError> {
         let route = target.route;
         let base_query = target.upstream_query();
-        let source = target
-            .route
+        let credential = route
             .credential
             .as_deref()
-            .and_then(|n| self.tokens.get(n));
+            .map(|c| self.config.apps.credential_for(app, c));
+        let source = credential.and_then(|n| self.tokens.get(n));
         let mut token = match source {
             Some(s) => Some(s.token().await?),
             None => None,
         };
-        let upstream_referer = route
-            .credential
-            .as_deref()
+        let upstream_referer = credential
             .and_then(|n| self.config.credentials.get(n))
             .and_then(|c| c.upstream_referer.as_ref());
         let scrubbing = route.credential.is_some() || route.rewrite_urls;

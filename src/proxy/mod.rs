@@ -27,7 +27,8 @@ use crate::config::Config;
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, RequestLabels, RouteLabel};
 use crate::policy::client;
-use crate::policy::rate::RateLimiter;
+use crate::policy::quota::LocalQuota;
+use crate::policy::rate::{Limit, RateLimiter};
 use crate::scrub::ScrubPatterns;
 use crate::shared_rate::SharedStore;
 use crate::token::TokenSource;
@@ -63,7 +64,12 @@ pub struct Proxy {
     clients: Clients,
     tokens: BTreeMap<String, TokenSource>,
     metrics: Arc<Metrics>,
+    /// Per-client buckets: one slot per route, then one per app.
     limiter: RateLimiter,
+    /// Each app's quota count in this process (`None`: no quota).
+    quotas: Vec<Option<Arc<LocalQuota>>>,
+    /// The wall clock quota windows are counted on (tests set their own).
+    wall_clock: fn() -> std::time::SystemTime,
     /// Rate limits shared with other replicas, when configured.
     shared: Option<SharedStore>,
     /// Every route's upstream URL prefix, for `rewrite_urls`.
@@ -75,10 +81,14 @@ pub struct Proxy {
     /// the cache: nearly every request wants the same one, and this read is
     /// cheaper than a cache lookup.
     scrub_last: [arc_swap::ArcSwapOption<(respond::ScrubKey, Arc<ScrubPatterns>)>; 2],
+    /// Per route, the token sources of every credential an app may use in
+    /// place of the route's own (empty for most routes): their tokens are
+    /// scrubbed from the route's answers too.
+    route_sources: Vec<Vec<TokenSource>>,
     /// Per-route metric handles for the common case, looked up once.
     route_metrics: Vec<RouteMetrics>,
-    /// Usage-attribution counters (requests, bytes) per (allowlist entry or
-    /// none) × route, created on first use.
+    /// Usage-attribution counters (requests, bytes) per app × route,
+    /// created on first use.
     app_metrics: Vec<std::sync::OnceLock<(Counter, Counter)>>,
 }
 
@@ -105,7 +115,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
     ) -> Proxy {
         let timeout = config.limits.upstream_timeout;
-        let tokens = config
+        let tokens: BTreeMap<String, TokenSource> = config
             .credentials
             .values()
             .map(|c| {
@@ -144,7 +154,7 @@ impl Proxy {
                     .clone(),
             })
             .collect();
-        let app_metrics = (0..(config.referers.len() + 1) * config.routes.len().max(1))
+        let app_metrics = (0..config.apps.len() * config.routes.len().max(1))
             .map(|_| std::sync::OnceLock::new())
             .collect();
         let shared = config.rate_limit_store.as_ref().and_then(|s| {
@@ -152,11 +162,54 @@ impl Proxy {
                 .map_err(|e| tracing::error!(error = %e, "cannot use the rate-limit store; limits stay local"))
                 .ok()
         });
+        let limits: Vec<Limit> = config
+            .routes
+            .iter()
+            .map(|r| (format!("route:{}", r.name), r.rate_limit))
+            .chain(
+                config
+                    .apps
+                    .iter()
+                    .map(|a| (format!("app:{}", a.name), a.rate_limit)),
+            )
+            .collect();
+        let route_sources = config
+            .routes
+            .iter()
+            .map(|r| {
+                let Some(own) = r.credential.as_deref() else {
+                    return Vec::new();
+                };
+                let mut names: Vec<&str> = config
+                    .apps
+                    .iter()
+                    .filter_map(|a| a.credentials.get(own).map(String::as_str))
+                    .filter(|n| *n != own)
+                    .collect();
+                names.sort_unstable();
+                names.dedup();
+                if !names.is_empty() {
+                    names.push(own);
+                }
+                names
+                    .into_iter()
+                    .filter_map(|n| tokens.get(n).cloned())
+                    .collect()
+            })
+            .collect();
+        let quotas = config
+            .apps
+            .iter()
+            .map(|a| a.quota.map(|_| Arc::new(LocalQuota::default())))
+            .collect();
         Proxy {
             shared,
             route_metrics,
+            route_sources,
             app_metrics,
-            limiter: RateLimiter::new(&config.routes),
+            limiter: RateLimiter::new(&limits),
+            quotas,
+            wall_clock: std::time::SystemTime::now,
             config,
             clients,
             tokens,
@@ -168,6 +221,30 @@ impl Proxy {
                 .build(),
             scrub_last: Default::default(),
         }
+    }
+
+    /// Takes over what `old` counted for the apps and routes whose limits
+    /// did not change: their clients' rate-limit buckets and their quota
+    /// counts. A reload then does not hand every client a fresh bucket.
+    pub fn keep_counts_of(&mut self, old: &Proxy) {
+        self.limiter.keep_buckets_of(&old.limiter);
+        for (i, app) in self.config.apps.iter().enumerate() {
+            let Some(spec) = app.quota else { continue };
+            let before = old.config.apps.index(&app.name).and_then(|j| {
+                (old.config.apps.get(j).quota == Some(spec))
+                    .then(|| old.quotas[j].clone())
+                    .flatten()
+            });
+            if let Some(counter) = before {
+                self.quotas[i] = Some(counter);
+            }
+        }
+    }
+
+    /// Counts quota windows on `clock` instead of the system's wall clock.
+    pub fn with_wall_clock(mut self, clock: fn() -> std::time::SystemTime) -> Proxy {
+        self.wall_clock = clock;
+        self
     }
 
     /// The upstream clients.
@@ -258,9 +335,10 @@ impl Proxy {
         }
         let target = target::resolve(&self.config, &parts)?;
         ctx.route = Some(target.route.index);
-        self.limit(target.route, ctx.client).await?;
+        let app = ctx.app.unwrap_or(self.config.apps.len() - 1);
+        self.limit(target.route, app, ctx.client).await?;
         let body = body::read(&parts, body, &self.config.limits).await?;
-        let forwarded = self.forward(upstream, &parts, &target, body).await?;
+        let forwarded = self.forward(upstream, &parts, &target, app, body).await?;
         self.respond(&parts, &target, forwarded, &ctx.conn)
     }
 

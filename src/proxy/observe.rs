@@ -28,8 +28,8 @@ pub(super) struct RequestCtx {
     pub conn: ConnInfo,
     /// The client's address (behind trusted proxies, the forwarded one).
     pub client: IpAddr,
-    /// Allowlist entry that admitted it (inner `None`: no Referer/Origin).
-    pub app: Option<Option<usize>>,
+    /// The app it belongs to (index into `Config::apps`), once admitted.
+    pub app: Option<usize>,
     /// Index of the route that serves it.
     pub route: Option<usize>,
     /// The Origin to echo in `Access-Control-Allow-Origin`.
@@ -48,6 +48,7 @@ impl RequestCtx {
             method: req.method().clone(),
             path: req.uri().path().chars().take(256).collect(),
             route: None,
+            app: None,
             referer: referer_origin(req.headers()),
             client,
             status: 0,
@@ -68,6 +69,7 @@ impl RequestCtx {
 
 impl Proxy {
     /// The answer as it leaves: the phases' response, or the error's.
+    #[inline]
     pub(super) fn observe(
         &self,
         ctx: RequestCtx,
@@ -100,6 +102,7 @@ impl Proxy {
         if let Some(log) = log.as_mut() {
             log.status = status;
             log.route = route.is_some().then(route_name);
+            log.app = app.map(|a| self.config.apps.get(a).name.clone());
         }
         match route {
             Some(i) if status == 200 => {
@@ -127,16 +130,13 @@ impl Proxy {
         resp.map(|b| ObservedBody::wrap(b, log, bytes))
     }
 
-    /// The (requests, bytes) counters for an allowlist entry and a route.
-    fn app_counters(&self, entry: Option<usize>, route: usize) -> &(Counter, Counter) {
+    /// The (requests, bytes) counters for an app and a route.
+    fn app_counters(&self, app: usize, route: usize) -> &(Counter, Counter) {
         let routes = self.config.routes.len().max(1);
-        let slot = entry.map_or(0, |e| e + 1) * routes + route;
+        let slot = app * routes + route;
         self.app_metrics[slot].get_or_init(|| {
             let labels = AppLabels {
-                app: entry.map_or_else(
-                    || "none".to_string(),
-                    |e| self.config.referers.label(e).to_string(),
-                ),
+                app: self.config.apps.get(app).name.clone(),
                 route: self
                     .config
                     .routes
@@ -154,6 +154,7 @@ impl Proxy {
 
 /// Only the origin of the Referer (or the Origin) goes into logs: paths and
 /// queries of the embedding page are not the operator's business.
+#[inline]
 fn referer_origin(headers: &HeaderMap) -> Option<String> {
     let v = headers
         .get(header::ORIGIN)
@@ -170,6 +171,7 @@ struct AccessLog {
     method: Method,
     path: String,
     route: Option<String>,
+    app: Option<String>,
     referer: Option<String>,
     client: IpAddr,
     status: u16,
@@ -186,6 +188,7 @@ impl AccessLog {
             method = %self.method,
             path = %self.path,
             route = self.route.as_deref().unwrap_or("-"),
+            app = self.app.as_deref().unwrap_or("-"),
             status = self.status,
             latency_ms = (latency_ms * 1000.0).round() / 1000.0,
             referer = self.referer.as_deref().unwrap_or("-"),

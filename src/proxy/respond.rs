@@ -20,15 +20,21 @@ use crate::codec::Coding;
 use crate::error::ProxyError;
 use crate::policy::route::Route;
 use crate::scrub::{self, ScrubBody, ScrubPatterns, Scrubber, UrlRewriter};
-use crate::token::Token;
+use crate::token::{Token, TokenSource};
 use crate::upstream::{self, Answer};
 
 /// Scrub-pattern cache key: the (sorted) ids of the tokens searched for, and
 /// whether the route rewrites URLs.
-pub(super) type ScrubKey = ([u64; 3], bool);
+pub(super) type ScrubKey = ([u64; SCRUB_KEY_TOKENS], bool);
+
+/// Tokens a cached pattern set is keyed by: the request's and those held by
+/// the route's credentials (two each). Answers with more live tokens than
+/// this compile their patterns without the cache.
+const SCRUB_KEY_TOKENS: usize = 8;
 
 impl Proxy {
     /// The client's answer from the upstream's.
+    #[inline]
     pub(super) fn respond(
         &self,
         req: &Parts,
@@ -61,9 +67,18 @@ impl Proxy {
             upstream_query: target.query.as_deref(),
             route: Some(route),
         };
+        // Every live token that could have reached this upstream: the
+        // current and previous token of the credential used, and of every
+        // other credential an app uses in its place on this route.
         let held = source.map(|s| s.held()).unwrap_or_default();
+        let others: Vec<Option<Arc<Token>>> = self.route_sources[route.index]
+            .iter()
+            .filter(|s| source.is_none_or(|used| used.name() != s.name()))
+            .flat_map(TokenSource::held)
+            .collect();
+        let held: Vec<&Arc<Token>> = held.iter().chain(&others).flatten().collect();
         let mut secrets: Vec<&str> = Vec::with_capacity(6);
-        for t in token.iter().chain(held.iter().flatten()) {
+        for t in token.iter().chain(held.iter().copied()) {
             for v in [t.expose(), t.query_value()] {
                 if !secrets.contains(&v) {
                     secrets.push(v);
@@ -117,7 +132,7 @@ impl Proxy {
     fn scrubber(
         &self,
         token: &Option<Arc<Token>>,
-        held: &[Option<Arc<Token>>],
+        held: &[&Arc<Token>],
         secrets: &[&str],
         route: &Route,
         public_base: &str,
@@ -125,22 +140,22 @@ impl Proxy {
         if secrets.is_empty() && !route.rewrite_urls {
             return None;
         }
-        // The request's token and the (at most two) held ones, as ids.
-        let mut ids = [0u64; 3];
-        for (slot, t) in ids
-            .iter_mut()
-            .zip(token.iter().chain(held.iter().flatten()))
-        {
-            *slot = t.id();
-        }
-        ids.sort_unstable();
-        let key = (ids, route.rewrite_urls);
-        let last = self.scrub_last[usize::from(key.1)].load();
-        let pats = match last.as_deref() {
-            Some((k, p)) if *k == key => Arc::clone(p),
-            _ => self.scrub_patterns(key, secrets)?,
+        // The request's token and the held ones, as ids.
+        let pats = if token.iter().count() + held.len() > SCRUB_KEY_TOKENS {
+            self.uncached_patterns(route.rewrite_urls, secrets)?
+        } else {
+            let mut ids = [0u64; SCRUB_KEY_TOKENS];
+            for (slot, t) in ids.iter_mut().zip(token.iter().chain(held.iter().copied())) {
+                *slot = t.id();
+            }
+            ids.sort_unstable();
+            let key = (ids, route.rewrite_urls);
+            let last = self.scrub_last[usize::from(key.1)].load();
+            match last.as_deref() {
+                Some((k, p)) if *k == key => Arc::clone(p),
+                _ => self.scrub_patterns(key, secrets)?,
+            }
         };
-        drop(last);
         let replacements = if route.rewrite_urls {
             let cfg = &self.config;
             cfg.routes
@@ -167,18 +182,23 @@ impl Proxy {
         let pats = match self.scrub_cache.get(&key) {
             Some(p) => p,
             None => {
-                let prefixes: Vec<&str> = if key.1 {
-                    self.rewrite_from.iter().map(String::as_str).collect()
-                } else {
-                    Vec::new()
-                };
-                let p = ScrubPatterns::new(secrets, &prefixes)?;
+                let p = self.uncached_patterns(key.1, secrets)?;
                 self.scrub_cache.insert(key, Arc::clone(&p));
                 p
             }
         };
         self.scrub_last[usize::from(key.1)].store(Some(Arc::new((key, Arc::clone(&pats)))));
         Some(pats)
+    }
+
+    /// Patterns for `secrets`, and the upstream URL prefixes when `rewrite`.
+    fn uncached_patterns(&self, rewrite: bool, secrets: &[&str]) -> Option<Arc<ScrubPatterns>> {
+        let prefixes: Vec<&str> = if rewrite {
+            self.rewrite_from.iter().map(String::as_str).collect()
+        } else {
+            Vec::new()
+        };
+        ScrubPatterns::new(secrets, &prefixes)
     }
 
     /// `scheme://host[:port]` for proxy URLs sent back to this client.

@@ -1,8 +1,10 @@
 //! The one integration-test binary: the real TLS listener and pipeline,
 //! driven by real clients, in front of in-process fake ArcGIS servers.
 
+mod apps;
 mod browser;
 mod cli;
+mod docs;
 mod forwarding;
 mod kubernetes;
 mod leaks;

@@ -15,14 +15,15 @@ fn free_port() -> u16 {
         .port()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_replicas_share_one_budget_and_fail_closed_without_redis() {
+/// Starts a throwaway `redis-server` on a free port, or `None` when it is
+/// not installed.
+fn start_redis() -> Option<(std::process::Child, u16)> {
     let Ok(redis_bin) = which("redis-server") else {
         eprintln!("SKIPPED: redis-server not installed (apt-get install redis-server)");
-        return;
+        return None;
     };
     let port = free_port();
-    let mut redis = Command::new(redis_bin)
+    let redis = Command::new(redis_bin)
         .args([
             "--port",
             &port.to_string(),
@@ -44,6 +45,14 @@ async fn three_replicas_share_one_budget_and_fail_closed_without_redis() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    Some((redis, port))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_budget_and_fail_closed_without_redis() {
+    let Some((mut redis, port)) = start_redis() else {
+        return;
+    };
 
     let pki = Pki::new();
     let fake = FakeArcGis::start().await;
@@ -107,6 +116,84 @@ async fn three_replicas_share_one_budget_and_fail_closed_without_redis() {
         let (code, _) = p.terminate();
         assert_eq!(code, 0);
     }
+}
+
+/// An app's quota and its rate limit, counted by three processes through one
+/// `redis-server`: together they admit one quota's worth, and the refusals
+/// say how long until the window ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_an_app_quota_and_rate_limit() {
+    let Some((mut redis, port)) = start_redis() else {
+        return;
+    };
+    let pki = Pki::new();
+    let fake = FakeArcGis::start().await;
+    let toml = standard_config(
+        &fake,
+        &format!(
+            r#"
+[rate_limit]
+store = "redis://127.0.0.1:{port}/"
+budget_ms = 200
+on_store_error = "closed"
+[[apps]]
+name = "parks-map"
+referers = ["https://parks.example.org"]
+quota = {{ requests = 7, per = "day" }}
+[[apps]]
+name = "city"
+referers = ["https://city.example.net"]
+rate_limit = {{ requests = 4, per_secs = 3600 }}
+"#
+        ),
+    );
+    let cfg = write_config(&pki, "apps-shared.toml", &toml);
+    let mut procs = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut p = Proc::spawn(&["--config", &cfg], &[("SECRET", SECRET)]);
+        let https: std::net::SocketAddr = p.listener("https");
+        p.wait_for("obtained token");
+        clients.push(TestClient::new(&pki, https));
+        procs.push(p);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let to_midnight = 86_400 - now % 86_400;
+    for (origin, allowed, message) in [
+        ("https://parks.example.org", 7, "App quota exhausted."),
+        ("https://city.example.net", 4, "Too many requests."),
+    ] {
+        let mut admitted = 0;
+        for i in 0..15 {
+            let a = clients[i % 3]
+                .get_with("/svc/features", &[("origin", origin)])
+                .await;
+            match a.status.as_u16() {
+                200 => admitted += 1,
+                429 => {
+                    assert_eq!(a.json()["error"]["message"], message);
+                    let retry: u64 = a.headers["retry-after"].to_str().unwrap().parse().unwrap();
+                    if origin.contains("parks") {
+                        assert!(
+                            retry.abs_diff(to_midnight) <= 5,
+                            "Retry-After {retry}, the UTC day ends in {to_midnight} s"
+                        );
+                    }
+                }
+                s => panic!("unexpected {s}: {}", a.text()),
+            }
+        }
+        assert_eq!(admitted, allowed, "{origin}: replicas together");
+    }
+    for p in procs {
+        let (code, logs) = p.terminate();
+        assert_eq!(code, 0, "{logs}");
+    }
+    let _ = redis.kill();
+    let _ = redis.wait();
 }
 
 fn which(name: &str) -> Result<String, ()> {

@@ -163,6 +163,8 @@ pub struct FakeArcGis {
     pub expires: Mutex<HashMap<String, std::time::Instant>>,
     /// Service requests refused because their token had expired.
     pub expired_presented: AtomicUsize,
+    /// The `client_id` each token was issued to.
+    pub issued_to: Mutex<HashMap<String, String>>,
     /// When set, every token is treated as revoked.
     pub reject_all_tokens: std::sync::atomic::AtomicBool,
     /// TCP connections accepted.
@@ -192,6 +194,7 @@ impl FakeArcGis {
             lifetime_secs: AtomicUsize::new(7200),
             expires: Mutex::new(HashMap::new()),
             expired_presented: AtomicUsize::new(0),
+            issued_to: Mutex::new(HashMap::new()),
             reject_all_tokens: std::sync::atomic::AtomicBool::new(false),
             connections: AtomicUsize::new(0),
         });
@@ -247,6 +250,12 @@ impl FakeArcGis {
 
     pub fn issued(&self) -> Vec<String> {
         self.issued.lock().unwrap().clone()
+    }
+
+    /// The `client_id` whose token the recorded request carried.
+    pub fn client_of(&self, r: &Recorded) -> Option<String> {
+        let token = self.presented_token(r)?;
+        self.issued_to.lock().unwrap().get(&token).cloned()
     }
 
     pub fn revoke_all(&self) {
@@ -560,6 +569,14 @@ impl FakeArcGis {
             fastrand::u64(..) & 0xffff_ffff_ffff
         );
         self.issued.lock().unwrap().push(token.clone());
+        let client_id = url::form_urlencoded::parse(&body)
+            .find(|(k, _)| k == "client_id")
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default();
+        self.issued_to
+            .lock()
+            .unwrap()
+            .insert(token.clone(), client_id);
         let lifetime = self.lifetime_secs.load(Ordering::SeqCst);
         self.expires.lock().unwrap().insert(
             token.clone(),
