@@ -22,7 +22,9 @@
 //!   answer (token refusal, codings), and the per-thread connection pool.
 //! - [`error`]: every failure → one ArcGIS-shaped JSON response.
 //! - [`redact`]: every log line is scrubbed of token-like values on write.
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on a separate listener.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on a separate listener;
+//!   [`healthcheck`]: the client side of it, for `arcgis-app-proxy
+//!   healthcheck` in images without curl.
 //! - [`demo`]: an embedded fake ArcGIS for `arcgis-app-proxy demo`.
 //! - [`codec`]: streaming gzip/deflate/br, so bodies can be scrubbed.
 //! - [`body`]: the boxed body type shared by all of the above.
@@ -40,6 +42,7 @@ pub mod codec;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod healthcheck;
 pub mod http1;
 pub mod metrics;
 pub mod policy;
@@ -57,6 +60,17 @@ use std::io;
 use std::sync::Arc;
 
 pub use app::{App, Status};
+
+/// `<version> (commit <commit>, <plain|profile-guided> build)`, as
+/// `--version` prints it; see `build.rs`.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("AAP_GIT_COMMIT"),
+    ", ",
+    env!("AAP_BUILD_PROFILE"),
+    " build)"
+);
 pub use config::Config;
 pub use proxy::Proxy;
 pub use server::Listeners;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use arcgis_app_proxy::config::{Config, EX_CONFIG, ProcessEnv};
-use arcgis_app_proxy::{Listeners, demo};
+use arcgis_app_proxy::{Listeners, demo, healthcheck};
 use clap::{Parser, Subcommand};
 
 // Many small, short-lived allocations cross worker threads (request and
@@ -19,10 +19,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Authenticating reverse proxy for ArcGIS: anonymous web apps get ArcGIS
 /// answers, never a token.
 #[derive(Parser)]
-#[command(name = "arcgis-app-proxy", version, about)]
+#[command(name = "arcgis-app-proxy", version = arcgis_app_proxy::VERSION, about)]
 struct Cli {
     /// Path of the configuration file.
-    #[arg(long, global = true, default_value = "proxy.toml")]
+    #[arg(short = 'c', long, global = true, default_value = "proxy.toml")]
     config: PathBuf,
     /// Serving threads, each with its own runtime and upstream pool
     /// (default: one per CPU).
@@ -32,6 +32,12 @@ struct Cli {
     command: Option<Command>,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
 fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -39,7 +45,21 @@ fn default_threads() -> usize {
 #[derive(Subcommand)]
 enum Command {
     /// Validate the configuration, certificates and secrets; exit 0 or 78.
-    Check,
+    Check {
+        /// `text` (one line per problem) or `json` (one object, for tools).
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Ask a running proxy's admin listener whether it is healthy; exit 0
+    /// (2xx) or 1. For container HEALTHCHECKs and exec probes.
+    Healthcheck {
+        /// URL to GET; default `http://<admin_listen>/healthz` from the config.
+        #[arg(long)]
+        url: Option<String>,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
     /// Run a self-contained demo: embedded fake ArcGIS and a self-signed cert.
     Demo {
         /// Address of the demo's HTTPS listener.
@@ -67,23 +87,92 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Demo { listen, page }) => runtime.block_on(demo::run_cli(listen, page)),
-        Some(Command::Check) => match Config::load(&cli.config, &ProcessEnv) {
-            Ok(config) => {
-                for w in &config.warnings {
-                    eprintln!("{}: warning: {w}", cli.config.display());
-                }
-                println!("{}: OK", cli.config.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(EX_CONFIG as u8)
-            }
-        },
+        Some(Command::Check { format }) => check(&cli.config, format),
+        Some(Command::Healthcheck { url, timeout }) => {
+            runtime.block_on(healthcheck(&cli.config, url, timeout))
+        }
         None => runtime.block_on(serve(
             cli.config,
             cli.threads.unwrap_or_else(default_threads),
         )),
+    }
+}
+
+/// `check`: every problem, one line each (or one JSON object); exit 0 or 78.
+fn check(path: &std::path::Path, format: Format) -> ExitCode {
+    let result = Config::load(path, &ProcessEnv);
+    if format == Format::Json {
+        let (ok, problems, warnings) = match &result {
+            Ok(config) => (true, Vec::new(), config.warnings.clone()),
+            Err(e) => (
+                false,
+                e.problems
+                    .iter()
+                    .map(|p| serde_json::json!({"key": p.key, "message": p.message}))
+                    .collect(),
+                Vec::new(),
+            ),
+        };
+        let out = serde_json::json!({
+            "file": path.display().to_string(),
+            "ok": ok,
+            "problems": problems,
+            "warnings": warnings,
+        });
+        println!("{out}");
+        return if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(EX_CONFIG as u8)
+        };
+    }
+    match result {
+        Ok(config) => {
+            for w in &config.warnings {
+                eprintln!("{}: warning: {w}", path.display());
+            }
+            println!("{}: OK", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EX_CONFIG as u8)
+        }
+    }
+}
+
+/// `healthcheck`: exit 0 when the admin listener answers 2xx, else 1.
+async fn healthcheck(path: &std::path::Path, url: Option<String>, timeout: u64) -> ExitCode {
+    let url = match url {
+        Some(u) => u,
+        None => match Config::admin_listen_in(path) {
+            Ok(Some(addr)) => healthcheck::default_url(addr),
+            Ok(None) => {
+                eprintln!(
+                    "healthcheck: {} has no server.admin_listen; pass --url",
+                    path.display()
+                );
+                return ExitCode::FAILURE;
+            }
+            Err(e) => {
+                eprintln!("healthcheck: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    match healthcheck::probe(&url, std::time::Duration::from_secs(timeout.max(1))).await {
+        Ok(status) if (200..300).contains(&status) => {
+            println!("healthcheck: {url}: {status}");
+            ExitCode::SUCCESS
+        }
+        Ok(status) => {
+            eprintln!("healthcheck: {url}: {status}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("healthcheck: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

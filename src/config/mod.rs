@@ -164,6 +164,26 @@ impl Config {
         Config::from_toml(&text, path, base, env)
     }
 
+    /// `server.admin_listen` of the file at `path`, read without validating
+    /// anything else (no secrets or certificates needed): what
+    /// `arcgis-app-proxy healthcheck` probes when it is given no URL.
+    pub fn admin_listen_in(path: &Path) -> Result<Option<std::net::SocketAddr>, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        let raw = raw::parse(&text).map_err(|p| format!("{}: {}", path.display(), p.message))?;
+        raw.server
+            .admin_listen
+            .map(|a| {
+                a.parse().map_err(|_| {
+                    format!(
+                        "{}: server.admin_listen: {a:?} is not an address",
+                        path.display()
+                    )
+                })
+            })
+            .transpose()
+    }
+
     /// Parses and validates config text; `file` names it in messages.
     pub fn from_toml(
         text: &str,

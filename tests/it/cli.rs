@@ -24,13 +24,26 @@ fn run(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
 fn version_and_help() {
     let (code, out, _) = run(&["--version"], &[]);
     assert_eq!(code, 0);
-    assert_eq!(
-        out.trim(),
-        format!("arcgis-app-proxy {}", env!("CARGO_PKG_VERSION"))
+    // `arcgis-app-proxy 0.1.0 (commit 0123abcd4567, plain build)`
+    let rest = out
+        .trim()
+        .strip_prefix(&format!(
+            "arcgis-app-proxy {} (commit ",
+            env!("CARGO_PKG_VERSION")
+        ))
+        .unwrap_or_else(|| panic!("{out}"));
+    let (commit, profile) = rest.split_once(", ").unwrap();
+    assert!(
+        commit == "unknown" || (commit.len() >= 7 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+        "{out}"
+    );
+    assert!(
+        ["plain build)", "profile-guided build)"].contains(&profile),
+        "{out}"
     );
     let (code, out, _) = run(&["--help"], &[]);
     assert_eq!(code, 0);
-    for word in ["check", "demo", "--config"] {
+    for word in ["check", "demo", "healthcheck", "--config", "-c"] {
         assert!(out.contains(word), "help lacks {word}: {out}");
     }
 }
@@ -326,4 +339,139 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
             .signature_verification_algorithms
             .supported_schemes()
     }
+}
+
+#[test]
+fn check_speaks_json_for_tools_and_takes_dash_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write(
+        dir.path(),
+        "bad.toml",
+        "[server]\nplain_listen = \"nonsense\"\n[[routes]]\nupstream = \"https://a.example.com/x\"\n",
+    );
+    let (code, out, err) = run(&["-c", &bad, "check", "--format", "json"], &[]);
+    assert_eq!(code, 78, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["ok"], false);
+    let problems = v["problems"].as_array().unwrap();
+    assert!(
+        problems.iter().any(|p| p["key"] == "server.plain_listen"),
+        "{out}"
+    );
+    let good = write(
+        dir.path(),
+        "good.toml",
+        "[server]\nplain_listen = \"127.0.0.1:0\"\n[referers]\nallowed = [\"https://a.example.com\"]\n[[routes]]\nupstream = \"https://a.example.com/x\"\nmount = \"/a\"\n",
+    );
+    let (code, out, _) = run(&["check", "-c", &good, "--format", "json"], &[]);
+    assert_eq!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["problems"].as_array().unwrap().len(), 0);
+}
+
+/// `healthcheck` against the real binary's admin listener: 0 while it runs
+/// (from the config's admin_listen, or an explicit URL), 1 when nothing or
+/// something else answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_probes_the_admin_listener() {
+    let pki = Pki::new();
+    let fake = FakeArcGis::start().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = write_config(
+        &pki,
+        "hc.toml",
+        &standard_config(&fake, "").replace(
+            "admin_listen = \"127.0.0.1:0\"",
+            &format!("admin_listen = \"0.0.0.0:{port}\""),
+        ),
+    );
+    let mut p = Proc::spawn(&["--config", &cfg], &[("SECRET", SECRET)]);
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", p.listener("admin").port())
+        .parse()
+        .unwrap();
+    p.wait_for("obtained token");
+    let url = format!("http://{admin}/healthz");
+    let hc = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(&args, &[])
+        })
+    };
+    let (code, out, err) = hc(vec!["healthcheck".into(), "--url".into(), url.clone()])
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    // From the config's admin_listen (0.0.0.0 probed on loopback), without
+    // the secrets the config names.
+    let (code, out, err) = hc(vec!["healthcheck".into(), "-c".into(), cfg.clone()])
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!("http://127.0.0.1:{port}/healthz: 200")),
+        "{out}"
+    );
+    let readyz = format!("http://{admin}/readyz");
+    let (code, _, _) = hc(vec!["healthcheck".into(), "--url".into(), readyz])
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+    // A 404 is not healthy.
+    let (code, _, err) = hc(vec![
+        "healthcheck".into(),
+        "--url".into(),
+        format!("http://{admin}/nothing"),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(code, 1, "{err}");
+    // Not a plain-HTTP URL, not HTTP at all.
+    let (code, _, err) = hc(vec![
+        "healthcheck".into(),
+        "--url".into(),
+        format!("https://{admin}/healthz"),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(code, 1);
+    assert!(err.contains("not an http:// URL"), "{err}");
+    let garbage = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let garbage_addr = garbage.local_addr().unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = garbage.accept() {
+            use std::io::Write;
+            let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n");
+        }
+    });
+    let (code, _, err) = hc(vec![
+        "healthcheck".into(),
+        "--url".into(),
+        format!("http://{garbage_addr}/"),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(code, 1);
+    assert!(err.contains("not HTTP"), "{err}");
+    let (code, _) = p.terminate();
+    assert_eq!(code, 0);
+    let (code, _, err) = hc(vec!["healthcheck".into(), "--url".into(), url])
+        .await
+        .unwrap();
+    assert_eq!(code, 1, "{err}");
+    // Without --url and without admin_listen in the config: says so.
+    let plain = write_config(
+        &pki,
+        "noadmin.toml",
+        &standard_config(&fake, "").replace("admin_listen = \"127.0.0.1:0\"\n", ""),
+    );
+    let (code, _, err) = hc(vec!["healthcheck".into(), "-c".into(), plain])
+        .await
+        .unwrap();
+    assert_eq!(code, 1);
+    assert!(err.contains("no server.admin_listen"), "{err}");
 }

@@ -76,6 +76,10 @@ fn build_inputs() -> Vec<PathBuf> {
         .collect();
     let manifest: toml::Table =
         toml::from_str(&std::fs::read_to_string(root.join("Cargo.toml")).unwrap()).unwrap();
+    // Cargo runs a build script at the package root without being told.
+    if root.join("build.rs").exists() {
+        inputs.push(PathBuf::from("build.rs"));
+    }
     // Cargo reads every declared target while loading the manifest.
     for bench in manifest["bench"].as_array().unwrap() {
         inputs.push(PathBuf::from(format!(
