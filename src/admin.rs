@@ -105,6 +105,7 @@ pub fn handle(req: &Request<Incoming>, app: &App) -> Response<ProxyBody> {
 
 fn metrics(app: &App, proxy: &Proxy) -> Response<ProxyBody> {
     let m = app.metrics();
+    m.refresh_process();
     m.open_connections
         .set(app.status.open_connections.load(Ordering::Relaxed) as i64);
     for name in proxy.config().credentials_in_use() {

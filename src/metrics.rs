@@ -42,6 +42,15 @@ pub struct AppLabels {
     pub route: String,
 }
 
+/// `version`, `commit` labels of `arcgis_proxy_build_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    /// Package version.
+    pub version: &'static str,
+    /// Git commit the binary was built from (`unknown` without one).
+    pub commit: &'static str,
+}
+
 /// `app` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AppLabel {
@@ -107,6 +116,17 @@ pub struct Metrics {
     pub app_quota_exhausted: Family<AppLabel, Counter>,
     /// Requests left in the app's quota window, as this process saw last.
     pub app_quota_remaining: Family<AppLabel, Gauge>,
+    /// The process's resident memory, CPU time, open descriptors and start
+    /// time, read from `/proc/self` at each scrape.
+    process: ProcessMetrics,
+}
+
+#[derive(Default)]
+struct ProcessMetrics {
+    resident_memory: Gauge,
+    cpu_seconds: Counter<f64, AtomicU64>,
+    open_fds: Gauge,
+    start_time: Gauge<f64, AtomicU64>,
 }
 
 /// `outcome` label.
@@ -146,6 +166,39 @@ impl Metrics {
         let app_rate_limited = Family::<AppLabel, Counter>::default();
         let app_quota_exhausted = Family::<AppLabel, Counter>::default();
         let app_quota_remaining = Family::<AppLabel, Gauge>::default();
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                commit: env!("AAP_GIT_COMMIT"),
+            })
+            .set(1);
+        registry.register(
+            "arcgis_proxy_build_info",
+            "Version and commit of the running binary (always 1)",
+            build_info,
+        );
+        let process = ProcessMetrics::default();
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes",
+            process.resident_memory.clone(),
+        );
+        registry.register(
+            "process_cpu_seconds",
+            "User and system CPU time spent in seconds",
+            process.cpu_seconds.clone(),
+        );
+        registry.register(
+            "process_open_fds",
+            "Number of open file descriptors",
+            process.open_fds.clone(),
+        );
+        registry.register(
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch in seconds",
+            process.start_time.clone(),
+        );
         registry.register(
             "arcgis_proxy_app_rejections",
             "Requests refused because their app may not use the route",
@@ -250,6 +303,22 @@ impl Metrics {
             app_rate_limited,
             app_quota_exhausted,
             app_quota_remaining,
+            process,
+        }
+    }
+
+    /// Reads the process figures from `/proc/self` (Linux; elsewhere they
+    /// stay 0). Called before each scrape.
+    pub fn refresh_process(&self) {
+        let Some(now) = read_process() else { return };
+        let p = &self.process;
+        p.resident_memory
+            .set(i64::try_from(now.rss_bytes).unwrap_or(i64::MAX));
+        p.open_fds.set(now.open_fds);
+        p.start_time.set(now.start_time);
+        let delta = now.cpu_seconds - p.cpu_seconds.get();
+        if delta > 0.0 {
+            p.cpu_seconds.inc_by(delta);
         }
     }
 
@@ -270,6 +339,46 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+struct ProcessNow {
+    rss_bytes: u64,
+    cpu_seconds: f64,
+    open_fds: i64,
+    start_time: f64,
+}
+
+/// Figures of this process from `/proc`: `stat` fields 14/15 (utime,
+/// stime) and 22 (start, since boot) in clock ticks, which Linux reports in
+/// USER_HZ = 100 on every architecture; VmRSS from `status`; `btime` from
+/// `/proc/stat`.
+fn read_process() -> Option<ProcessNow> {
+    const TICKS: f64 = 100.0;
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may hold spaces and parentheses: fields start after
+    // the last `)`.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    // fields[0] is field 3 (state).
+    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+    let cpu_seconds = (field(14)? + field(15)?) as f64 / TICKS;
+    let started_after_boot = field(22)? as f64 / TICKS;
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())?;
+    let boot: f64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())?;
+    let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as i64;
+    Some(ProcessNow {
+        rss_bytes: rss_kib * 1024,
+        cpu_seconds,
+        open_fds,
+        start_time: boot + started_after_boot,
+    })
 }
 
 #[cfg(test)]

@@ -193,6 +193,29 @@ async fn every_metric_is_documented_and_exists() {
     let admin = TestClient::plain(proxy.admin_addr.unwrap());
     let text = admin.get_with("/metrics", &[]).await.text();
     proxy.stop().await;
+    // The build and the process describe themselves.
+    let build = format!(
+        "arcgis_proxy_build_info{{version=\"{}\",commit=\"",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(&build) && l.ends_with("} 1")),
+        "{text}"
+    );
+    let rss = sample(&text, "process_resident_memory_bytes").unwrap();
+    assert!(rss > 1e6, "{rss}");
+    assert!(sample(&text, "process_open_fds").unwrap() >= 3.0);
+    assert!(sample(&text, "process_cpu_seconds_total").unwrap() > 0.0);
+    let started = sample(&text, "process_start_time_seconds").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        started <= now + 1.0 && started > now - 3600.0,
+        "{started} vs {now}"
+    );
     let mut counters = BTreeSet::new();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
