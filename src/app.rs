@@ -59,6 +59,8 @@ impl Generation {
 pub struct App {
     current: ArcSwap<Generation>,
     metrics: Arc<Metrics>,
+    /// The log format the process started with (the subscriber keeps it).
+    log_format: crate::config::LogFormat,
     /// Listener and shutdown state.
     pub status: Status,
 }
@@ -71,10 +73,12 @@ impl App {
 
     /// The app for `shards` serving threads (one upstream pool each).
     pub fn with_shards(config: Arc<Config>, shards: usize) -> Arc<App> {
+        let config_log_format = config.log_format;
         let metrics = Arc::new(Metrics::new());
         let clients = Clients::new(&config, shards);
         let proxy = Proxy::assemble(config, clients, BTreeMap::new(), Arc::clone(&metrics));
         Arc::new(App {
+            log_format: config_log_format,
             current: ArcSwap::from_pointee(Generation::new(Arc::new(proxy))),
             metrics,
             status: Status::default(),
@@ -110,6 +114,12 @@ impl App {
         }
         if config.limits.max_connections != old_cfg.limits.max_connections {
             notes.push("limits.max_connections changes only on restart".to_string());
+        }
+        if config.log_format != self.log_format {
+            notes.push(
+                "log.format changes only on restart; lines keep the format the process started with"
+                    .to_string(),
+            );
         }
         let same_client = config.extra_ca == old_cfg.extra_ca
             && config.limits.upstream_connect_timeout == old_cfg.limits.upstream_connect_timeout

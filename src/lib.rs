@@ -117,10 +117,14 @@ pub fn init_logging(format: config::LogFormat) {
         .with_writer(redact::Redacting(io::stderr))
         .with_ansi(io::IsTerminal::is_terminal(&io::stderr()));
     let _ = match format {
+        // No `target` key of tracing's own: the access log line's `target`
+        // field is the upstream URL, and a JSON object has one value per
+        // key. Access lines say `"log":"access"` instead.
         config::LogFormat::Json => builder
             .json()
             .flatten_event(true)
             .with_current_span(false)
+            .with_target(false)
             .try_init(),
         config::LogFormat::Text => builder.try_init(),
     };

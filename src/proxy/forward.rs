@@ -5,9 +5,10 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
-use http::Response;
 use http::request::Parts;
+use http::{HeaderValue, Response};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
@@ -62,6 +63,8 @@ pub(super) struct Forwarded<'a> {
     pub answer: Answer,
     pub token: Option<Arc<Token>>,
     pub source: Option<&'a TokenSource>,
+    /// From sending the (last) attempt to its answer's head.
+    pub upstream_time: Duration,
 }
 
 impl Proxy {
@@ -74,6 +77,7 @@ impl Proxy {
         parts: &Parts,
         target: &Target<'_>,
         app: usize,
+        request_id: &HeaderValue,
         mut request_body: RequestBody,
     ) -> Result<Forwarded<'_>, ProxyError> {
         let route = target.route;
@@ -107,10 +111,11 @@ impl Proxy {
                     .filter(|_| route.token_in == TokenIn::Header)
                     .map(Token::header_value),
                 upstream_referer,
+                request_id: Some(request_id),
                 content_length,
                 decodable_only: scrubbing,
             };
-            let verdict = self
+            let (verdict, upstream_time) = self
                 .exchange(upstream, &out, body, route.index, token.is_some())
                 .await?;
             let (Some(src), Some(sent)) = (source, token.as_ref()) else {
@@ -122,6 +127,7 @@ impl Proxy {
                     answer,
                     token,
                     source,
+                    upstream_time,
                 });
             };
             if let Verdict::Pass(parts, answer) = verdict {
@@ -130,6 +136,7 @@ impl Proxy {
                     answer,
                     token,
                     source,
+                    upstream_time,
                 });
             }
             src.invalidate(sent);
@@ -170,25 +177,27 @@ impl Proxy {
         body: ProxyBody,
         route: usize,
         with_token: bool,
-    ) -> Result<Verdict, ProxyError> {
+    ) -> Result<(Verdict, Duration), ProxyError> {
         let sent_at = Instant::now();
         let exchange = async {
             let resp = upstream
                 .send(out, body, sent_at)
                 .await
                 .map_err(send_error)?;
+            let took = sent_at.elapsed();
             self.route_metrics[route]
                 .upstream
-                .observe(sent_at.elapsed().as_secs_f64());
-            if with_token {
+                .observe(took.as_secs_f64());
+            let verdict = if with_token {
                 upstream::inspect(resp).await.map_err(|e| {
                     tracing::warn!(error = %crate::error::describe(&*e), "upstream answer unreadable");
                     ProxyError::UpstreamUnreachable
-                })
+                })?
             } else {
                 let (parts, body) = resp.into_parts();
-                Ok(Verdict::Pass(parts, Answer::Stream(body.boxed())))
-            }
+                Verdict::Pass(parts, Answer::Stream(body.boxed()))
+            };
+            Ok((verdict, took))
         };
         tokio::time::timeout_at(sent_at + self.config.limits.upstream_timeout, exchange)
             .await

@@ -335,10 +335,14 @@ impl Proxy {
         }
         let target = target::resolve(&self.config, &parts)?;
         ctx.route = Some(target.route.index);
+        ctx.note_target(target.origin(), target.path());
         let app = ctx.app.unwrap_or(self.config.apps.len() - 1);
         self.limit(target.route, app, ctx.client).await?;
         let body = body::read(&parts, body, &self.config.limits).await?;
-        let forwarded = self.forward(upstream, &parts, &target, app, body).await?;
+        let forwarded = self
+            .forward(upstream, &parts, &target, app, &ctx.request_id, body)
+            .await?;
+        ctx.note_upstream(forwarded.parts.status, forwarded.upstream_time);
         self.respond(&parts, &target, forwarded, &ctx.conn)
     }
 

@@ -34,6 +34,9 @@ pub(super) struct RequestCtx {
     pub route: Option<usize>,
     /// The Origin to echo in `Access-Control-Allow-Origin`.
     pub cors_origin: Option<HeaderValue>,
+    /// The client's valid `X-Request-Id`, else one made here; sent upstream
+    /// and back.
+    pub request_id: HeaderValue,
     /// The access log record, when the `access` target is enabled.
     log: Option<AccessLog>,
 }
@@ -44,9 +47,20 @@ impl RequestCtx {
         // The access log line costs a URL parse and a body wrapper; skip
         // both when the `access` target is filtered out (RUST_LOG=warn).
         let client = proxy.client_ip(req.headers(), conn);
+        let request_id = request_id(req.headers());
         let log = tracing::enabled!(target: "access", tracing::Level::INFO).then(|| AccessLog {
             method: req.method().clone(),
             path: req.uri().path().chars().take(256).collect(),
+            target: None,
+            request_id: request_id.clone(),
+            user_agent: req.headers().get(header::USER_AGENT).map(|v| {
+                String::from_utf8_lossy(v.as_bytes())
+                    .chars()
+                    .take(256)
+                    .collect()
+            }),
+            protocol: req.version(),
+            upstream: None,
             route: None,
             app: None,
             referer: referer_origin(req.headers()),
@@ -62,9 +76,49 @@ impl RequestCtx {
             app: None,
             route: None,
             cors_origin: None,
+            request_id,
             log,
         }
     }
+
+    /// Records the upstream URL (no query) for the access log.
+    pub fn note_target(&mut self, origin: &str, path: &str) {
+        if let Some(log) = self.log.as_mut() {
+            let mut target = String::with_capacity(origin.len() + path.len());
+            target.push_str(origin);
+            target.extend(path.chars().take(512));
+            log.target = Some(target);
+        }
+    }
+
+    /// Records the upstream's status and how long its answer's head took.
+    pub fn note_upstream(&mut self, status: http::StatusCode, took: std::time::Duration) {
+        if let Some(log) = self.log.as_mut() {
+            log.upstream = Some((status.as_u16(), took));
+        }
+    }
+}
+
+/// A request id: the client's `X-Request-Id` when it is 1–128 characters
+/// of `A-Z a-z 0-9 - _ . :` (a load balancer's or the app's own), else 32
+/// random hex digits.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(&crate::upstream::X_REQUEST_ID)
+        && (1..=128).contains(&v.len())
+        && v.as_bytes()
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    {
+        return v.clone();
+    }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 32];
+    let (a, b) = (fastrand::u64(..), fastrand::u64(..));
+    for (i, slot) in out.iter_mut().enumerate() {
+        let word = if i < 16 { a } else { b };
+        *slot = HEX[((word >> ((i % 16) * 4)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&out).expect("hex digits are a valid header value")
 }
 
 impl Proxy {
@@ -79,6 +133,7 @@ impl Proxy {
             app,
             route,
             cors_origin,
+            request_id,
             mut log,
             ..
         } = ctx;
@@ -88,6 +143,8 @@ impl Proxy {
             }
             e.into_response()
         });
+        resp.headers_mut()
+            .insert(&crate::upstream::X_REQUEST_ID, request_id);
         if let Some(origin) = cors_origin {
             let h = resp.headers_mut();
             h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
@@ -170,6 +227,13 @@ fn referer_origin(headers: &HeaderMap) -> Option<String> {
 struct AccessLog {
     method: Method,
     path: String,
+    /// `scheme://host[:port]/path` upstream, no query.
+    target: Option<String>,
+    request_id: HeaderValue,
+    user_agent: Option<String>,
+    protocol: http::Version,
+    /// The upstream's status and the time to its answer's head.
+    upstream: Option<(u16, std::time::Duration)>,
     route: Option<String>,
     app: Option<String>,
     referer: Option<String>,
@@ -183,15 +247,29 @@ struct AccessLog {
 impl AccessLog {
     fn emit(&self, complete: bool) {
         let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let protocol = match self.protocol {
+            http::Version::HTTP_2 => "HTTP/2",
+            http::Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        };
         tracing::info!(
             target: "access",
+            log = "access",
+            request_id = self.request_id.to_str().unwrap_or("-"),
             method = %self.method,
             path = %self.path,
+            protocol,
             route = self.route.as_deref().unwrap_or("-"),
             app = self.app.as_deref().unwrap_or("-"),
+            target = self.target.as_deref().unwrap_or("-"),
             status = self.status,
+            upstream_status = self.upstream.map(|(s, _)| s),
+            upstream_ms = self
+                .upstream
+                .map(|(_, t)| (t.as_secs_f64() * 1_000_000.0).round() / 1000.0),
             latency_ms = (latency_ms * 1000.0).round() / 1000.0,
             referer = self.referer.as_deref().unwrap_or("-"),
+            user_agent = self.user_agent.as_deref().unwrap_or("-"),
             client = %self.client,
             bytes = self.bytes,
             complete,

@@ -48,6 +48,7 @@ impl Proxy {
             answer,
             token,
             source,
+            ..
         } = forwarded;
         upstream::clean_response_headers(&mut parts_out.headers);
         // Proxy URLs are written only for URL headers and rewrite_urls.

@@ -22,8 +22,8 @@ mod verdict;
 pub use crate::http1::answer::{ReadAnswer, read_answer};
 pub use pool::{Http1Error, Pool, UpstreamBody};
 pub use request::{
-    Outgoing, X_ESRI_AUTHORIZATION, build_request, clean_response_headers, each_upstream_header,
-    request_target, supported_encodings, to_uri,
+    Outgoing, X_ESRI_AUTHORIZATION, X_REQUEST_ID, build_request, clean_response_headers,
+    each_upstream_header, request_target, supported_encodings, to_uri,
 };
 pub use verdict::{Answer, PEEK_LIMIT, Verdict, inspect, is_token_error};
 

@@ -384,6 +384,7 @@ mod tests {
             method: &parts.method,
             auth_header: None,
             upstream_referer: None,
+            request_id: None,
             content_length: parts
                 .headers
                 .get(header::CONTENT_LENGTH)

@@ -12,6 +12,9 @@ use percent_encoding::{AsciiSet, CONTROLS, NON_ALPHANUMERIC, percent_encode};
 
 use crate::body::{BoxError, ProxyBody};
 
+/// The request id header, sent upstream and back to the client.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// Header name for ArcGIS token injection.
 pub static X_ESRI_AUTHORIZATION: HeaderName = HeaderName::from_static("x-esri-authorization");
 
@@ -63,6 +66,7 @@ fn strip_from_request(name: &HeaderName) -> bool {
             | "x-esri-authorization"
             | "forwarded"
             | "x-real-ip"
+            | "x-request-id"
             | "content-length"
     ) || n.starts_with("proxy-")
         || n.starts_with("x-forwarded-")
@@ -109,6 +113,8 @@ pub struct Outgoing<'a> {
     pub auth_header: Option<&'a HeaderValue>,
     /// Referer to send instead of the client's.
     pub upstream_referer: Option<&'a HeaderValue>,
+    /// `X-Request-Id` to send (the client's own is never forwarded as is).
+    pub request_id: Option<&'a HeaderValue>,
     /// Exact body length when known (kept or rewritten bodies, or the client's
     /// announced length).
     pub content_length: Option<u64>,
@@ -153,6 +159,9 @@ pub fn each_upstream_header(out: &Outgoing<'_>, mut emit: impl FnMut(&HeaderName
         emit(name, value);
     }
     emit(&header::HOST, out.host);
+    if let Some(id) = out.request_id {
+        emit(&X_REQUEST_ID, id);
+    }
     if let Some(r) = out.upstream_referer {
         emit(&header::REFERER, r);
     }
@@ -293,6 +302,7 @@ mod tests {
             method: &http::Method::GET,
             auth_header,
             upstream_referer,
+            request_id: None,
             content_length,
             decodable_only: false,
         };

@@ -190,6 +190,58 @@ async fn logs_of_a_full_run_hold_neither_token_nor_secret() {
     assert_eq!(access["referer"], "https://app.example.com");
     assert!(access["latency_ms"].is_number());
     assert!(access["bytes"].as_u64().unwrap() > 0);
+    // Retried after the refusal: the last attempt's status.
+    assert_eq!(access["upstream_status"], 200);
+    assert!(access["upstream_ms"].as_f64().unwrap() >= 0.0);
+    assert_eq!(access["protocol"], "HTTP/1.1");
+    assert_eq!(access["log"], "access");
+    assert_eq!(access["app"], "https://app.example.com");
+
+    // The /proxy? form: the log names the service asked for, without its
+    // query; a valid X-Request-Id goes upstream, comes back and is logged.
+    let target = format!("{}/open/layer/0/query", fake.url());
+    let a = client
+        .get_with(
+            &format!("/proxy?{target}?where=1%3D1&secret=abc"),
+            &[
+                ("referer", "https://app.example.com/map"),
+                ("x-request-id", "lb-7f3a.42:x"),
+                ("user-agent", "ArcGIS JS/5.1"),
+            ],
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.headers["x-request-id"], "lb-7f3a.42:x");
+    assert_eq!(a.json()["headers"]["x-request-id"], "lb-7f3a.42:x");
+    let line = p.wait_for(r#""request_id":"lb-7f3a.42:x""#);
+    let access: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(access["path"], "/proxy");
+    assert_eq!(access["target"], target.as_str());
+    assert_eq!(access["route"], "open");
+    assert_eq!(access["user_agent"], "ArcGIS JS/5.1");
+    assert_eq!(access["upstream_status"], 200);
+    assert!(!line.contains("secret=abc"), "{line}");
+    // A hostile id (too long, spaces, quotes) is replaced, the same
+    // replacement going upstream and back.
+    let hostile = format!("x\" y{}", "z".repeat(200));
+    let a = client
+        .get_with(
+            "/open/x",
+            &[
+                ("referer", "https://app.example.com/map"),
+                ("x-request-id", hostile.as_str()),
+            ],
+        )
+        .await;
+    let id = a.headers["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(id.len(), 32, "{id}");
+    assert!(id.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+    assert_eq!(a.json()["headers"]["x-request-id"], id.as_str());
+    // Errors the proxy answers itself carry one too.
+    let a = client
+        .get_with("/svc/x", &[("referer", "https://evil.example/")])
+        .await;
+    assert!(a.headers.contains_key("x-request-id"));
     let (code, logs) = p.terminate();
     assert_eq!(code, 0, "{logs}");
     assert_eq!(fake.issued().len(), 2);

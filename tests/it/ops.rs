@@ -244,6 +244,17 @@ async fn reload_changes_allowlist_keeps_token_and_in_flight_stream() {
     );
     let notes = proxy.app.reload(test_config(&pki, &new));
     assert!(notes.is_empty(), "{notes:?}");
+    // A log format cannot change under a running subscriber: said so.
+    let text_logs = format!("{new}\n[log]\nformat = \"text\"\n");
+    let notes = proxy.app.reload(test_config(&pki, &text_logs));
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("log.format changes only on restart")),
+        "{notes:?}"
+    );
+    let notes = proxy.app.reload(test_config(&pki, &new));
+    assert!(notes.is_empty(), "{notes:?}");
 
     let a = stream.await.unwrap();
     assert_eq!(a.status, 200);

@@ -632,6 +632,7 @@ mod tests {
                 method: &method,
                 auth_header: auth,
                 upstream_referer: referer,
+                request_id: None,
                 content_length: length,
                 decodable_only,
             };
