@@ -106,6 +106,11 @@ pub fn handle(req: &Request<Incoming>, app: &App) -> Response<ProxyBody> {
 fn metrics(app: &App, proxy: &Proxy) -> Response<ProxyBody> {
     let m = app.metrics();
     m.refresh_process();
+    if let Some(t) = proxy.config().server.tls_not_after {
+        m.tls_cert_not_after
+            .get_or_create(&crate::metrics::ListenerLabel { listener: "https" })
+            .set(t);
+    }
     m.open_connections
         .set(app.status.open_connections.load(Ordering::Relaxed) as i64);
     for name in proxy.config().credentials_in_use() {

@@ -51,6 +51,13 @@ pub struct BuildLabels {
     pub commit: &'static str,
 }
 
+/// `listener` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    /// `https`: the TLS listener.
+    pub listener: &'static str,
+}
+
 /// `app` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AppLabel {
@@ -116,6 +123,8 @@ pub struct Metrics {
     pub app_quota_exhausted: Family<AppLabel, Counter>,
     /// Requests left in the app's quota window, as this process saw last.
     pub app_quota_remaining: Family<AppLabel, Gauge>,
+    /// When each TLS listener's certificate expires (Unix seconds).
+    pub tls_cert_not_after: Family<ListenerLabel, Gauge>,
     /// The process's resident memory, CPU time, open descriptors and start
     /// time, read from `/proc/self` at each scrape.
     process: ProcessMetrics,
@@ -177,6 +186,12 @@ impl Metrics {
             "arcgis_proxy_build_info",
             "Version and commit of the running binary (always 1)",
             build_info,
+        );
+        let tls_cert_not_after = Family::<ListenerLabel, Gauge>::default();
+        registry.register(
+            "arcgis_proxy_tls_cert_not_after_seconds",
+            "When the listener's certificate expires, Unix time",
+            tls_cert_not_after.clone(),
         );
         let process = ProcessMetrics::default();
         registry.register(
@@ -303,6 +318,7 @@ impl Metrics {
             app_rate_limited,
             app_quota_exhausted,
             app_quota_remaining,
+            tls_cert_not_after,
             process,
         }
     }

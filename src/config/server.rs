@@ -21,6 +21,9 @@ pub struct ServerConfig {
     pub listen: Option<SocketAddr>,
     /// TLS settings for the HTTPS listener.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// When the HTTPS listener's certificate expires (Unix seconds), for
+    /// `arcgis_proxy_tls_cert_not_after_seconds`.
+    pub tls_not_after: Option<i64>,
     /// Optional cleartext listener.
     pub plain_listen: Option<SocketAddr>,
     /// Admin listener address.
@@ -62,7 +65,7 @@ pub(super) fn validate(
             "missing: set listen (HTTPS) and/or plain_listen (cleartext)",
         );
     }
-    let tls = listener_tls(&s, base, tls_override, p, warnings);
+    let (tls, tls_not_after) = listener_tls(&s, base, tls_override, p, warnings);
     let addrs: Vec<(&str, SocketAddr)> = [
         ("server.listen", listen),
         ("server.plain_listen", plain_listen),
@@ -124,6 +127,7 @@ pub(super) fn validate(
     ServerConfig {
         listen,
         tls,
+        tls_not_after,
         plain_listen,
         admin_listen,
         proxy_path,
@@ -154,8 +158,9 @@ fn listener_tls(
     tls_override: Option<Arc<rustls::ServerConfig>>,
     p: &mut Problems,
     warnings: &mut Vec<String>,
-) -> Option<Arc<rustls::ServerConfig>> {
+) -> (Option<Arc<rustls::ServerConfig>>, Option<i64>) {
     let mut tls = None;
+    let mut not_after = None;
     if s.listen.is_some() && tls_override.is_some() {
         tls = tls_override;
     } else if s.listen.is_some() {
@@ -163,7 +168,10 @@ fn listener_tls(
             (Some(cert), Some(key)) => {
                 warn_if_exposed(&resolve(base, key), "server.tls_key", warnings);
                 match tls::server_config_from_files(&resolve(base, cert), &resolve(base, key)) {
-                    Ok(cfg) => tls = Some(cfg),
+                    Ok((cfg, expires)) => {
+                        tls = Some(cfg);
+                        not_after = expires;
+                    }
                     Err(e) => p.add(e.key(), e.to_string()),
                 }
             }
@@ -182,5 +190,5 @@ fn listener_tls(
             "missing: tls_cert/tls_key are set but there is no HTTPS listener",
         );
     }
-    tls
+    (tls, not_after)
 }

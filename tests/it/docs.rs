@@ -203,6 +203,15 @@ async fn every_metric_is_documented_and_exists() {
             .any(|l| l.starts_with(&build) && l.ends_with("} 1")),
         "{text}"
     );
+    // The test PKI's leaf keeps rcgen's default expiry, 4096-01-01T00:00:00Z.
+    assert_eq!(
+        sample(
+            &text,
+            "arcgis_proxy_tls_cert_not_after_seconds{listener=\"https\"}"
+        ),
+        Some(67_090_118_400.0),
+        "{text}"
+    );
     let rss = sample(&text, "process_resident_memory_bytes").unwrap();
     assert!(rss > 1e6, "{rss}");
     assert!(sample(&text, "process_open_fds").unwrap() >= 3.0);
