@@ -26,6 +26,7 @@
 //!   [`healthcheck`]: the client side of it, for `arcgis-app-proxy
 //!   healthcheck` in images without curl.
 //! - [`demo`]: an embedded fake ArcGIS for `arcgis-app-proxy demo`.
+//! - [`notify`]: systemd's readiness, reload and stop notifications.
 //! - [`codec`]: streaming gzip/deflate/br, so bodies can be scrubbed.
 //! - [`body`]: the boxed body type shared by all of the above.
 //!
@@ -45,6 +46,8 @@ pub mod error;
 pub mod healthcheck;
 pub mod http1;
 pub mod metrics;
+#[cfg(unix)]
+pub mod notify;
 pub mod policy;
 pub mod proxy;
 pub mod redact;
@@ -97,7 +100,12 @@ pub async fn reload_on_sighup(app: Arc<App>, path: std::path::PathBuf) {
         };
         while hup.recv().await.is_some() {
             tracing::info!(config = %path.display(), "SIGHUP received: reloading");
-            app.reload_from(&path, &config::ProcessEnv);
+            notify::reloading();
+            if app.reload_from(&path, &config::ProcessEnv) {
+                notify::ready("serving; configuration reloaded");
+            } else {
+                notify::ready("serving; the new configuration was rejected, the old one runs");
+            }
         }
     }
     #[cfg(not(unix))]
@@ -141,6 +149,7 @@ pub async fn shutdown_signal() {
             _ = term.recv() => tracing::info!("SIGTERM received"),
             _ = int.recv() => tracing::info!("SIGINT received"),
         }
+        notify::stopping();
     }
     #[cfg(not(unix))]
     {

@@ -326,15 +326,23 @@ impl Metrics {
     /// Reads the process figures from `/proc/self` (Linux; elsewhere they
     /// stay 0). Called before each scrape.
     pub fn refresh_process(&self) {
-        let Some(now) = read_process() else { return };
+        let now = read_process();
         let p = &self.process;
-        p.resident_memory
-            .set(i64::try_from(now.rss_bytes).unwrap_or(i64::MAX));
-        p.open_fds.set(now.open_fds);
-        p.start_time.set(now.start_time);
-        let delta = now.cpu_seconds - p.cpu_seconds.get();
-        if delta > 0.0 {
-            p.cpu_seconds.inc_by(delta);
+        if let Some(rss) = now.rss_bytes {
+            p.resident_memory
+                .set(i64::try_from(rss).unwrap_or(i64::MAX));
+        }
+        if let Some(fds) = now.open_fds {
+            p.open_fds.set(fds);
+        }
+        if let Some(start) = now.start_time {
+            p.start_time.set(start);
+        }
+        if let Some(cpu) = now.cpu_seconds {
+            let delta = cpu - p.cpu_seconds.get();
+            if delta > 0.0 {
+                p.cpu_seconds.inc_by(delta);
+            }
         }
     }
 
@@ -357,44 +365,55 @@ impl Metrics {
     }
 }
 
+/// What could be read; each figure on its own, since a sandbox may hide
+/// some of `/proc` (systemd's `ProcSubset=pid` hides `/proc/stat`).
+#[derive(Default)]
 struct ProcessNow {
-    rss_bytes: u64,
-    cpu_seconds: f64,
-    open_fds: i64,
-    start_time: f64,
+    rss_bytes: Option<u64>,
+    cpu_seconds: Option<f64>,
+    open_fds: Option<i64>,
+    start_time: Option<f64>,
 }
 
 /// Figures of this process from `/proc`: `stat` fields 14/15 (utime,
 /// stime) and 22 (start, since boot) in clock ticks, which Linux reports in
 /// USER_HZ = 100 on every architecture; VmRSS from `status`; `btime` from
 /// `/proc/stat`.
-fn read_process() -> Option<ProcessNow> {
+fn read_process() -> ProcessNow {
     const TICKS: f64 = 100.0;
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // The command name may hold spaces and parentheses: fields start after
-    // the last `)`.
-    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
-    // fields[0] is field 3 (state).
-    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
-    let cpu_seconds = (field(14)? + field(15)?) as f64 / TICKS;
-    let started_after_boot = field(22)? as f64 / TICKS;
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let rss_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())?;
-    let boot: f64 = std::fs::read_to_string("/proc/stat")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("btime "))
-        .and_then(|v| v.trim().parse().ok())?;
-    let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as i64;
-    Some(ProcessNow {
-        rss_bytes: rss_kib * 1024,
-        cpu_seconds,
-        open_fds,
-        start_time: boot + started_after_boot,
-    })
+    let mut now = ProcessNow::default();
+    let mut started_after_boot = None;
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
+        && let Some(close) = stat.rfind(')')
+    {
+        // The command name may hold spaces and parentheses: fields start
+        // after the last `)`, and fields[0] is field 3 (state).
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+        if let (Some(u), Some(s)) = (field(14), field(15)) {
+            now.cpu_seconds = Some((u + s) as f64 / TICKS);
+        }
+        started_after_boot = field(22).map(|t| t as f64 / TICKS);
+    }
+    now.rss_bytes = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kib| kib * 1024);
+    let boot: Option<f64> = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse().ok())
+    });
+    now.start_time = boot.zip(started_after_boot).map(|(b, s)| b + s);
+    now.open_fds = std::fs::read_dir("/proc/self/fd")
+        .ok()
+        .map(|d| d.count() as i64);
+    now
 }
 
 #[cfg(test)]

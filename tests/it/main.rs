@@ -16,4 +16,5 @@ mod routing;
 mod shared_rate;
 mod smuggling;
 mod support;
+mod systemd;
 mod tokens;
