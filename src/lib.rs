@@ -115,6 +115,82 @@ pub async fn reload_on_sighup(app: Arc<App>, path: std::path::PathBuf) {
     }
 }
 
+/// Reloads when a file the running config was built from changes — the
+/// config itself, its certificate, key, secret and CA files — exactly as
+/// SIGHUP does (rejections logged and counted, the old config kept). The
+/// files are polled every `server.reload_poll_secs`, following symlinks, so
+/// the kubelet's update of a mounted Secret (a new `..data` directory and
+/// one symlink swapped) is seen too; a change is acted on once the files
+/// have held still for a second.
+pub async fn reload_on_change(app: Arc<App>, path: std::path::PathBuf) {
+    let watched = || app.proxy().config().watched.clone();
+    let mut last = fingerprint(&watched());
+    loop {
+        let Some(poll) = app.proxy().config().server.reload_poll else {
+            // Off; a SIGHUP reload may turn it on.
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            last = fingerprint(&watched());
+            continue;
+        };
+        tokio::time::sleep(poll).await;
+        let now = fingerprint(&watched());
+        if now == last {
+            continue;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        if fingerprint(&watched()) != now {
+            continue;
+        }
+        tracing::info!(config = %path.display(), "configuration files changed: reloading");
+        #[cfg(unix)]
+        notify::reloading();
+        let ok = app.reload_from(&path, &config::ProcessEnv);
+        #[cfg(unix)]
+        notify::ready(if ok {
+            "serving; configuration reloaded"
+        } else {
+            "serving; the new configuration was rejected, the old one runs"
+        });
+        // Of the files the running config names now; a rejected change is
+        // not retried until the files change again.
+        last = fingerprint(&watched());
+    }
+}
+
+/// Size, modification time (seconds, nanoseconds), inode and device.
+type FileStamp = (u64, i64, i64, u64, u64);
+
+/// What identifies each file's content without reading it: size, change
+/// time and inode, after following symlinks; `None` for a missing file.
+fn fingerprint(files: &[std::path::PathBuf]) -> Vec<Option<FileStamp>> {
+    files
+        .iter()
+        .map(|f| {
+            let m = std::fs::metadata(f).ok()?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::MetadataExt;
+                Some((m.len(), m.mtime(), m.mtime_nsec(), m.ino(), m.dev()))
+            }
+            #[cfg(not(unix))]
+            {
+                let t = m
+                    .modified()
+                    .ok()?
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()?;
+                Some((
+                    m.len(),
+                    t.as_secs() as i64,
+                    i64::from(t.subsec_nanos()),
+                    0,
+                    0,
+                ))
+            }
+        })
+        .collect()
+}
+
 /// Installs the global tracing subscriber: JSON or text lines on stderr,
 /// level from `RUST_LOG` (default `info`).
 pub fn init_logging(format: config::LogFormat) {

@@ -207,7 +207,11 @@ async fn serve(path: PathBuf, threads: usize) -> ExitCode {
     #[cfg(unix)]
     arcgis_app_proxy::notify::ready("serving");
     let app = arcgis_app_proxy::App::with_shards(config, threads);
-    tokio::spawn(arcgis_app_proxy::reload_on_sighup(app.clone(), path));
+    tokio::spawn(arcgis_app_proxy::reload_on_sighup(
+        app.clone(),
+        path.clone(),
+    ));
+    tokio::spawn(arcgis_app_proxy::reload_on_change(app.clone(), path));
     match arcgis_app_proxy::server::run(app, listeners, arcgis_app_proxy::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -79,6 +79,9 @@ pub struct Config {
     pub rate_limit_store: Option<RateLimitStore>,
     /// Non-fatal findings (inline secrets, cleartext upstreams), logged at start.
     pub warnings: Vec<String>,
+    /// Every file the config was built from: itself, the certificate, key,
+    /// secret and CA files. A change to any of them is reloaded like SIGHUP.
+    pub watched: Vec<PathBuf>,
 }
 
 // ---------------------------------------------------------------- errors
@@ -268,6 +271,7 @@ fn validate(
     p: &mut Problems,
 ) -> Config {
     let mut warnings = Vec::new();
+    let watched = watched_files(&raw, file, base);
     let server = server::validate(raw.server, base, tls_override, p, &mut warnings);
     let limits = limits::validate(raw.limits, p);
     let declared: HashSet<String> = raw.credentials.keys().cloned().collect();
@@ -312,7 +316,27 @@ fn validate(
         routes,
         rate_limit_store,
         warnings,
+        watched,
     }
+}
+
+/// The files `raw` names (resolved against `base`), and `file` itself.
+fn watched_files(raw: &RawConfig, file: &Path, base: &Path) -> Vec<PathBuf> {
+    let mut out = vec![file.to_path_buf()];
+    out.extend(raw.server.tls_cert.iter().map(|p| resolve(base, p)));
+    out.extend(raw.server.tls_key.iter().map(|p| resolve(base, p)));
+    out.extend(raw.upstream.extra_ca.iter().map(|p| resolve(base, p)));
+    for c in raw.credentials.values() {
+        for f in [&c.client_secret_file, &c.api_key_file]
+            .into_iter()
+            .flatten()
+        {
+            out.push(resolve(base, f));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 #[cfg(test)]

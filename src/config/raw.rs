@@ -84,6 +84,12 @@ pub(super) struct RawServer {
     pub(super) trusted_proxies: Vec<String>,
     #[serde(default = "default_grace")]
     pub(super) shutdown_grace_secs: u64,
+    #[serde(default = "default_reload_poll")]
+    pub(super) reload_poll_secs: u64,
+}
+
+fn default_reload_poll() -> u64 {
+    2
 }
 
 fn default_proxy_path() -> String {

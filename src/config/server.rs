@@ -36,6 +36,9 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<IpNet>,
     /// How long in-flight requests may run on shutdown.
     pub shutdown_grace: Duration,
+    /// How often the config's files are checked for changes (`None`: never;
+    /// reload only on SIGHUP).
+    pub reload_poll: Option<Duration>,
 }
 
 /// Validates `[server]`; `tls_override` replaces the certificate files (the
@@ -134,6 +137,7 @@ pub(super) fn validate(
         public_url,
         trusted_proxies,
         shutdown_grace: Duration::from_secs(s.shutdown_grace_secs),
+        reload_poll: (s.reload_poll_secs > 0).then(|| Duration::from_secs(s.reload_poll_secs)),
     }
 }
 

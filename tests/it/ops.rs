@@ -403,3 +403,105 @@ async fn sigterm_lets_the_in_flight_request_finish() {
     assert_eq!(code, 0, "{logs}");
     assert!(logs.contains("all connections closed"), "{logs}");
 }
+
+/// Kubernetes updates a mounted Secret by writing a new `..<timestamp>`
+/// directory and re-pointing the `..data` symlink the visible files link
+/// through. The proxy notices without a signal: new connections get the new
+/// certificate within seconds, and a broken config written the same way is
+/// rejected, logged and counted while the running one keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubelet_style_secret_swap_is_reloaded_without_a_signal() {
+    use std::os::unix::fs::symlink;
+    let old_pki = Pki::new();
+    let new_pki = Pki::new();
+    let fake = FakeArcGis::start().await;
+    let mount = tempfile::tempdir().unwrap();
+    let m = mount.path();
+    let publish = |name: &str, pki: &Pki| {
+        let dir = m.join(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::copy(pki.path("proxy.crt"), dir.join("tls.crt")).unwrap();
+        std::fs::copy(pki.path("proxy.key"), dir.join("tls.key")).unwrap();
+        std::fs::set_permissions(
+            dir.join("tls.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        // The atomic swap: a new link renamed over `..data`.
+        symlink(name, m.join("..data_tmp")).unwrap();
+        std::fs::rename(m.join("..data_tmp"), m.join("..data")).unwrap();
+    };
+    publish("..2026_12_05_01", &old_pki);
+    symlink("..data/tls.crt", m.join("tls.crt")).unwrap();
+    symlink("..data/tls.key", m.join("tls.key")).unwrap();
+
+    let toml = standard_config(&fake, "")
+        .replace("{CERT}", m.join("tls.crt").to_str().unwrap())
+        .replace("{KEY}", m.join("tls.key").to_str().unwrap())
+        .replace(
+            "admin_listen = \"127.0.0.1:0\"",
+            "admin_listen = \"127.0.0.1:0\"\nreload_poll_secs = 1",
+        );
+    let cfg = write_config(&old_pki, "watched.toml", &toml);
+    let mut p = Proc::spawn(&["--config", &cfg], &[("SECRET", SECRET)]);
+    let addr = p.listener("https");
+    let admin = p.listener("admin");
+    p.wait_for("obtained token");
+    let tls13 = &rustls::version::TLS13;
+    assert!(
+        tls_connect(&old_pki, addr, tls13, &[b"http/1.1"])
+            .await
+            .is_ok()
+    );
+    assert!(
+        tls_connect(&new_pki, addr, tls13, &[b"http/1.1"])
+            .await
+            .is_err()
+    );
+
+    publish("..2026_12_05_02", &new_pki);
+    let started = std::time::Instant::now();
+    while tls_connect(&new_pki, addr, tls13, &[b"http/1.1"])
+        .await
+        .is_err()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the new certificate was not served within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    p.wait_for("configuration files changed: reloading");
+    p.wait_for("configuration reloaded");
+
+    // A broken config: rejected once, not retried, the old one serves on.
+    std::fs::write(&cfg, "[server]\nlisten = \"nonsense\"\n").unwrap();
+    p.wait_for("configuration rejected; keeping the running one");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        tls_connect(&new_pki, addr, tls13, &[b"http/1.1"])
+            .await
+            .is_ok()
+    );
+    let metrics = TestClient::plain(admin)
+        .get_with("/metrics", &[])
+        .await
+        .text();
+    assert_eq!(
+        sample(
+            &metrics,
+            "arcgis_proxy_config_reloads_total{outcome=\"error\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "arcgis_proxy_config_reloads_total{outcome=\"ok\"}"
+        ),
+        Some(1.0)
+    );
+    let (code, logs) = p.terminate();
+    assert_eq!(code, 0, "{logs}");
+}
