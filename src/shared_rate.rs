@@ -54,9 +54,28 @@ pub struct SharedStore {
 }
 
 impl SharedStore {
-    /// Connects lazily to `url` (the first request opens the connection).
-    pub fn new(url: &str, budget: Duration, fallback: StoreFallback) -> redis::RedisResult<Self> {
-        let client = redis::Client::open(url)?;
+    /// Connects lazily to the configured store (the first request opens
+    /// the connection): `redis://` or `rediss://` (TLS, verified against
+    /// `store_ca` or the system's roots), with the password from the config
+    /// when it is not in the URL.
+    pub fn new(cfg: &crate::config::RateLimitStore) -> redis::RedisResult<Self> {
+        use redis::IntoConnectionInfo;
+        let mut info = cfg.url.as_str().into_connection_info()?;
+        if let Some(pw) = &cfg.password {
+            let settings = info.redis_settings().clone().set_password(pw.expose());
+            info = info.set_redis_settings(settings);
+        }
+        let client = match &cfg.ca_pem {
+            Some(pem) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            )?,
+            None => redis::Client::open(info)?,
+        };
+        let budget = cfg.budget;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(budget.max(Duration::from_millis(100))))
             .set_response_timeout(Some(budget))
@@ -67,7 +86,7 @@ impl SharedStore {
             script: redis::Script::new(GCRA),
             quota: redis::Script::new(QUOTA),
             budget,
-            fallback,
+            fallback: cfg.on_error,
         })
     }
 

@@ -303,7 +303,8 @@ fn validate(
         p,
         &mut warnings,
     );
-    let rate_limit_store = rate_limit::validate(raw.rate_limit, p);
+    let rate_limit_store =
+        rate_limit::validate(raw.rate_limit, Files { base, env }, p, &mut warnings);
     Config {
         source: file.to_path_buf(),
         server,
@@ -499,6 +500,46 @@ referers = ["ftp://x"]
             .expect("duplicate entry not reported");
         assert!(dup.message.contains("apps[0].referers[0]"), "{dup:?}");
         assert!(dup.message.contains("Parks Map"), "{dup:?}");
+    }
+
+    #[test]
+    fn rate_limit_store_combinations_that_cannot_work_are_refused() {
+        for (store, expected) in [
+            (
+                "store = \"redis://:inline@127.0.0.1/\"\nstore_password_env = \"SECRET\"",
+                "rate_limit.store",
+            ),
+            (
+                "store = \"redis://127.0.0.1/\"\nstore_ca = \"ca.pem\"",
+                "rate_limit.store_ca",
+            ),
+            (
+                "store = \"rediss://127.0.0.1/\"\nstore_ca = \"/nonexistent/ca.pem\"",
+                "rate_limit.store_ca",
+            ),
+            (
+                "store = \"rediss://127.0.0.1/\"\nstore_password_env = \"UNSET_VAR\"",
+                "rate_limit.store_password_env",
+            ),
+            ("store = \"http://127.0.0.1/\"", "rate_limit.store"),
+        ] {
+            let text = format!("{MINIMAL}[rate_limit]\n{store}\n");
+            let k = keys(&text);
+            assert!(k.iter().any(|x| x == expected), "{store}: {k:?}");
+        }
+        // A password from the environment, never in a message or Debug.
+        let text = format!(
+            "{MINIMAL}[rate_limit]\nstore = \"rediss://127.0.0.1/\"\nstore_password_env = \"SECRET\"\n"
+        );
+        let c = load(&text).unwrap();
+        let store = c.rate_limit_store.as_ref().unwrap();
+        assert_eq!(store.password.as_ref().unwrap().expose(), "s3cr3t-value");
+        assert!(!format!("{store:?}").contains("s3cr3t"));
+        // An inline password is a warning; over cleartext to another host too.
+        let text = format!("{MINIMAL}[rate_limit]\nstore = \"redis://:pw@redis.example.net/\"\n");
+        let w = load(&text).unwrap().warnings.join("\n");
+        assert!(w.contains("inline"), "{w}");
+        assert!(w.contains("unencrypted"), "{w}");
     }
 
     #[test]

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::Problems;
 use super::raw::RawRateLimitStore;
+use super::secrets::{Secret, SecretFields, load_secret};
+use super::{Files, Problems, resolve};
 
 /// What per-client rate limits do when the shared store does not answer.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -31,6 +32,11 @@ pub struct RateLimitStore {
     pub budget: Duration,
     /// What to do when the store does not answer in time.
     pub on_error: StoreFallback,
+    /// The password, from `store_password_env`/`_file` (a password in the
+    /// URL stays in the URL).
+    pub password: Option<Secret>,
+    /// Trust roots (PEM) for a `rediss://` store, instead of the system's.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 // Hand-written: a Redis URL may carry a password (`redis://:pw@host`).
@@ -40,25 +46,100 @@ impl fmt::Debug for RateLimitStore {
             .field("url", &"<redacted>")
             .field("budget", &self.budget)
             .field("on_error", &self.on_error)
+            .field("password", &self.password)
+            .field("ca_pem", &self.ca_pem.as_ref().map(Vec::len))
             .finish()
     }
 }
 
 /// Validates `[rate_limit]`, if present.
-pub(super) fn validate(raw: Option<RawRateLimitStore>, p: &mut Problems) -> Option<RateLimitStore> {
-    raw.and_then(|r| {
-        let ok_scheme = r.store.starts_with("redis://") || r.store.starts_with("rediss://");
-        if !ok_scheme || url::Url::parse(&r.store).is_err() {
+pub(super) fn validate(
+    raw: Option<RawRateLimitStore>,
+    files: Files<'_>,
+    p: &mut Problems,
+    warnings: &mut Vec<String>,
+) -> Option<RateLimitStore> {
+    let r = raw?;
+    let tls = r.store.starts_with("rediss://");
+    let url = match url::Url::parse(&r.store) {
+        Ok(u) if tls || r.store.starts_with("redis://") => u,
+        _ => {
             p.add("rate_limit.store", "must be a redis:// or rediss:// URL");
             return None;
         }
-        if !(1..=5000).contains(&r.budget_ms) {
-            p.add("rate_limit.budget_ms", "must be between 1 and 5000");
+    };
+    if !(1..=5000).contains(&r.budget_ms) {
+        p.add("rate_limit.budget_ms", "must be between 1 and 5000");
+    }
+    let in_url = url.password().is_some();
+    let password = match (&r.store_password_env, &r.store_password_file) {
+        (None, None) => None,
+        _ if in_url => {
+            p.add(
+                "rate_limit.store",
+                "has a password and store_password_env/_file is set too: give it in one place",
+            );
+            None
         }
-        Some(RateLimitStore {
-            url: r.store,
-            budget: Duration::from_millis(r.budget_ms),
-            on_error: r.on_store_error,
-        })
+        (env, file) => load_secret(
+            p,
+            warnings,
+            "rate_limit",
+            "store_password",
+            SecretFields {
+                inline: None,
+                env: env.clone(),
+                file: file.clone(),
+            },
+            files,
+        ),
+    };
+    if in_url {
+        warnings.push(
+            "rate_limit.store carries its password inline; prefer store_password_env or store_password_file"
+                .into(),
+        );
+    }
+    if (in_url || password.is_some()) && !tls && !is_loopback(&url) {
+        warnings.push(
+            "rate_limit.store uses redis:// to another host: its password travels unencrypted; use rediss://"
+                .into(),
+        );
+    }
+    let ca_pem = match &r.store_ca {
+        None => None,
+        Some(_) if !tls => {
+            p.add(
+                "rate_limit.store_ca",
+                "only applies to a rediss:// (TLS) store",
+            );
+            None
+        }
+        Some(path) => {
+            let path = resolve(files.base, path);
+            match crate::tls::load_ca_file(&path) {
+                Ok(_) => std::fs::read(&path).ok(),
+                Err(msg) => {
+                    p.add("rate_limit.store_ca", msg);
+                    None
+                }
+            }
+        }
+    };
+    Some(RateLimitStore {
+        url: r.store,
+        budget: Duration::from_millis(r.budget_ms),
+        on_error: r.on_store_error,
+        password,
+        ca_pem,
     })
+}
+
+fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
 }

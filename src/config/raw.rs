@@ -63,6 +63,9 @@ pub(super) struct RawRateLimitStore {
     pub(super) budget_ms: u64,
     #[serde(default)]
     pub(super) on_store_error: StoreFallback,
+    pub(super) store_password_env: Option<String>,
+    pub(super) store_password_file: Option<PathBuf>,
+    pub(super) store_ca: Option<PathBuf>,
 }
 
 fn default_budget_ms() -> u64 {

@@ -158,7 +158,7 @@ impl Proxy {
             .map(|_| std::sync::OnceLock::new())
             .collect();
         let shared = config.rate_limit_store.as_ref().and_then(|s| {
-            SharedStore::new(&s.url, s.budget, s.on_error)
+            SharedStore::new(s)
                 .map_err(|e| tracing::error!(error = %e, "cannot use the rate-limit store; limits stay local"))
                 .ok()
         });

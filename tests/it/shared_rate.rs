@@ -204,3 +204,81 @@ fn which(name: &str) -> Result<String, ()> {
         .find(|p| std::path::Path::new(p).exists())
         .ok_or(())
 }
+
+/// `rediss://` against `redis-server --tls-port` with a test CA and a
+/// password from the environment: the limits are shared through it (with
+/// `on_store_error = "closed"`, a store that could not be reached would
+/// refuse everything), and a wrong password is a store error, not a pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_store_with_a_password_from_the_environment() {
+    let Ok(redis_bin) = which("redis-server") else {
+        eprintln!("SKIPPED: redis-server not installed (apt-get install redis-server)");
+        return;
+    };
+    let pki = Pki::new();
+    let port = free_port();
+    let mut redis = Command::new(redis_bin)
+        .args(["--port", "0", "--tls-port", &port.to_string()])
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--tls-cert-file")
+        .arg(pki.path("proxy.crt"))
+        .arg("--tls-key-file")
+        .arg(pki.path("proxy.key"))
+        .arg("--tls-ca-cert-file")
+        .arg(pki.path("ca.pem"))
+        .args(["--tls-auth-clients", "no", "--requirepass", SECRET])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let fake = FakeArcGis::start().await;
+    let config = |password_env: &str| {
+        standard_config(
+            &fake,
+            &format!(
+                "[rate_limit]\nstore = \"rediss://127.0.0.1:{port}/\"\nstore_password_env = \"{password_env}\"\nstore_ca = \"{{CA}}\"\nbudget_ms = 1000\non_store_error = \"closed\"\n"
+            ),
+        )
+        .replacen(
+            "credential = \"online\"\nmount = \"/svc\"",
+            "credential = \"online\"\nmount = \"/svc\"\nrate_limit = { requests = 2, per_secs = 60 }",
+            1,
+        )
+    };
+    let proxy = TestProxy::start(&pki, &config("SECRET")).await;
+    let client = TestClient::new(&pki, proxy.addr);
+    for _ in 0..2 {
+        let a = client.get("/svc/features").await;
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    client.get("/svc/features").await.assert_error(429);
+    let admin = TestClient::plain(proxy.admin_addr.unwrap());
+    let metrics = admin.get_with("/metrics", &[]).await.text();
+    assert_eq!(
+        sample(&metrics, "arcgis_proxy_rate_limit_store_errors_total"),
+        Some(0.0),
+        "{metrics}"
+    );
+    proxy.stop().await;
+
+    // The wrong password (APIKEY's value): the store refuses, closed means
+    // 429, and it is counted as a store error.
+    let proxy = TestProxy::start(&pki, &config("APIKEY")).await;
+    let client = TestClient::new(&pki, proxy.addr);
+    client.get("/svc/features").await.assert_error(429);
+    let admin = TestClient::plain(proxy.admin_addr.unwrap());
+    let metrics = admin.get_with("/metrics", &[]).await.text();
+    assert!(
+        sample(&metrics, "arcgis_proxy_rate_limit_store_errors_total").unwrap() >= 1.0,
+        "{metrics}"
+    );
+    proxy.stop().await;
+    let _ = redis.kill();
+    let _ = redis.wait();
+}
