@@ -57,6 +57,24 @@ fn check_common(docs: &[Value]) {
     let pod = &deploy["spec"]["template"]["spec"];
     let c = proxy_container(deploy);
     let cfg = proxy_toml(docs);
+    // The image comes from the one `images:` entry, not a placeholder.
+    let base: serde_yaml_ng::Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/kubernetes/base/kustomization.yaml"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let image = &base["images"][0];
+    assert_eq!(
+        c["image"].as_str().unwrap(),
+        format!(
+            "{}:{}",
+            image["newName"].as_str().unwrap(),
+            image["newTag"].as_str().unwrap()
+        )
+    );
     // Probes on the admin port, which the config binds on the pod IP.
     assert_eq!(
         c["readinessProbe"]["httpGet"]["path"].as_str(),
