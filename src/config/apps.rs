@@ -136,17 +136,7 @@ pub(super) fn validate(
                 }
             }
         }
-        let rate_limit = match app.rate_limit {
-            Some(rl) if rl.requests == 0 || rl.per_secs == 0 => {
-                p.add(
-                    format!("{key}.rate_limit"),
-                    "requests and per_secs must both be greater than 0",
-                );
-                None
-            }
-            Some(rl) => Some((rl.requests, Duration::from_secs(rl.per_secs))),
-            None => None,
-        };
+        let rate_limit = super::rate_limit::per_client(app.rate_limit, &key, p);
         let quota = app.quota.and_then(|q| {
             let per = Window::parse(&q.per);
             if per.is_none() {

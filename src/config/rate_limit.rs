@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::raw::RawRateLimitStore;
+use super::raw::{RawRateLimit, RawRateLimitStore};
 use super::secrets::{Secret, SecretFields, load_secret};
 use super::{Files, Problems, resolve};
 
@@ -50,6 +50,24 @@ impl fmt::Debug for RateLimitStore {
             .field("ca_pem", &self.ca_pem.as_ref().map(Vec::len))
             .finish()
     }
+}
+
+/// A route's or an app's `rate_limit` (the table at `key`): `requests` per
+/// `per_secs`, both above 0.
+pub(super) fn per_client(
+    raw: Option<RawRateLimit>,
+    key: &str,
+    p: &mut Problems,
+) -> Option<(u32, Duration)> {
+    let rl = raw?;
+    if rl.requests == 0 || rl.per_secs == 0 {
+        p.add(
+            format!("{key}.rate_limit"),
+            "requests and per_secs must both be greater than 0",
+        );
+        return None;
+    }
+    Some((rl.requests, Duration::from_secs(rl.per_secs)))
 }
 
 /// Validates `[rate_limit]`, if present.

@@ -3,7 +3,6 @@
 //! under the `/proxy` path) and compiled into a [`RouteTable`].
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use url::Url;
 
@@ -73,17 +72,7 @@ pub(super) fn validate(
                 None
             }
         };
-        let rate_limit = match r.rate_limit {
-            Some(rl) if rl.requests == 0 || rl.per_secs == 0 => {
-                p.add(
-                    format!("{key}.rate_limit"),
-                    "requests and per_secs must both be greater than 0",
-                );
-                None
-            }
-            Some(rl) => Some((rl.requests, Duration::from_secs(rl.per_secs))),
-            None => None,
-        };
+        let rate_limit = super::rate_limit::per_client(r.rate_limit, &key, p);
         let allowed_apps = r.apps.as_ref().map(|names| {
             names
                 .iter()

@@ -118,18 +118,6 @@ impl Proxy {
             let (verdict, upstream_time) = self
                 .exchange(upstream, &out, body, route.index, token.is_some())
                 .await?;
-            let (Some(src), Some(sent)) = (source, token.as_ref()) else {
-                let Verdict::Pass(parts, answer) = verdict else {
-                    unreachable!("only answers to token-bearing requests are classified")
-                };
-                return Ok(Forwarded {
-                    parts,
-                    answer,
-                    token,
-                    source,
-                    upstream_time,
-                });
-            };
             if let Verdict::Pass(parts, answer) = verdict {
                 return Ok(Forwarded {
                     parts,
@@ -139,6 +127,9 @@ impl Proxy {
                     upstream_time,
                 });
             }
+            let (Some(src), Some(sent)) = (source, token.as_ref()) else {
+                unreachable!("only answers to token-bearing requests are classified")
+            };
             src.invalidate(sent);
             if attempt >= 2 || !request_body.is_kept() {
                 tracing::warn!(
