@@ -148,13 +148,39 @@ impl Fake {
                     serde_json::json!({
                         "version": 8,
                         "name": "Demo navigation",
+                        // What the service was asked: the proxy sends
+                        // echoToken=false on every Basemap Styles request.
+                        "metadata": {"echoToken": if echo { "true" } else { "false" }},
                         "sprite": format!("{root}/styles/arcgis/navigation/sprite{suffix}"),
                         "glyphs": format!("{root}/fonts/{{fontstack}}/{{range}}.pbf{suffix}"),
-                        "sources": {"esri": {"type": "vector",
-                            "tiles": [format!("{root}/tiles/{{z}}/{{y}}/{{x}}.pbf{suffix}")]}},
-                        "layers": []
+                        "sources": {
+                            "esri": {"type": "vector",
+                                "tiles": [format!("{root}/tiles/{{z}}/{{y}}/{{x}}.pbf{suffix}")]},
+                            "basemap": {"type": "raster", "tileSize": 256,
+                                "tiles": [format!("{root}/tiles-raster/{{z}}/{{y}}/{{x}}.png{suffix}")]}
+                        },
+                        "layers": [{"id": "basemap", "type": "raster", "source": "basemap"}]
                     }),
                 )
+            }
+            p if p.starts_with(&format!("{base}/styles/v2/tiles-raster/")) => {
+                let zyx: Vec<u32> = p[format!("{base}/styles/v2/tiles-raster/").len()..]
+                    .trim_end_matches(".png")
+                    .split('/')
+                    .filter_map(|n| n.parse().ok())
+                    .collect();
+                match zyx[..] {
+                    [z, y, x] if z <= 22 => {
+                        let mut resp = Response::new(body::full(tile_png(z, x, y)));
+                        resp.headers_mut()
+                            .insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
+                        resp
+                    }
+                    _ => json(
+                        StatusCode::OK,
+                        serde_json::json!({"error":{"code":400,"message":"Invalid tile","details":[]}}),
+                    ),
+                }
             }
             _ => json(
                 StatusCode::OK,
@@ -162,6 +188,48 @@ impl Fake {
             ),
         }
     }
+}
+
+/// A 256 × 256 basemap tile: a pale checkerboard of tiles with grid lines,
+/// tinted by zoom level, as an indexed-colour PNG (signature, IHDR, PLTE,
+/// zlib-compressed IDAT, IEND; RFC 2083).
+fn tile_png(z: u32, x: u32, y: u32) -> Vec<u8> {
+    use std::io::Write;
+    const SIZE: u32 = 256;
+    let tint: [u8; 3] =
+        [[0xdd, 0xe8, 0xd5], [0xd5, 0xe3, 0xee], [0xee, 0xe4, 0xd5]][(z % 3) as usize];
+    let palette = [
+        0xf2, 0xf5, 0xf8, 0xb8, 0xc4, 0xcf, tint[0], tint[1], tint[2],
+    ];
+    let shade = if (x + y) % 2 == 0 { 0u8 } else { 2 };
+    let mut raw = Vec::with_capacity(((SIZE + 1) * SIZE) as usize);
+    for row in 0..SIZE {
+        raw.push(0); // filter type: none
+        raw.extend((0..SIZE).map(|col| if row == 0 || col == 0 { 1 } else { shade }));
+    }
+    let mut idat = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    let _ = idat.write_all(&raw);
+    let idat = idat.finish().unwrap_or_default();
+    let mut ihdr = Vec::with_capacity(13);
+    ihdr.extend(SIZE.to_be_bytes());
+    ihdr.extend(SIZE.to_be_bytes());
+    ihdr.extend([8, 3, 0, 0, 0]); // 8-bit palette indices, no interlace
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    for (kind, data) in [
+        (b"IHDR", &ihdr[..]),
+        (b"PLTE", &palette[..]),
+        (b"IDAT", &idat[..]),
+        (b"IEND", &[][..]),
+    ] {
+        png.extend((data.len() as u32).to_be_bytes());
+        png.extend(kind);
+        png.extend(data);
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(data);
+        png.extend(crc.sum().to_be_bytes());
+    }
+    png
 }
 
 fn layer_info() -> serde_json::Value {
@@ -333,6 +401,7 @@ upstream = "http://{fake}/arcgis/rest/services/styles/v2"
 credential = "online"
 mount = "/basemaps"
 token_in = "query"
+rewrite_urls = true
 "#
     );
     Config::from_toml_with_tls(
@@ -417,5 +486,48 @@ pub async fn run_cli(listen: SocketAddr, page: SocketAddr) -> ExitCode {
             eprintln!("demo: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tile_tests {
+    use super::tile_png;
+    use std::io::Read;
+
+    /// The tile is a PNG a browser can draw: the chunks' CRCs hold, the
+    /// header says 256 × 256 palette, and the image data inflates to one
+    /// filter byte plus 256 indices per row.
+    #[test]
+    fn tiles_are_well_formed_pngs() {
+        let png = tile_png(3, 2, 5);
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        let mut at = 8;
+        let mut kinds = Vec::new();
+        let mut idat = Vec::new();
+        while at < png.len() {
+            let len = u32::from_be_bytes(png[at..at + 4].try_into().unwrap()) as usize;
+            let kind = &png[at + 4..at + 8];
+            let data = &png[at + 8..at + 8 + len];
+            let crc = u32::from_be_bytes(png[at + 8 + len..at + 12 + len].try_into().unwrap());
+            let mut c = flate2::Crc::new();
+            c.update(kind);
+            c.update(data);
+            assert_eq!(c.sum(), crc, "{}", String::from_utf8_lossy(kind));
+            if kind == b"IHDR" {
+                assert_eq!(data, [0, 0, 1, 0, 0, 0, 1, 0, 8, 3, 0, 0, 0]);
+            }
+            if kind == b"IDAT" {
+                idat.extend_from_slice(data);
+            }
+            kinds.push(String::from_utf8_lossy(kind).into_owned());
+            at += 12 + len;
+        }
+        assert_eq!(kinds, ["IHDR", "PLTE", "IDAT", "IEND"]);
+        let mut raw = Vec::new();
+        flate2::read::ZlibDecoder::new(&idat[..])
+            .read_to_end(&mut raw)
+            .unwrap();
+        assert_eq!(raw.len(), 257 * 256);
+        assert_ne!(tile_png(3, 2, 5), tile_png(3, 2, 6), "neighbours differ");
     }
 }

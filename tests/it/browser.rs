@@ -57,7 +57,7 @@ fn demo_map_draws_features_and_the_browser_never_sees_a_token() {
             .output()
             .expect("run chromium");
         dom = String::from_utf8_lossy(&out.stdout).into_owned();
-        if dom.contains("data-features=") {
+        if dom.contains("data-features=") && dom.contains("data-tiles=") {
             break;
         }
     }
@@ -69,6 +69,16 @@ fn demo_map_draws_features_and_the_browser_never_sees_a_token() {
         dom.contains("6 parks drawn through arcgis-app-proxy"),
         "{dom}"
     );
+    // The basemap under them: tiles loaded through the proxy from a style
+    // the service was asked for with echoToken=false.
+    let tiles: u32 = dom
+        .split(r#"data-tiles=""#)
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no basemap tile loaded; DOM:\n{dom}"));
+    assert!(tiles >= 4, "{tiles} tiles");
+    assert!(dom.contains(r#"data-echo-token="false""#), "{dom}");
 
     // Every response body byte the browser read, from the NetLog.
     let log = std::fs::read_to_string(&netlog).expect("netlog written");
@@ -120,18 +130,38 @@ fn demo_map_draws_features_and_the_browser_never_sees_a_token() {
         "a token parameter reached the browser"
     );
 
+    // The style's answer as the browser read it: tile URLs point at the
+    // proxy, not the upstream.
+    assert!(
+        text.contains(&format!(
+            "{proxy}/basemaps/tiles-raster/{{z}}/{{y}}/{{x}}.png"
+        )),
+        "style tile URLs not rewritten to the proxy"
+    );
+    let tile_requests = events
+        .iter()
+        .filter_map(|e| e["params"]["url"].as_str())
+        .filter(|u| u.contains("/tiles-raster/"))
+        .collect::<Vec<_>>();
+    assert!(!tile_requests.is_empty());
+    for u in &tile_requests {
+        assert!(u.starts_with(&proxy), "a tile went around the proxy: {u}");
+    }
+
     let (code, logs) = demo.terminate();
     assert_eq!(code, 0);
     // No request failed: every access line of the page's proxy calls is 200.
-    let access: Vec<&str> = logs
-        .lines()
-        .filter(|l| l.contains("access") && l.contains("/features/"))
-        .collect();
-    assert!(
-        !access.is_empty(),
-        "the page made no proxy request:\n{logs}"
-    );
-    for line in access {
-        assert!(line.contains("status=200"), "{line}");
+    for kind in ["/features/", "/basemaps/"] {
+        let access: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains("access") && l.contains(kind))
+            .collect();
+        assert!(
+            !access.is_empty(),
+            "the page made no {kind} proxy request:\n{logs}"
+        );
+        for line in access {
+            assert!(line.contains("status=200"), "{line}");
+        }
     }
 }
