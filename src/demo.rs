@@ -201,7 +201,7 @@ fn tile_png(z: u32, x: u32, y: u32) -> Vec<u8> {
     let palette = [
         0xf2, 0xf5, 0xf8, 0xb8, 0xc4, 0xcf, tint[0], tint[1], tint[2],
     ];
-    let shade = if (x + y) % 2 == 0 { 0u8 } else { 2 };
+    let shade = if (x + y).is_multiple_of(2) { 0u8 } else { 2 };
     let mut raw = Vec::with_capacity(((SIZE + 1) * SIZE) as usize);
     for row in 0..SIZE {
         raw.push(0); // filter type: none
