@@ -38,6 +38,23 @@ pub enum CredentialKind {
         /// Requested lifetime in minutes.
         expiration_minutes: u32,
     },
+    /// A named user's username and password, exchanged at a
+    /// `generateToken` endpoint (ArcGIS Enterprise before OAuth app
+    /// credentials).
+    UserPassword {
+        /// The `generateToken` URL; `None`: discovered from the `/rest/info`
+        /// of `info_url`.
+        token_url: Option<Url>,
+        /// `<upstream up to /rest/>info?f=json` of a route that uses the
+        /// credential, when `token_url` is not given.
+        info_url: Option<Url>,
+        /// The user.
+        username: String,
+        /// Their password.
+        password: Secret,
+        /// Requested lifetime in minutes.
+        expiration_minutes: u32,
+    },
     /// A long-lived API key.
     ApiKey(Secret),
 }
@@ -96,24 +113,36 @@ fn validate_one(
             None
         })
     });
-    let has_oauth = c.token_url.is_some()
-        || c.client_id.is_some()
+    let has_user = c.username.is_some()
+        || c.password.is_some()
+        || c.password_env.is_some()
+        || c.password_file.is_some();
+    let has_oauth = c.client_id.is_some()
         || c.client_secret.is_some()
         || c.client_secret_env.is_some()
-        || c.client_secret_file.is_some();
+        || c.client_secret_file.is_some()
+        || (c.token_url.is_some() && !has_user);
     let has_key = c.api_key.is_some() || c.api_key_env.is_some() || c.api_key_file.is_some();
+    if u8::from(has_user) + u8::from(has_oauth) + u8::from(has_key) > 1 {
+        p.add(
+            key,
+            "set one kind: client credentials (client_id, client_secret_*), a username and password_*, or an API key (api_key_*)",
+        );
+        return None;
+    }
+    if has_user {
+        return Some(CredentialConfig {
+            name: name.to_string(),
+            kind: user_password(c, key, files, p, warnings)?,
+            upstream_referer,
+        });
+    }
     let kind = match (has_oauth, has_key) {
-        (true, true) => {
-            p.add(
-                key,
-                "set either client credentials (client_id, client_secret_*) or an API key (api_key_*), not both",
-            );
-            return None;
-        }
+        (true, true) => unreachable!("refused above"),
         (false, false) => {
             p.add(
                 key,
-                "empty: set client_id + client_secret_env/_file, or api_key_env/_file",
+                "empty: set client_id + client_secret_env/_file, username + password_env/_file, or api_key_env/_file",
             );
             return None;
         }
@@ -177,6 +206,88 @@ fn client_credentials(
         client_secret: secret?,
         expiration_minutes,
     })
+}
+
+/// The username/password kind (`generateToken`). Without `token_url` the
+/// endpoint is discovered later from a route's `/rest/info`
+/// ([`discover_from_routes`]).
+fn user_password(
+    c: RawCredential,
+    key: &str,
+    files: Files<'_>,
+    p: &mut Problems,
+    warnings: &mut Vec<String>,
+) -> Option<CredentialKind> {
+    let token_url = match c.token_url.as_deref() {
+        Some(v) => Some(token_url(Some(v), key, p, warnings)?),
+        None => None,
+    };
+    let username = match c.username {
+        Some(u) if !u.trim().is_empty() => Some(u),
+        _ => {
+            p.add(format!("{key}.username"), "missing or empty");
+            None
+        }
+    };
+    let expiration_minutes = c.expiration_minutes.unwrap_or(120);
+    if !(1..=20160).contains(&expiration_minutes) {
+        p.add(
+            format!("{key}.expiration_minutes"),
+            "must be between 1 and 20160 (14 days)",
+        );
+    }
+    let given = SecretFields {
+        inline: c.password,
+        env: c.password_env,
+        file: c.password_file,
+    };
+    let password = load_secret(p, warnings, key, "password", given, files);
+    Some(CredentialKind::UserPassword {
+        token_url,
+        info_url: None,
+        username: username?,
+        password: password?,
+        expiration_minutes,
+    })
+}
+
+/// For username/password credentials without `token_url`: the
+/// `…/rest/info?f=json` URL of the first route that uses the credential
+/// (its upstream up to and including `/rest/`), or a problem when no route
+/// can tell.
+pub(super) fn discover_from_routes(
+    credentials: &mut BTreeMap<String, CredentialConfig>,
+    routes: &crate::policy::route::RouteTable,
+    p: &mut Problems,
+) {
+    for (name, cred) in credentials.iter_mut() {
+        let CredentialKind::UserPassword {
+            token_url: None,
+            info_url,
+            ..
+        } = &mut cred.kind
+        else {
+            continue;
+        };
+        let found = routes
+            .iter()
+            .filter(|r| r.credential.as_deref() == Some(name.as_str()))
+            .find_map(|r| {
+                let path = r.upstream.path();
+                let at = path.to_ascii_lowercase().find("/rest/")?;
+                let mut u = r.upstream.clone();
+                u.set_path(&format!("{}info", &path[..at + "/rest/".len()]));
+                u.set_query(Some("f=json"));
+                Some(u)
+            });
+        match found {
+            Some(u) => *info_url = Some(u),
+            None => p.add(
+                format!("credentials.{name}.token_url"),
+                "missing, and no route using this credential has \"/rest/\" in its upstream to find it from (…/rest/info): set token_url, e.g. \"https://gis.example.com/portal/sharing/rest/generateToken\"",
+            ),
+        }
+    }
 }
 
 /// `token_url`: required, an http(s) URL without userinfo; cleartext http

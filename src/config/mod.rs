@@ -293,7 +293,7 @@ fn validate(
         }
     }
 
-    let credentials =
+    let mut credentials =
         credentials::validate(raw.credentials, file, Files { base, env }, p, &mut warnings);
     let routes = routes::validate(
         raw.routes,
@@ -303,6 +303,7 @@ fn validate(
         p,
         &mut warnings,
     );
+    credentials::discover_from_routes(&mut credentials, &routes, p);
     let rate_limit_store =
         rate_limit::validate(raw.rate_limit, Files { base, env }, p, &mut warnings);
     Config {
@@ -540,6 +541,76 @@ referers = ["ftp://x"]
         let w = load(&text).unwrap().warnings.join("\n");
         assert!(w.contains("inline"), "{w}");
         assert!(w.contains("unencrypted"), "{w}");
+    }
+
+    #[test]
+    fn username_credentials_and_their_mistakes() {
+        let with = |cred: &str, upstream: &str| {
+            MINIMAL
+                .replace(
+                    "token_url = \"https://www.arcgis.com/sharing/rest/oauth2/token\"\nclient_id = \"abc\"\nclient_secret_env = \"SECRET\"",
+                    cred,
+                )
+                .replace(
+                    "https://basemapstyles-api.arcgis.com/arcgis/rest/services/styles/v2",
+                    upstream,
+                )
+        };
+        // Discovered from the route: …/rest/info?f=json of its upstream.
+        let c = load(&with(
+            "username = \"svc\"\npassword_env = \"SECRET\"",
+            "https://gis.example.com/server/rest/services/Parks/MapServer",
+        ))
+        .unwrap();
+        let CredentialKind::UserPassword {
+            token_url,
+            info_url,
+            username,
+            password,
+            expiration_minutes,
+        } = &c.credentials["online"].kind
+        else {
+            panic!("{:?}", c.credentials["online"].kind)
+        };
+        assert!(token_url.is_none());
+        assert_eq!(
+            info_url.as_ref().unwrap().as_str(),
+            "https://gis.example.com/server/rest/info?f=json"
+        );
+        assert_eq!((username.as_str(), *expiration_minutes), ("svc", 120));
+        assert_eq!(password.expose(), "s3cr3t-value");
+        assert!(!format!("{:?}", c.credentials).contains("s3cr3t"));
+        for (cred, upstream, key) in [
+            (
+                "username = \"svc\"",
+                "https://gis.example.com/arcgis/rest/services",
+                "credentials.online",
+            ),
+            (
+                "username = \"svc\"\npassword_env = \"UNSET\"",
+                "https://gis.example.com/arcgis/rest/services",
+                "credentials.online.password_env",
+            ),
+            (
+                "username = \"svc\"\npassword_env = \"SECRET\"\nclient_id = \"x\"",
+                "https://gis.example.com/arcgis/rest/services",
+                "credentials.online",
+            ),
+            (
+                "username = \"\"\npassword_env = \"SECRET\"",
+                "https://gis.example.com/arcgis/rest/services",
+                "credentials.online.username",
+            ),
+            // Nothing to discover the token service from.
+            (
+                "username = \"svc\"\npassword_env = \"SECRET\"",
+                "https://gis.example.com/maps",
+                "credentials.online.token_url",
+            ),
+        ] {
+            let k = keys(&with(cred, upstream));
+            assert!(k.iter().any(|x| x == key), "{cred}: {k:?}");
+        }
     }
 
     #[test]

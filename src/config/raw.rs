@@ -165,6 +165,10 @@ pub(super) struct RawCredential {
     pub(super) api_key: Option<String>,
     pub(super) api_key_env: Option<String>,
     pub(super) api_key_file: Option<PathBuf>,
+    pub(super) username: Option<String>,
+    pub(super) password: Option<String>,
+    pub(super) password_env: Option<String>,
+    pub(super) password_file: Option<PathBuf>,
 }
 
 // Hand-written so a parse of the raw file can never print an inline secret.
@@ -173,6 +177,7 @@ impl fmt::Debug for RawCredential {
         f.debug_struct("RawCredential")
             .field("token_url", &self.token_url)
             .field("client_id", &self.client_id)
+            .field("username", &self.username)
             .finish_non_exhaustive()
     }
 }

@@ -24,6 +24,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::fetch::{Fetcher, OAuthFetcher};
+use super::generate::GenerateTokenFetcher;
 use super::{Token, TokenError};
 use crate::config::{CredentialConfig, CredentialKind};
 use crate::metrics::Metrics;
@@ -128,6 +129,27 @@ impl TokenSource {
                     token_url: token_url.clone(),
                     client_id: client_id.clone(),
                     client_secret: client_secret.clone(),
+                    expiration_minutes: *expiration_minutes,
+                    referer: cfg.upstream_referer.clone(),
+                    timeout,
+                }),
+                timeout * 2,
+            ),
+            CredentialKind::UserPassword {
+                token_url,
+                info_url,
+                username,
+                password,
+                expiration_minutes,
+            } => TokenSource::with_fetcher(
+                &cfg.name,
+                Box::new(GenerateTokenFetcher {
+                    client,
+                    name: cfg.name.clone(),
+                    token_url: tokio::sync::OnceCell::new_with(token_url.clone()),
+                    info_url: info_url.clone(),
+                    username: username.clone(),
+                    password: password.clone(),
                     expiration_minutes: *expiration_minutes,
                     referer: cfg.upstream_referer.clone(),
                     timeout,

@@ -19,7 +19,7 @@ use crate::body;
 use crate::upstream::HttpClient;
 
 /// Largest token endpoint answer read.
-const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
+pub(super) const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
 
 /// What a successful fetch yields: the token and its lifetime, if any.
 pub type Fetched = (String, Option<Duration>);
@@ -53,7 +53,7 @@ impl Fetcher for OAuthFetcher {
     }
 }
 
-fn unavailable(reason: impl Into<String>) -> TokenError {
+pub(super) fn unavailable(reason: impl Into<String>) -> TokenError {
     TokenError::Unavailable {
         reason: reason.into(),
         retry_after: Duration::from_secs(1),
@@ -95,12 +95,15 @@ impl OAuthFetcher {
     }
 }
 
-/// Interprets a token endpoint answer.
-fn parse_answer(
+/// The JSON of a token endpoint answer that is neither an error nor
+/// unreadable. ArcGIS reports most failures as HTTP 200 with `{"error":{…}}`:
+/// a rejected credential, unless the endpoint itself failed (5xx). Messages
+/// never carry `secret`.
+pub(super) fn answer_json(
     status: http::StatusCode,
     bytes: &[u8],
     secret: &str,
-) -> Result<Fetched, TokenError> {
+) -> Result<Value, TokenError> {
     let json: Option<Value> = serde_json::from_slice(bytes).ok();
     let Some(json) = json else {
         return Err(unavailable(format!(
@@ -143,6 +146,16 @@ fn parse_answer(
             status.as_u16()
         )));
     }
+    Ok(json)
+}
+
+/// Interprets a token endpoint answer.
+fn parse_answer(
+    status: http::StatusCode,
+    bytes: &[u8],
+    secret: &str,
+) -> Result<Fetched, TokenError> {
+    let json = answer_json(status, bytes, secret)?;
     let token = json
         .get("access_token")
         .and_then(Value::as_str)
@@ -161,7 +174,7 @@ fn parse_answer(
     Ok((token.to_string(), lifetime))
 }
 
-fn redact(message: &str, secret: &str) -> String {
+pub(super) fn redact(message: &str, secret: &str) -> String {
     if secret.is_empty() {
         message.to_string()
     } else {

@@ -8,6 +8,7 @@
 
 mod cache;
 mod fetch;
+mod generate;
 
 use std::fmt;
 use std::time::Duration;

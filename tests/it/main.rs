@@ -5,6 +5,7 @@ mod apps;
 mod browser;
 mod cli;
 mod docs;
+mod enterprise;
 mod forwarding;
 mod kubernetes;
 mod leaks;

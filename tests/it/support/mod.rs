@@ -165,6 +165,11 @@ pub struct FakeArcGis {
     pub expired_presented: AtomicUsize,
     /// The `client_id` each token was issued to.
     pub issued_to: Mutex<HashMap<String, String>>,
+    /// What `/arcgis/rest/info` answers: 200 (with authInfo), 401, or 0
+    /// (200 without authInfo).
+    pub info_status: AtomicUsize,
+    /// `/arcgis/rest/info` requests seen.
+    pub info_requests: AtomicUsize,
     /// When set, every token is treated as revoked.
     pub reject_all_tokens: std::sync::atomic::AtomicBool,
     /// TCP connections accepted.
@@ -195,6 +200,8 @@ impl FakeArcGis {
             expires: Mutex::new(HashMap::new()),
             expired_presented: AtomicUsize::new(0),
             issued_to: Mutex::new(HashMap::new()),
+            info_status: AtomicUsize::new(200),
+            info_requests: AtomicUsize::new(0),
             reject_all_tokens: std::sync::atomic::AtomicBool::new(false),
             connections: AtomicUsize::new(0),
         });
@@ -332,6 +339,30 @@ impl FakeArcGis {
                 .unwrap_or_default();
             return self.token(body).await;
         }
+        if path == "/portal/sharing/rest/generateToken" || path == "/arcgis/tokens/generateToken" {
+            let body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            return self.generate_token(body).await;
+        }
+        if path == "/arcgis/rest/info" {
+            self.info_requests.fetch_add(1, Ordering::SeqCst);
+            return match self.info_status.load(Ordering::SeqCst) {
+                401 => json(
+                    StatusCode::UNAUTHORIZED,
+                    serde_json::json!({"error":{"code":401,"message":"Unauthorized"}}),
+                ),
+                0 => json(StatusCode::OK, serde_json::json!({"currentVersion": 11.1})),
+                _ => json(
+                    StatusCode::OK,
+                    serde_json::json!({"currentVersion": 11.1, "authInfo": {
+                        "isTokenBasedSecurity": true,
+                        "tokenServicesUrl": format!("{}/portal/sharing/rest/generateToken", self.url())}}),
+                ),
+            };
+        }
         // The streaming endpoint answers before the request body ends.
         let body = if path.starts_with("/svc/upload-stream") {
             let mut total = 0usize;
@@ -359,7 +390,10 @@ impl FakeArcGis {
         let token_ok = self.token_ok(&rec);
         let query = parts.uri.query().unwrap_or("").to_string();
 
-        if path.starts_with("/svc/echo") || path.starts_with("/open/") {
+        if path.starts_with("/svc/echo")
+            || path.starts_with("/open/")
+            || path.starts_with("/arcgis/rest/services/echo")
+        {
             let headers: serde_json::Map<String, serde_json::Value> = rec
                 .headers
                 .iter()
@@ -561,6 +595,20 @@ impl FakeArcGis {
             TokenMode::Slow(d) => tokio::time::sleep(d).await,
             TokenMode::Ok => {}
         }
+        let client_id = url::form_urlencoded::parse(&body)
+            .find(|(k, _)| k == "client_id")
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default();
+        let (token, lifetime) = self.issue(client_id);
+        json(
+            StatusCode::OK,
+            serde_json::json!({"access_token": token, "expires_in": lifetime}),
+        )
+    }
+
+    /// A new token for `owner` (a client ID or username), valid for
+    /// `lifetime_secs`; returns it and its lifetime.
+    fn issue(&self, owner: String) -> (String, usize) {
         let n = self.issued.lock().unwrap().len();
         // Realistic token alphabet, including a `=` that must be
         // percent-encoded in a query.
@@ -569,22 +617,43 @@ impl FakeArcGis {
             fastrand::u64(..) & 0xffff_ffff_ffff
         );
         self.issued.lock().unwrap().push(token.clone());
-        let client_id = url::form_urlencoded::parse(&body)
-            .find(|(k, _)| k == "client_id")
-            .map(|(_, v)| v.into_owned())
-            .unwrap_or_default();
-        self.issued_to
-            .lock()
-            .unwrap()
-            .insert(token.clone(), client_id);
+        self.issued_to.lock().unwrap().insert(token.clone(), owner);
         let lifetime = self.lifetime_secs.load(Ordering::SeqCst);
         self.expires.lock().unwrap().insert(
             token.clone(),
             std::time::Instant::now() + Duration::from_secs(lifetime as u64),
         );
+        (token, lifetime)
+    }
+
+    /// `generateToken` (portal or stand-alone server): username
+    /// `svc_publicmaps` with password `SECRET`.
+    async fn generate_token(&self, body: Bytes) -> Response<TestBody> {
+        self.token_requests.fetch_add(1, Ordering::SeqCst);
+        let form = String::from_utf8_lossy(&body).to_string();
+        self.token_forms.lock().unwrap().push(form);
+        let get = |k: &str| {
+            url::form_urlencoded::parse(&body)
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.into_owned())
+        };
+        if get("username").as_deref() != Some("svc_publicmaps")
+            || get("password").as_deref() != Some(SECRET)
+        {
+            return json(
+                StatusCode::OK,
+                serde_json::json!({"error":{"code":400,"message":"Unable to generate token.",
+                    "details":["Invalid username or password."]}}),
+            );
+        }
+        let (token, lifetime) = self.issue(get("username").unwrap_or_default());
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
         json(
             StatusCode::OK,
-            serde_json::json!({"access_token": token, "expires_in": lifetime}),
+            serde_json::json!({"token": token, "expires": now_ms + lifetime as u64 * 1000, "ssl": false}),
         )
     }
 }
