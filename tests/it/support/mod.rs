@@ -165,6 +165,9 @@ pub struct FakeArcGis {
     pub expired_presented: AtomicUsize,
     /// The `client_id` each token was issued to.
     pub issued_to: Mutex<HashMap<String, String>>,
+    /// Tokens issued with `client=referer`, and that referer: used with
+    /// another Referer they are refused, as a portal refuses them.
+    pub bound_referer: Mutex<HashMap<String, String>>,
     /// What `/arcgis/rest/info` answers: 200 (with authInfo), 401, or 0
     /// (200 without authInfo).
     pub info_status: AtomicUsize,
@@ -200,6 +203,7 @@ impl FakeArcGis {
             expires: Mutex::new(HashMap::new()),
             expired_presented: AtomicUsize::new(0),
             issued_to: Mutex::new(HashMap::new()),
+            bound_referer: Mutex::new(HashMap::new()),
             info_status: AtomicUsize::new(200),
             info_requests: AtomicUsize::new(0),
             reject_all_tokens: std::sync::atomic::AtomicBool::new(false),
@@ -306,7 +310,20 @@ impl FakeArcGis {
                 if expired {
                     self.expired_presented.fetch_add(1, Ordering::SeqCst);
                 }
+                let wrong_referer =
+                    self.bound_referer
+                        .lock()
+                        .unwrap()
+                        .get(&t)
+                        .is_some_and(|bound| {
+                            bound.as_str()
+                                != r.headers
+                                    .get("referer")
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("")
+                        });
                 !expired
+                    && !wrong_referer
                     && self.issued.lock().unwrap().contains(&t)
                     && !self.revoked.lock().unwrap().contains(&t)
             }
@@ -647,6 +664,13 @@ impl FakeArcGis {
             );
         }
         let (token, lifetime) = self.issue(get("username").unwrap_or_default());
+        // client=referer binds the token to that Referer, as a portal does.
+        if get("client").as_deref() == Some("referer") {
+            self.bound_referer
+                .lock()
+                .unwrap()
+                .insert(token.clone(), get("referer").unwrap_or_default());
+        }
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
