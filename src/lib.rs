@@ -26,6 +26,7 @@
 //!   [`healthcheck`]: the client side of it, for `arcgis-app-proxy
 //!   healthcheck` in images without curl.
 //! - [`demo`]: an embedded fake ArcGIS for `arcgis-app-proxy demo`.
+//! - [`import`]: `import-esri`, a resource-proxy `proxy.config` → `proxy.toml`.
 //! - [`notify`]: systemd's readiness, reload and stop notifications.
 //! - [`codec`]: streaming gzip/deflate/br, so bodies can be scrubbed.
 //! - [`body`]: the boxed body type shared by all of the above.
@@ -45,6 +46,7 @@ pub mod demo;
 pub mod error;
 pub mod healthcheck;
 pub mod http1;
+pub mod import;
 pub mod metrics;
 #[cfg(unix)]
 pub mod notify;

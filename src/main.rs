@@ -50,6 +50,13 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+    /// Convert an Esri resource-proxy proxy.config (XML) or proxy.json into a
+    /// proxy.toml on stdout, with a review list on stderr; exit 0, or 78 when
+    /// something cannot be carried over safely.
+    ImportEsri {
+        /// The resource-proxy configuration file.
+        file: PathBuf,
+    },
     /// Ask a running proxy's admin listener whether it is healthy; exit 0
     /// (2xx) or 1. For container HEALTHCHECKs and exec probes.
     Healthcheck {
@@ -88,6 +95,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Demo { listen, page }) => runtime.block_on(demo::run_cli(listen, page)),
         Some(Command::Check { format }) => check(&cli.config, format),
+        Some(Command::ImportEsri { file }) => import_esri(&file),
         Some(Command::Healthcheck { url, timeout }) => {
             runtime.block_on(healthcheck(&cli.config, url, timeout))
         }
@@ -138,6 +146,45 @@ fn check(path: &std::path::Path, format: Format) -> ExitCode {
             eprintln!("{e}");
             ExitCode::from(EX_CONFIG as u8)
         }
+    }
+}
+
+/// `import-esri`: the new config on stdout, what to review and which
+/// variables to set on stderr (never a secret value).
+fn import_esri(file: &std::path::Path) -> ExitCode {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("import-esri: {}: {e}", file.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let out = match arcgis_app_proxy::import::import(&text) {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("import-esri: {}: {e}", file.display());
+            return ExitCode::from(EX_CONFIG as u8);
+        }
+    };
+    print!("{}", out.toml);
+    for note in &out.notes {
+        eprintln!("review: {note}");
+    }
+    if !out.variables.is_empty() {
+        eprintln!(
+            "set these environment variables to the secrets of the old file (values are not copied):"
+        );
+        for v in &out.variables {
+            eprintln!("  {v}");
+        }
+    }
+    if out.refused {
+        eprintln!(
+            "import-esri: not everything could be carried over safely (see above); do not use this output as it is"
+        );
+        ExitCode::from(EX_CONFIG as u8)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

@@ -527,3 +527,93 @@ async fn healthcheck_probes_the_admin_listener() {
     assert_eq!(code, 1);
     assert!(err.contains("no server.admin_listen"), "{err}");
 }
+
+/// `import-esri` as a resource-proxy user runs it: their proxy.config in,
+/// a proxy.toml out that `check` accepts once the listed variables are set,
+/// and no secret of the old file in either output.
+#[test]
+fn import_esri_round_trip_through_check() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("certs")).unwrap();
+    std::fs::copy(pki.path("proxy.crt"), dir.path().join("certs/proxy.crt")).unwrap();
+    std::fs::copy(pki.path("proxy.key"), dir.path().join("certs/proxy.key")).unwrap();
+    let old = write(
+        dir.path(),
+        "proxy.config",
+        r#"<?xml version="1.0" encoding="utf-8" ?>
+<!-- resource-proxy settings for the parks viewer -->
+<ProxyConfig allowedReferers="https://parks.example.org/viewer/,https://*.example.net/*"
+             mustMatch="true" logFile="C:\logs\proxy.txt" logLevel="Warning">
+  <serverUrls>
+    <!-- routing, paid -->
+    <serverUrl url="https://route.arcgis.com/arcgis/rest/services/World/Route/NAServer"
+               oauth2Endpoint="https://www.arcgis.com/sharing/oauth2"
+               clientId="parksClientId" clientSecret="OLD-CLIENT-SECRET"
+               rateLimit="120" rateLimitPeriod="1" matchAll="true"/>
+    <serverUrl MATCHALL="true" Username="svc_parks" Password="OLD-PASSWORD"
+               url="https://gis.example.com/server/rest/services"/>
+    <serverUrl url="https://services.arcgis.com/abc/arcgis/rest/services" matchAll="true"/>
+  </serverUrls>
+</ProxyConfig>
+"#,
+    );
+    let (code, toml, review) = run(&["import-esri", &old], &[]);
+    assert_eq!(code, 0, "{review}");
+    for secret in ["OLD-CLIENT-SECRET", "OLD-PASSWORD"] {
+        assert!(
+            !toml.contains(secret) && !review.contains(secret),
+            "{secret} leaked"
+        );
+    }
+    assert!(
+        review.contains("ROUTE_ARCGIS_COM_CLIENT_SECRET"),
+        "{review}"
+    );
+    assert!(review.contains("GIS_EXAMPLE_COM_PASSWORD"), "{review}");
+    let new = write(dir.path(), "proxy.toml", &toml);
+    let (code, out, err) = run(
+        &["check", "--config", &new],
+        &[
+            ("ROUTE_ARCGIS_COM_CLIENT_SECRET", "new-secret"),
+            ("GIS_EXAMPLE_COM_PASSWORD", "new-password"),
+        ],
+    );
+    assert_eq!(code, 0, "{toml}\n{out}{err}");
+    // Without the variables, check says which ones are missing.
+    let (code, _, err) = run(&["check", "--config", &new], &[]);
+    assert_eq!(code, 78);
+    assert!(
+        err.contains("ROUTE_ARCGIS_COM_CLIENT_SECRET is not set"),
+        "{err}"
+    );
+
+    // An open proxy is refused: nothing on stdout, the reason on stderr.
+    let open = write(
+        dir.path(),
+        "open.config",
+        r#"<ProxyConfig mustMatch="false"><serverUrls/></ProxyConfig>"#,
+    );
+    let (code, toml, review) = run(&["import-esri", &open], &[]);
+    assert_eq!(code, 78);
+    assert!(toml.is_empty(), "{toml}");
+    assert!(review.contains("open proxy"), "{review}");
+
+    // The Node version's proxy.json.
+    let json = write(
+        dir.path(),
+        "proxy.json",
+        r#"{"proxyConfig": [{"mustMatch": true, "allowedReferers": ["https://parks.example.org"]}],
+            "serverUrls": [{"url": "https://basemaps-api.arcgis.com/arcgis/rest/services",
+                            "matchAll": true, "accessToken": "OLD-API-KEY"}]}"#,
+    );
+    let (code, toml, review) = run(&["import-esri", &json], &[]);
+    assert_eq!(code, 0, "{review}");
+    assert!(!toml.contains("OLD-API-KEY") && !review.contains("OLD-API-KEY"));
+    let new = write(dir.path(), "from-json.toml", &toml);
+    let (code, out, err) = run(
+        &["check", "--config", &new],
+        &[("BASEMAPS_API_ARCGIS_COM_API_KEY", "AAPK-new")],
+    );
+    assert_eq!(code, 0, "{toml}\n{out}{err}");
+}
