@@ -45,6 +45,25 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(ring::default_provider())
 }
 
+/// The operating system's trust roots, read once per process:
+/// `SSL_CERT_FILE` / `SSL_CERT_DIR` when set, else the platform's store.
+/// Unreadable entries are skipped (and logged once).
+fn os_roots() -> &'static [CertificateDer<'static>] {
+    static ROOTS: std::sync::OnceLock<Vec<CertificateDer<'static>>> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let found = rustls_native_certs::load_native_certs();
+        for e in found.errors.iter().take(3) {
+            tracing::warn!(error = %e, "cannot read some of the operating system's trust roots");
+        }
+        tracing::info!(
+            roots = found.certs.len(),
+            ssl_cert_file = std::env::var_os("SSL_CERT_FILE").is_some(),
+            "upstream TLS trusts the bundled roots, the operating system's and extra_ca"
+        );
+        found.certs
+    })
+}
+
 /// Reads a PEM certificate chain and key and builds the listener's config,
 /// with the leaf certificate's expiry (Unix seconds) when it can be read.
 pub fn server_config_from_files(
@@ -222,6 +241,14 @@ pub fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String>
 pub fn client_config(extra: &[CertificateDer<'static>]) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    // The operating system's store too (or `SSL_CERT_FILE`/`SSL_CERT_DIR`),
+    // so an internal CA installed there is trusted without `extra_ca`.
+    let (added, _ignored) = roots.add_parsable_certificates(os_roots().iter().cloned());
+    tracing::debug!(
+        os_roots = added,
+        extra_ca = extra.len(),
+        "upstream trust roots"
+    );
     for c in extra {
         // Validated at config load; a failure here cannot happen.
         let _ = roots.add(c.clone());

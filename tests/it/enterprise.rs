@@ -186,3 +186,46 @@ async fn rest_info_that_refuses_or_has_no_auth_info_names_the_credential() {
         assert!(!logs.contains(SECRET));
     }
 }
+
+/// An internal CA installed in the operating system's store (here given as
+/// `SSL_CERT_FILE`, which the store honours) is trusted for upstream and
+/// token requests without `extra_ca`; without it the same upstream is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_internal_ca_is_trusted_through_the_operating_systems_store() {
+    let pki = Pki::new();
+    let internal = Pki::new();
+    let fake = FakeArcGis::start_tls(internal.server_config(&[b"http/1.1"])).await;
+    let toml = standard_config(&fake, "").replace("extra_ca = \"{CA}\"\n", "");
+    assert!(!toml.contains("extra_ca"), "{toml}");
+    let cfg = write_config(&pki, "os-trust.toml", &toml);
+    let ca = internal.path("ca.pem");
+    let mut p = Proc::spawn(
+        &["--config", &cfg],
+        &[("SECRET", SECRET), ("SSL_CERT_FILE", ca.to_str().unwrap())],
+    );
+    let addr = p.listener("https");
+    p.wait_for("obtained token");
+    let a = TestClient::new(&pki, addr).get("/svc/echo/x").await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["token_ok"], true);
+    let (code, logs) = p.terminate();
+    assert_eq!(code, 0, "{logs}");
+    assert!(logs.contains("operating system"), "{logs}");
+
+    // The same without SSL_CERT_FILE: the internal CA is unknown.
+    let empty = tempfile::tempdir().unwrap();
+    let mut p = Proc::spawn(
+        &["--config", &cfg],
+        &[
+            ("SECRET", SECRET),
+            // An empty store, so the machine's own roots cannot matter.
+            ("SSL_CERT_DIR", empty.path().to_str().unwrap()),
+        ],
+    );
+    let addr = p.listener("https");
+    p.wait_for("could not obtain a token");
+    let a = TestClient::new(&pki, addr).get("/svc/echo/x").await;
+    assert_eq!(a.status, 503, "{}", a.text());
+    let _ = p.terminate();
+}
