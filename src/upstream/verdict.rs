@@ -142,15 +142,14 @@ fn may_be_json_error(headers: &HeaderMap) -> bool {
     small && texty
 }
 
-/// True for `{"error":{"code":498|499,…}}`.
+/// True for `{"error":{"code":498|499,…}}`, also wrapped as JSONP
+/// (`callback({…});`, as ArcGIS answers `callback=` requests).
 pub fn is_token_error(body: &[u8]) -> bool {
+    let body = body.trim_ascii();
+    let body = jsonp_inner(body).unwrap_or(body);
     // Cheap pre-check so ordinary answers are never parsed: ArcGIS writes the
     // `error` member first, right after the opening brace.
-    let start = body
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(body.len());
-    let rest = &body[start..];
+    let rest = body;
     let Some(after_brace) = rest.strip_prefix(b"{") else {
         return false;
     };
@@ -169,6 +168,25 @@ pub fn is_token_error(body: &[u8]) -> bool {
         .as_i64()
         .or_else(|| code.as_str().and_then(|s| s.parse().ok()));
     matches!(code, Some(498 | 499))
+}
+
+/// The JSON inside a JSONP answer: `name(…)` with an optional `;`, the
+/// name a JavaScript identifier path (`cb`, `dojo.io.script.jsonp_dojoIoScript1._jsonpCallback`),
+/// optionally after the `/**/` some servers put first.
+fn jsonp_inner(body: &[u8]) -> Option<&[u8]> {
+    let body = body
+        .strip_prefix(b"/**/")
+        .unwrap_or(body)
+        .trim_ascii_start();
+    let open = body.iter().position(|&c| c == b'(')?;
+    let name = body[..open].trim_ascii_end();
+    let ident = |c: &u8| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'$' | b'.');
+    if name.is_empty() || name[0].is_ascii_digit() || !name.iter().all(ident) {
+        return None;
+    }
+    let rest = body[open + 1..].trim_ascii_end();
+    let rest = rest.strip_suffix(b";").map_or(rest, <[u8]>::trim_ascii_end);
+    rest.strip_suffix(b")").map(<[u8]>::trim_ascii)
 }
 
 #[cfg(test)]
@@ -217,5 +235,22 @@ mod tests {
         assert!(!is_token_error(br#"{"features":[{"error":{"code":498}}]}"#));
         assert!(!is_token_error(b"{\"err"));
         assert!(!is_token_error(b""));
+        // JSONP, as ArcGIS answers `callback=` requests.
+        for wrapped in [
+            &br#"cb({"error":{"code":498,"message":"Invalid token."}});"#[..],
+            br#"/**/ dojo.io.script.jsonp_dojoIoScript3._jsonpCallback ( {"error":{"code":499}} ) ;"#,
+            b"cb({\"error\":{\"code\":498}})\n",
+        ] {
+            assert!(is_token_error(wrapped), "{}", String::from_utf8_lossy(wrapped));
+        }
+        for not in [
+            &br#"cb({"features":[]});"#[..],
+            br#"1cb({"error":{"code":498}})"#,
+            br#"alert(1);cb({"error":{"code":498}})"#,
+            br#"cb({"error":{"code":498}}"#,
+            b"(",
+        ] {
+            assert!(!is_token_error(not), "{}", String::from_utf8_lossy(not));
+        }
     }
 }

@@ -335,3 +335,27 @@ async fn upstream_trailers_never_reach_the_client() {
     );
     proxy.stop().await;
 }
+
+/// A refused token inside a JSONP answer (`callback=cb` →
+/// `cb({"error":{"code":498}})`) is retried like a JSON one, and the token
+/// the service echoes inside the callback is scrubbed.
+#[tokio::test]
+async fn jsonp_498_is_retried_and_jsonp_bodies_are_scrubbed() {
+    let pki = Pki::new();
+    let fake = FakeArcGis::start().await;
+    let proxy = TestProxy::start(&pki, &standard_config(&fake, "")).await;
+    let client = TestClient::new(&pki, proxy.addr);
+    assert_eq!(client.get("/svc/features").await.status, 200);
+    fake.revoke_all();
+    let before = fake.token_count();
+    let a = client.get("/svc/jsonp?f=json&callback=dojo_cb").await;
+    assert_eq!(a.status, 200);
+    let text = a.text();
+    assert!(text.starts_with("dojo_cb("), "{text}");
+    assert!(text.contains("\"ok\":true"), "not retried: {text}");
+    assert_eq!(fake.token_count(), before + 1, "one new token");
+    for t in fake.issued() {
+        assert!(!text.contains(&t), "token in a JSONP body: {text}");
+    }
+    proxy.stop().await;
+}

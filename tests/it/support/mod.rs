@@ -447,6 +447,24 @@ impl FakeArcGis {
             h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
             return resp;
         }
+        if path.starts_with("/svc/jsonp") {
+            // JSONP, as ArcGIS answers `callback=`: errors wrapped too.
+            let cb = url::form_urlencoded::parse(query.as_bytes())
+                .find(|(k, _)| k == "callback")
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_else(|| "cb".into());
+            let inner = if token_ok {
+                serde_json::json!({"ok": true, "echo": token.clone().unwrap_or_default()})
+            } else {
+                serde_json::json!({"error":{"code":498,"message":"Invalid token.","details":[]}})
+            };
+            let mut resp = Response::new(full(format!("{cb}({inner});")));
+            resp.headers_mut().insert(
+                "content-type",
+                HeaderValue::from_static("text/javascript; charset=utf-8"),
+            );
+            return resp;
+        }
         if !token_ok {
             if path.starts_with("/svc/json498") {
                 return json(
