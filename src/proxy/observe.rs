@@ -50,15 +50,13 @@ impl RequestCtx {
         let request_id = request_id(req.headers());
         let log = tracing::enabled!(target: "access", tracing::Level::INFO).then(|| AccessLog {
             method: req.method().clone(),
-            path: req.uri().path().chars().take(256).collect(),
+            path: clip(req.uri().path(), 256).to_string(),
             target: None,
             request_id: request_id.clone(),
-            user_agent: req.headers().get(header::USER_AGENT).map(|v| {
-                String::from_utf8_lossy(v.as_bytes())
-                    .chars()
-                    .take(256)
-                    .collect()
-            }),
+            user_agent: req
+                .headers()
+                .get(header::USER_AGENT)
+                .map(|v| clip(&String::from_utf8_lossy(v.as_bytes()), 256).to_string()),
             protocol: req.version(),
             upstream: None,
             route: None,
@@ -86,7 +84,7 @@ impl RequestCtx {
         if let Some(log) = self.log.as_mut() {
             let mut target = String::with_capacity(origin.len() + path.len());
             target.push_str(origin);
-            target.extend(path.chars().take(512));
+            target.push_str(clip(path, 512));
             log.target = Some(target);
         }
     }
@@ -99,9 +97,23 @@ impl RequestCtx {
     }
 }
 
+/// At most `max` bytes of `s`, cut at a character boundary (log fields
+/// stay bounded whatever a client sends).
+fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// A request id: the client's `X-Request-Id` when it is 1–128 characters
-/// of `A-Z a-z 0-9 - _ . :` (a load balancer's or the app's own), else 32
-/// random hex digits.
+/// of `A-Z a-z 0-9 - _ . :` (a load balancer's or the app's own), else 16
+/// random hex digits (64 bits: enough to tell requests apart in logs, and
+/// short, since HTTP/2 encodes every one afresh).
 fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(&crate::upstream::X_REQUEST_ID)
         && (1..=128).contains(&v.len())
@@ -112,11 +124,10 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         return v.clone();
     }
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = [0u8; 32];
-    let (a, b) = (fastrand::u64(..), fastrand::u64(..));
+    let mut out = [0u8; 16];
+    let word = fastrand::u64(..);
     for (i, slot) in out.iter_mut().enumerate() {
-        let word = if i < 16 { a } else { b };
-        *slot = HEX[((word >> ((i % 16) * 4)) & 0xf) as usize];
+        *slot = HEX[((word >> (i * 4)) & 0xf) as usize];
     }
     HeaderValue::from_bytes(&out).expect("hex digits are a valid header value")
 }
@@ -143,6 +154,13 @@ impl Proxy {
             }
             e.into_response()
         });
+        // Marked sensitive: each id is new, so HTTP/2's HPACK would insert
+        // every one into the connection's header table, evicting the
+        // entries that make the other headers cheap; a never-indexed
+        // literal costs less than half of that (callgrind, BENCHMARKS.md
+        // run AI).
+        let mut request_id = request_id;
+        request_id.set_sensitive(true);
         resp.headers_mut()
             .insert(&crate::upstream::X_REQUEST_ID, request_id);
         if let Some(origin) = cors_origin {
@@ -369,5 +387,17 @@ impl Drop for ObservedBody {
         if let Some(log) = self.log.take() {
             log.emit(false);
         }
+    }
+}
+
+#[cfg(test)]
+mod clip_tests {
+    #[test]
+    fn clip_cuts_at_a_character_boundary() {
+        assert_eq!(super::clip("abc", 5), "abc");
+        assert_eq!(super::clip("abcdef", 3), "abc");
+        // "é" is two bytes: never cut in half.
+        assert_eq!(super::clip("aé", 2), "a");
+        assert_eq!(super::clip("ééé", 5), "éé");
     }
 }

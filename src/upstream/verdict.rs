@@ -145,8 +145,13 @@ fn may_be_json_error(headers: &HeaderMap) -> bool {
 /// True for `{"error":{"code":498|499,…}}`, also wrapped as JSONP
 /// (`callback({…});`, as ArcGIS answers `callback=` requests).
 pub fn is_token_error(body: &[u8]) -> bool {
-    let body = body.trim_ascii();
-    let body = jsonp_inner(body).unwrap_or(body);
+    let body = body.trim_ascii_start();
+    // Only a body that does not start as JSON can be JSONP; an ordinary
+    // answer must not be scanned for a parenthesis.
+    let body = match body.first() {
+        Some(b'{') | None => body,
+        Some(_) => jsonp_inner(body.trim_ascii_end()).unwrap_or(body),
+    };
     // Cheap pre-check so ordinary answers are never parsed: ArcGIS writes the
     // `error` member first, right after the opening brace.
     let rest = body;
