@@ -92,28 +92,37 @@ pub async fn run(
 
 /// Reloads `path` into `app` on every SIGHUP; a config that fails
 /// validation is logged and the running one stays.
-pub async fn reload_on_sighup(app: Arc<App>, path: std::path::PathBuf) {
+pub fn reload_on_sighup(
+    app: Arc<App>,
+    path: std::path::PathBuf,
+) -> impl std::future::Future<Output = ()> + Send {
+    // Registered now, not when the task first runs: a SIGHUP that arrives
+    // between readiness and the task's first poll would otherwise take the
+    // default action and end the process.
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot install the SIGHUP handler; reload disabled");
-            return;
-        };
-        while hup.recv().await.is_some() {
-            tracing::info!(config = %path.display(), "SIGHUP received: reloading");
-            notify::reloading();
-            if app.reload_from(&path, &config::ProcessEnv) {
-                notify::ready("serving; configuration reloaded");
-            } else {
-                notify::ready("serving; the new configuration was rejected, the old one runs");
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    async move {
+        #[cfg(unix)]
+        {
+            let Ok(mut hup) = hup else {
+                tracing::warn!("cannot install the SIGHUP handler; reload disabled");
+                return;
+            };
+            while hup.recv().await.is_some() {
+                tracing::info!(config = %path.display(), "SIGHUP received: reloading");
+                notify::reloading();
+                if app.reload_from(&path, &config::ProcessEnv) {
+                    notify::ready("serving; configuration reloaded");
+                } else {
+                    notify::ready("serving; the new configuration was rejected, the old one runs");
+                }
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = (app, path);
-        std::future::pending::<()>().await;
+        #[cfg(not(unix))]
+        {
+            let _ = (app, path);
+            std::future::pending::<()>().await;
+        }
     }
 }
 

@@ -251,14 +251,15 @@ async fn serve(path: PathBuf, threads: usize) -> ExitCode {
             tracing::info!(listener = what, %addr, "listening");
         }
     }
-    #[cfg(unix)]
-    arcgis_app_proxy::notify::ready("serving");
     let app = arcgis_app_proxy::App::with_shards(config, threads);
     tokio::spawn(arcgis_app_proxy::reload_on_sighup(
         app.clone(),
         path.clone(),
     ));
     tokio::spawn(arcgis_app_proxy::reload_on_change(app.clone(), path));
+    // Ready once the listeners are bound and SIGHUP is handled.
+    #[cfg(unix)]
+    arcgis_app_proxy::notify::ready("serving");
     match arcgis_app_proxy::server::run(app, listeners, arcgis_app_proxy::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

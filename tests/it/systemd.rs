@@ -235,7 +235,15 @@ async fn the_binary_tells_systemd_when_it_is_ready_reloading_and_stopping() {
         let n = sock.recv(&mut buf).expect("no notification within 10 s");
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
-    let cfg = write_config(&pki, "notify.toml", &standard_config(&fake, ""));
+    // Reloads by SIGHUP only, so each one is this test's own.
+    let cfg = write_config(
+        &pki,
+        "notify.toml",
+        &standard_config(&fake, "").replace(
+            "admin_listen = \"127.0.0.1:0\"",
+            "admin_listen = \"127.0.0.1:0\"\nreload_poll_secs = 0",
+        ),
+    );
     let mut p = Proc::spawn(
         &["--config", &cfg],
         &[
