@@ -180,20 +180,8 @@ fn client_credentials(
     warnings: &mut Vec<String>,
 ) -> Option<CredentialKind> {
     let token_url = token_url(c.token_url.as_deref(), key, p, warnings);
-    let client_id = match c.client_id {
-        Some(id) if !id.trim().is_empty() => Some(id),
-        _ => {
-            p.add(format!("{key}.client_id"), "missing or empty");
-            None
-        }
-    };
-    let expiration_minutes = c.expiration_minutes.unwrap_or(120);
-    if !(1..=20160).contains(&expiration_minutes) {
-        p.add(
-            format!("{key}.expiration_minutes"),
-            "must be between 1 and 20160 (14 days)",
-        );
-    }
+    let client_id = non_empty(c.client_id, key, "client_id", p);
+    let expiration_minutes = expiration(c.expiration_minutes, key, p);
     let given = SecretFields {
         inline: c.client_secret,
         env: c.client_secret_env,
@@ -222,20 +210,8 @@ fn user_password(
         Some(v) => Some(token_url(Some(v), key, p, warnings)?),
         None => None,
     };
-    let username = match c.username {
-        Some(u) if !u.trim().is_empty() => Some(u),
-        _ => {
-            p.add(format!("{key}.username"), "missing or empty");
-            None
-        }
-    };
-    let expiration_minutes = c.expiration_minutes.unwrap_or(120);
-    if !(1..=20160).contains(&expiration_minutes) {
-        p.add(
-            format!("{key}.expiration_minutes"),
-            "must be between 1 and 20160 (14 days)",
-        );
-    }
+    let username = non_empty(c.username, key, "username", p);
+    let expiration_minutes = expiration(c.expiration_minutes, key, p);
     let given = SecretFields {
         inline: c.password,
         env: c.password_env,
@@ -288,6 +264,27 @@ pub(super) fn discover_from_routes(
             ),
         }
     }
+}
+
+/// A required, non-blank value of `key.field`.
+fn non_empty(v: Option<String>, key: &str, field: &str, p: &mut Problems) -> Option<String> {
+    let v = v.filter(|v| !v.trim().is_empty());
+    if v.is_none() {
+        p.add(format!("{key}.{field}"), "missing or empty");
+    }
+    v
+}
+
+/// `expiration_minutes`: 120 by default, 1 to 20160 (ArcGIS's 14 days).
+fn expiration(v: Option<u32>, key: &str, p: &mut Problems) -> u32 {
+    let minutes = v.unwrap_or(120);
+    if !(1..=20160).contains(&minutes) {
+        p.add(
+            format!("{key}.expiration_minutes"),
+            "must be between 1 and 20160 (14 days)",
+        );
+    }
+    minutes
 }
 
 /// `token_url`: required, an http(s) URL without userinfo; cleartext http

@@ -19,7 +19,7 @@ use crate::body;
 use crate::upstream::HttpClient;
 
 /// Largest token endpoint answer read.
-pub(super) const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
+const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
 
 /// What a successful fetch yields: the token and its lifetime, if any.
 pub type Fetched = (String, Option<Duration>);
@@ -44,13 +44,18 @@ pub struct OAuthFetcher {
 
 impl Fetcher for OAuthFetcher {
     fn fetch(&self) -> BoxFuture<'_, Result<Fetched, TokenError>> {
-        Box::pin(async move {
-            match tokio::time::timeout(self.timeout, self.request()).await {
-                Ok(r) => r,
-                Err(_) => Err(unavailable("token endpoint timed out")),
-            }
-        })
+        Box::pin(within(self.timeout, self.request()))
     }
+}
+
+/// `fetch` bounded by `timeout`.
+pub(super) async fn within(
+    timeout: Duration,
+    fetch: impl std::future::Future<Output = Result<Fetched, TokenError>>,
+) -> Result<Fetched, TokenError> {
+    tokio::time::timeout(timeout, fetch)
+        .await
+        .unwrap_or_else(|_| Err(unavailable("token endpoint timed out")))
 }
 
 pub(super) fn unavailable(reason: impl Into<String>) -> TokenError {
@@ -58,6 +63,45 @@ pub(super) fn unavailable(reason: impl Into<String>) -> TokenError {
         reason: reason.into(),
         retry_after: Duration::from_secs(1),
     }
+}
+
+/// A form `POST` to a token endpoint, with the credential's referrer.
+pub(super) fn form_post(
+    url: &Url,
+    form: String,
+    referer: Option<&HeaderValue>,
+) -> Result<Request<crate::body::ProxyBody>, TokenError> {
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri(url.as_str())
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header(header::ACCEPT, "application/json")
+        .body(body::full(Bytes::from(form)))
+        .map_err(|_| unavailable("token_url is not a valid request URI"))?;
+    if let Some(r) = referer {
+        req.headers_mut().insert(header::REFERER, r.clone());
+    }
+    Ok(req)
+}
+
+/// Sends `req` and reads the answer, at most [`MAX_TOKEN_RESPONSE`] bytes.
+pub(super) async fn send(
+    client: &HttpClient,
+    req: Request<crate::body::ProxyBody>,
+) -> Result<(http::StatusCode, Bytes), TokenError> {
+    let resp = client.request(req).await.map_err(|e| {
+        unavailable(format!(
+            "cannot reach token endpoint: {}",
+            crate::error::describe(&e)
+        ))
+    })?;
+    let status = resp.status();
+    let bytes = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
+        .collect()
+        .await
+        .map_err(|_| unavailable("token endpoint answer unreadable or too large"))?
+        .to_bytes();
+    Ok((status, bytes))
 }
 
 impl OAuthFetcher {
@@ -69,28 +113,8 @@ impl OAuthFetcher {
             .append_pair("expiration", &self.expiration_minutes.to_string())
             .append_pair("f", "json")
             .finish();
-        let mut req = Request::builder()
-            .method(Method::POST)
-            .uri(self.token_url.as_str())
-            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .header(header::ACCEPT, "application/json")
-            .body(body::full(Bytes::from(form)))
-            .map_err(|_| unavailable("token_url is not a valid request URI"))?;
-        if let Some(r) = &self.referer {
-            req.headers_mut().insert(header::REFERER, r.clone());
-        }
-        let resp = self.client.request(req).await.map_err(|e| {
-            unavailable(format!(
-                "cannot reach token endpoint: {}",
-                crate::error::describe(&e)
-            ))
-        })?;
-        let status = resp.status();
-        let bytes = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
-            .collect()
-            .await
-            .map_err(|_| unavailable("token endpoint answer unreadable or too large"))?
-            .to_bytes();
+        let req = form_post(&self.token_url, form, self.referer.as_ref())?;
+        let (status, bytes) = send(&self.client, req).await?;
         parse_answer(status, &bytes, self.client_secret.expose())
     }
 }

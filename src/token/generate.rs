@@ -11,15 +11,13 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{HeaderValue, Method, Request, header};
-use http_body_util::{BodyExt, Limited};
 use serde_json::Value;
 use tokio::sync::OnceCell;
 use url::Url;
 
-use super::fetch::{Fetched, Fetcher, MAX_TOKEN_RESPONSE, answer_json, redact, unavailable};
+use super::fetch::{Fetched, Fetcher, answer_json, form_post, redact, send, unavailable, within};
 use super::{Secret, TokenError};
 use crate::body;
 use crate::upstream::HttpClient;
@@ -42,12 +40,7 @@ pub struct GenerateTokenFetcher {
 
 impl Fetcher for GenerateTokenFetcher {
     fn fetch(&self) -> BoxFuture<'_, Result<Fetched, TokenError>> {
-        Box::pin(async move {
-            match tokio::time::timeout(self.timeout, self.request()).await {
-                Ok(r) => r,
-                Err(_) => Err(unavailable("token endpoint timed out")),
-            }
-        })
+        Box::pin(within(self.timeout, self.request()))
     }
 }
 
@@ -74,17 +67,8 @@ impl GenerateTokenFetcher {
             };
             form.finish()
         };
-        let mut req = Request::builder()
-            .method(Method::POST)
-            .uri(token_url.as_str())
-            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .header(header::ACCEPT, "application/json")
-            .body(body::full(Bytes::from(form)))
-            .map_err(|_| unavailable("token_url is not a valid request URI"))?;
-        if let Some(r) = &self.referer {
-            req.headers_mut().insert(header::REFERER, r.clone());
-        }
-        let (status, bytes) = self.send(req).await?;
+        let req = form_post(&token_url, form, self.referer.as_ref())?;
+        let (status, bytes) = send(&self.client, req).await?;
         parse_answer(status, &bytes, self.password.expose(), SystemTime::now())
     }
 
@@ -99,7 +83,7 @@ impl GenerateTokenFetcher {
             .header(header::ACCEPT, "application/json")
             .body(body::empty())
             .map_err(|_| unavailable("the /rest/info URL is not a valid request URI"))?;
-        let (status, bytes) = self.send(req).await?;
+        let (status, bytes) = send(&self.client, req).await?;
         let url = token_services_url(status, &bytes, info)?;
         tracing::info!(
             credential = %self.name,
@@ -108,25 +92,6 @@ impl GenerateTokenFetcher {
             "found the token service URL in /rest/info"
         );
         Ok(url)
-    }
-
-    async fn send(
-        &self,
-        req: Request<crate::body::ProxyBody>,
-    ) -> Result<(http::StatusCode, Bytes), TokenError> {
-        let resp = self.client.request(req).await.map_err(|e| {
-            unavailable(format!(
-                "cannot reach token endpoint: {}",
-                crate::error::describe(&e)
-            ))
-        })?;
-        let status = resp.status();
-        let bytes = Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
-            .collect()
-            .await
-            .map_err(|_| unavailable("token endpoint answer unreadable or too large"))?
-            .to_bytes();
-        Ok((status, bytes))
     }
 }
 

@@ -30,9 +30,14 @@ mount = "/ent"
     )
 }
 
-fn form(fake: &FakeArcGis, i: usize) -> Vec<(String, String)> {
+/// The first generateToken form the fake received, as pairs.
+fn username_form(fake: &FakeArcGis) -> Vec<(String, String)> {
     let forms = fake.token_forms.lock().unwrap().clone();
-    url::form_urlencoded::parse(forms[i].as_bytes())
+    let form = forms
+        .iter()
+        .find(|f| f.contains("username="))
+        .expect("no generateToken request");
+    url::form_urlencoded::parse(form.as_bytes())
         .into_owned()
         .collect()
 }
@@ -77,14 +82,7 @@ async fn a_portal_found_through_rest_info_gives_tokens_and_the_password_never_sh
         "looked up once"
     );
     // The documented form: client=referer with the credential's referrer.
-    let i = fake
-        .token_forms
-        .lock()
-        .unwrap()
-        .iter()
-        .position(|f| f.contains("username="))
-        .unwrap();
-    let pairs = form(&fake, i);
+    let pairs = username_form(&fake);
     assert_eq!(get(&pairs, "username"), Some("svc_publicmaps"));
     assert_eq!(get(&pairs, "password"), Some(SECRET));
     assert_eq!(get(&pairs, "expiration"), Some("60"));
@@ -113,14 +111,7 @@ async fn a_stand_alone_server_with_its_token_url_uses_requestip() {
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(a.json()["token_ok"], true);
     assert_eq!(fake.info_requests.load(Ordering::SeqCst), 0);
-    let i = fake
-        .token_forms
-        .lock()
-        .unwrap()
-        .iter()
-        .position(|f| f.contains("username="))
-        .unwrap();
-    let pairs = form(&fake, i);
+    let pairs = username_form(&fake);
     assert_eq!(get(&pairs, "client"), Some("requestip"));
     assert_eq!(get(&pairs, "referer"), None);
     // A revoked token (the service answers 499 "Token Required") is

@@ -18,22 +18,22 @@ fn free_port() -> u16 {
 /// Starts a throwaway `redis-server` on a free port, or `None` when it is
 /// not installed.
 fn start_redis() -> Option<(std::process::Child, u16)> {
+    start_redis_with(|port| vec!["--port".into(), port.to_string().into()])
+}
+
+/// As [`start_redis`], with `listen(port)` giving the listening arguments
+/// (`--port`, or `--tls-port` and its files).
+fn start_redis_with(
+    listen: impl FnOnce(u16) -> Vec<std::ffi::OsString>,
+) -> Option<(std::process::Child, u16)> {
     let Ok(redis_bin) = which("redis-server") else {
         eprintln!("SKIPPED: redis-server not installed (apt-get install redis-server)");
         return None;
     };
     let port = free_port();
     let redis = Command::new(redis_bin)
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
+        .args(listen(port))
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -211,32 +211,28 @@ fn which(name: &str) -> Result<String, ()> {
 /// refuse everything), and a wrong password is a store error, not a pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_store_with_a_password_from_the_environment() {
-    let Ok(redis_bin) = which("redis-server") else {
-        eprintln!("SKIPPED: redis-server not installed (apt-get install redis-server)");
+    let pki = Pki::new();
+    let Some((mut redis, port)) = start_redis_with(|port| {
+        let f = |name: &str| pki.path(name).into_os_string();
+        vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string().into(),
+            "--tls-cert-file".into(),
+            f("proxy.crt"),
+            "--tls-key-file".into(),
+            f("proxy.key"),
+            "--tls-ca-cert-file".into(),
+            f("ca.pem"),
+            "--tls-auth-clients".into(),
+            "no".into(),
+            "--requirepass".into(),
+            SECRET.into(),
+        ]
+    }) else {
         return;
     };
-    let pki = Pki::new();
-    let port = free_port();
-    let mut redis = Command::new(redis_bin)
-        .args(["--port", "0", "--tls-port", &port.to_string()])
-        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .arg("--tls-cert-file")
-        .arg(pki.path("proxy.crt"))
-        .arg("--tls-key-file")
-        .arg(pki.path("proxy.key"))
-        .arg("--tls-ca-cert-file")
-        .arg(pki.path("ca.pem"))
-        .args(["--tls-auth-clients", "no", "--requirepass", SECRET])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let fake = FakeArcGis::start().await;
     let config = |password_env: &str| {
         standard_config(
