@@ -35,6 +35,22 @@ impl RequestBody {
         matches!(self.kind, Kind::Kept(_))
     }
 
+    /// A kept form body as text.
+    pub fn kept_text(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Kept(b) => std::str::from_utf8(b).ok(),
+            Kind::Streaming(_) => None,
+        }
+    }
+
+    /// Replaces a kept body (a rewritten form).
+    pub fn replace_kept(&mut self, bytes: Bytes) {
+        if let Kind::Kept(b) = &mut self.kind {
+            *b = bytes;
+            self.announced = None;
+        }
+    }
+
     /// The body for one attempt and its exact length, if known.
     pub fn take(&mut self) -> (ProxyBody, Option<u64>) {
         match &mut self.kind {

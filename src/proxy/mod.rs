@@ -39,6 +39,7 @@ mod body;
 mod forward;
 mod limit;
 mod observe;
+mod print;
 mod respond;
 mod target;
 #[cfg(test)]
@@ -333,17 +334,20 @@ impl Proxy {
         if let Some(answered) = self.admit(&parts, ctx)? {
             return Ok(answered);
         }
-        let target = target::resolve(&self.config, &parts)?;
+        let mut target = target::resolve(&self.config, &parts)?;
         ctx.route = Some(target.route.index);
         ctx.note_target(target.origin(), target.path());
         let app = ctx.app.unwrap_or(self.config.apps.len() - 1);
         self.limit(target.route, app, ctx.client).await?;
-        let body = body::read(&parts, body, &self.config.limits).await?;
+        let mut body = body::read(&parts, body, &self.config.limits).await?;
+        let printed = self
+            .print_layers(&parts, &mut target, &mut body, app, &ctx.conn)
+            .await?;
         let forwarded = self
             .forward(upstream, &parts, &target, app, &ctx.request_id, body)
             .await?;
         ctx.note_upstream(forwarded.parts.status, forwarded.upstream_time);
-        self.respond(&parts, &target, forwarded, &ctx.conn)
+        self.respond(&parts, &target, forwarded, &ctx.conn, &printed)
     }
 
     /// The client's address (see [`crate::policy::client`]).

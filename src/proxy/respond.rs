@@ -41,6 +41,7 @@ impl Proxy {
         target: &Target<'_>,
         forwarded: Forwarded<'_>,
         conn: &ConnInfo,
+        printed: &[Arc<Token>],
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let route = target.route;
         let Forwarded {
@@ -77,7 +78,12 @@ impl Proxy {
             .filter(|s| source.is_none_or(|used| used.name() != s.name()))
             .flat_map(TokenSource::held)
             .collect();
-        let held: Vec<&Arc<Token>> = held.iter().chain(&others).flatten().collect();
+        let held: Vec<&Arc<Token>> = held
+            .iter()
+            .chain(&others)
+            .flatten()
+            .chain(printed)
+            .collect();
         let mut secrets: Vec<&str> = Vec::with_capacity(6);
         for t in token.iter().chain(held.iter().copied()) {
             for v in [t.expose(), t.query_value()] {
@@ -203,7 +209,12 @@ impl Proxy {
     }
 
     /// `scheme://host[:port]` for proxy URLs sent back to this client.
-    fn public_base(&self, headers: &HeaderMap, uri: &http::Uri, conn: &ConnInfo) -> String {
+    pub(super) fn public_base(
+        &self,
+        headers: &HeaderMap,
+        uri: &http::Uri,
+        conn: &ConnInfo,
+    ) -> String {
         if let Some(p) = &self.config.server.public_url {
             return p.clone();
         }

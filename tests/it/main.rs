@@ -12,6 +12,7 @@ mod leaks;
 mod listeners;
 mod ops;
 mod packaging;
+mod printing;
 mod restjs;
 mod routing;
 mod shared_rate;

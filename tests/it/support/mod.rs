@@ -484,6 +484,15 @@ impl FakeArcGis {
             );
         }
         let token = token.unwrap_or_default();
+        if path.starts_with("/svc/print/") {
+            // A print service: answers with the output's URL; the test reads
+            // the Web_Map_as_JSON it was sent from `requests()`.
+            return json(
+                StatusCode::OK,
+                serde_json::json!({"results":[{"paramName":"Output_File",
+                    "value":{"url": format!("{}/svc/print/output/map.pdf", self.url())}}]}),
+            );
+        }
         let me = self.url();
         if path.starts_with("/svc/leak/style") {
             return json(
