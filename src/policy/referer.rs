@@ -31,8 +31,29 @@ pub struct RefererPolicy {
     /// Paired with the entry's index. Such an entry is the most specific
     /// one possible unless some entry has a path, so the shortcut is only
     /// taken when none has.
-    exact_origins: Vec<(String, usize)>,
+    exact_origins: std::collections::HashMap<String, usize>,
+    /// The same as a list, when it is short: comparing a few prefixes is
+    /// cheaper than hashing the value's origin.
+    exact_list: Vec<(String, usize)>,
     has_paths: bool,
+    /// Entries by scheme (0 http, 1 https) and exact host, and by scheme
+    /// and wildcard domain; `*` entries apart. A value is compared only with
+    /// the entries its own host can match (its host, and each of its
+    /// parent domains), so the cost does not grow with the allowlist.
+    by_host: [std::collections::HashMap<String, Vec<usize>>; 2],
+    by_domain: [std::collections::HashMap<String, Vec<usize>>; 2],
+    any: Vec<usize>,
+}
+
+/// Up to this many exact origins are compared one by one.
+const SHORT_LIST: usize = 16;
+
+fn scheme_slot(scheme: &str) -> Option<usize> {
+    match scheme {
+        "http" => Some(0),
+        "https" => Some(1),
+        _ => None,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -109,7 +130,7 @@ impl RefererPolicy {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let exact_origins = out
+        let exact_list: Vec<(String, usize)> = out
             .iter()
             .enumerate()
             .filter_map(|(i, e)| match e {
@@ -132,16 +153,44 @@ impl RefererPolicy {
                 _ => None,
             })
             .collect();
+        let exact_origins = exact_list.iter().cloned().collect();
+        let exact_list = if exact_list.len() <= SHORT_LIST {
+            exact_list
+        } else {
+            Vec::new()
+        };
         let has_paths = out
             .iter()
             .any(|e| matches!(e, Entry::Pattern { path: Some(_), .. }));
+        let mut by_host: [std::collections::HashMap<String, Vec<usize>>; 2] = Default::default();
+        let mut by_domain: [std::collections::HashMap<String, Vec<usize>>; 2] = Default::default();
+        let mut any = Vec::new();
+        for (i, e) in out.iter().enumerate() {
+            match e {
+                Entry::Any => any.push(i),
+                Entry::Pattern { scheme, host, .. } => {
+                    let Some(slot) = scheme_slot(scheme) else {
+                        continue;
+                    };
+                    let (map, name) = match host {
+                        HostPattern::Exact(h) => (&mut by_host[slot], h),
+                        HostPattern::Domain(d) => (&mut by_domain[slot], d),
+                    };
+                    map.entry(name.clone()).or_default().push(i);
+                }
+            }
+        }
         Ok(RefererPolicy {
             apps: entries.iter().map(|(_, a)| *a).collect(),
             entries: out,
             allow_missing,
             none_app,
             exact_origins,
+            exact_list,
             has_paths,
+            by_host,
+            by_domain,
+            any,
         })
     }
 
@@ -152,8 +201,12 @@ impl RefererPolicy {
             apps: Vec::new(),
             allow_missing: false,
             none_app: 0,
-            exact_origins: Vec::new(),
+            exact_origins: Default::default(),
+            exact_list: Vec::new(),
             has_paths: false,
+            by_host: Default::default(),
+            by_domain: Default::default(),
+            any: Vec::new(),
         }
     }
 
@@ -240,20 +293,43 @@ impl RefererPolicy {
         if value.is_empty() {
             return None;
         }
+        // The fast path: the value's `scheme://authority` is an exact-origin
+        // entry as written canonically, followed by nothing or a path.
         if !self.has_paths
             && let Ok(text) = std::str::from_utf8(value)
-            && let Some((_, i)) = self.exact_origins.iter().find(|(o, _)| {
-                text.strip_prefix(o.as_str()).is_some_and(|rest| {
-                    rest.is_empty() || (rest.starts_with('/') && !rest.contains('\\'))
-                })
-            })
+            && let Some(i) = self.exact_origin(text)
             && !text.bytes().any(|b| b <= b' ' || b == 0x7f)
         {
-            return Some(*i);
+            return Some(i);
         }
         self.matches(value)
             .max_by_key(|(i, spec)| (*spec, std::cmp::Reverse(*i)))
             .map(|(i, _)| i)
+    }
+
+    /// The exact-origin entry `text` starts with, followed by nothing or a
+    /// path without backslashes.
+    fn exact_origin(&self, text: &str) -> Option<usize> {
+        let tail_ok =
+            |rest: &str| rest.is_empty() || (rest.starts_with('/') && !rest.contains('\\'));
+        if self.exact_origins.is_empty() {
+            return None;
+        }
+        if !self.exact_list.is_empty() {
+            return self
+                .exact_list
+                .iter()
+                .find(|(o, _)| text.strip_prefix(o.as_str()).is_some_and(tail_ok))
+                .map(|(_, i)| *i);
+        }
+        let after_scheme = text.find("://")? + 3;
+        let end = text[after_scheme..]
+            .find('/')
+            .map_or(text.len(), |j| after_scheme + j);
+        if !tail_ok(&text[end..]) {
+            return None;
+        }
+        self.exact_origins.get(&text[..end]).copied()
     }
 
     /// Each app with an entry that accepts the value, with its most
@@ -281,9 +357,32 @@ impl RefererPolicy {
             .and_then(|text| Url::parse(text).ok())
             .filter(|url| url.host_str().is_some());
         let present = !value.is_empty();
-        self.entries
-            .iter()
-            .enumerate()
+        // The entries this value's host can match: its exact host, each of
+        // its parent domains (and itself) as a wildcard, and `*`.
+        let mut candidates: Vec<usize> = Vec::new();
+        if let Some(url) = &parsed
+            && let (Some(slot), Some(host)) = (scheme_slot(url.scheme()), url.host_str())
+        {
+            if let Some(v) = self.by_host[slot].get(host) {
+                candidates.extend(v);
+            }
+            let mut suffix = host;
+            loop {
+                if let Some(v) = self.by_domain[slot].get(suffix) {
+                    candidates.extend(v);
+                }
+                match suffix.find('.') {
+                    Some(dot) => suffix = &suffix[dot + 1..],
+                    None => break,
+                }
+            }
+        }
+        if present {
+            candidates.extend(&self.any);
+        }
+        candidates
+            .into_iter()
+            .map(move |i| (i, &self.entries[i]))
             .filter(move |(_, e)| match (e, &parsed) {
                 // `*` accepts any present value, even one that is not a URL.
                 (Entry::Any, _) => present,
@@ -661,6 +760,59 @@ mod tests {
         assert_eq!(idx, [1, 2, 3, 4, 5]);
     }
 
+    impl RefererPolicy {
+        /// The matcher before the index: every entry compared. The index
+        /// must find exactly what this finds.
+        fn matches_linear(&self, value: &[u8]) -> Vec<(usize, Specificity)> {
+            let parsed = (!value.is_empty())
+                .then(|| std::str::from_utf8(value).ok())
+                .flatten()
+                .filter(|text| !text.bytes().any(|b| b <= b' ' || b == 0x7f))
+                .and_then(|text| Url::parse(text).ok())
+                .filter(|url| url.host_str().is_some());
+            self.entries
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| match (e, &parsed) {
+                    (Entry::Any, _) => !value.is_empty(),
+                    (_, Some(url)) => e.matches(url, url.host_str().unwrap_or_default()),
+                    (_, None) => false,
+                })
+                .map(|(i, e)| (i, e.specificity()))
+                .collect()
+        }
+    }
+
+    /// 10,000 entries over 1,000 apps: each value finds its own app, through
+    /// the fast path and the index alike.
+    #[test]
+    fn a_large_allowlist_is_looked_up_not_scanned() {
+        let mut entries = Vec::new();
+        for app in 0..1000 {
+            for k in 0..10 {
+                let e = match k {
+                    0 => format!("https://*.app{app}.example.org"),
+                    1 => format!("http://localhost-{app}:*"),
+                    2 => format!("https://app{app}.example.com:8443"),
+                    _ => format!("https://s{k}.app{app}.example.net"),
+                };
+                entries.push((e, app));
+            }
+        }
+        let p = RefererPolicy::compile(&entries, false, usize::MAX).unwrap();
+        for app in [0usize, 1, 517, 999] {
+            for value in [
+                format!("https://x.y.app{app}.example.org/page"),
+                format!("http://localhost-{app}:3000/"),
+                format!("https://app{app}.example.com:8443/"),
+                format!("https://s5.app{app}.example.net"),
+            ] {
+                assert_eq!(p.app_for_value(value.as_bytes()), Some(app), "{value}");
+            }
+        }
+        assert_eq!(p.app_for_value(b"https://app1000.example.com:8443/"), None);
+    }
+
     proptest::proptest! {
         // Invariant: whatever the allowlist accepts parses to a host under the
         // entry that allowed it (and with its scheme and port).
@@ -689,6 +841,43 @@ mod tests {
                 proptest::prop_assert_eq!(u.scheme(), "https");
                 proptest::prop_assert_eq!(u.port_or_known_default(), Some(443));
             }
+        }
+    }
+
+    proptest::proptest! {
+        // The index finds exactly the entries a scan of all of them finds.
+        #[test]
+        fn the_index_agrees_with_a_scan(
+            picks in proptest::collection::vec(0usize..12, 1..10),
+            scheme in proptest::sample::select(vec!["https", "http", "HTTPS"]),
+            sub in proptest::sample::select(vec!["", "a.", "a.b.", "x."]),
+            base in proptest::sample::select(vec!["example.org", "example.com", "maps.example.org", "localhost", "127.0.0.1", "org"]),
+            port in proptest::sample::select(vec!["", ":443", ":8443", ":80", ":3000"]),
+            path in proptest::sample::select(vec!["", "/", "/viewer", "/viewer/x", "/other"]),
+        ) {
+            let vocabulary = [
+                "https://example.org", "https://*.example.org", "https://*.maps.example.org",
+                "http://localhost:*", "https://localhost:3000", "https://example.com:8443",
+                "*", "https://example.com/viewer", "http://*.org", "https://127.0.0.1",
+                "https://a.example.org", "http://example.com",
+            ];
+            let mut seen = Vec::new();
+            let entries: Vec<(String, usize)> = picks
+                .iter()
+                .filter(|i| { let new = !seen.contains(*i); seen.push(**i); new })
+                .enumerate()
+                .map(|(app, i)| (vocabulary[*i].to_string(), app))
+                .collect();
+            let p = RefererPolicy::compile(&entries, false, 99).unwrap();
+            let value = format!("{scheme}://{sub}{base}{port}{path}");
+            let mut indexed: Vec<(usize, Specificity)> = p.matches(value.as_bytes()).collect();
+            indexed.sort_unstable();
+            let mut scanned = p.matches_linear(value.as_bytes());
+            scanned.sort_unstable();
+            proptest::prop_assert_eq!(&indexed, &scanned, "{}", value);
+            // And the fast path picks what the full comparison picks.
+            let best = scanned.iter().max_by_key(|(i, spec)| (*spec, std::cmp::Reverse(*i))).map(|(i, _)| *i);
+            proptest::prop_assert_eq!(p.matching_entry(value.as_bytes()), best, "{}", value);
         }
     }
 }
