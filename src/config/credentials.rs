@@ -206,10 +206,11 @@ fn user_password(
     p: &mut Problems,
     warnings: &mut Vec<String>,
 ) -> Option<CredentialKind> {
-    let token_url = match c.token_url.as_deref() {
-        Some(v) => Some(token_url(Some(v), key, p, warnings)?),
-        None => None,
-    };
+    // Checked now, used at the end, so every problem is reported at once.
+    let given_url = c
+        .token_url
+        .as_deref()
+        .map(|v| token_url(Some(v), key, p, warnings));
     let username = non_empty(c.username, key, "username", p);
     let expiration_minutes = expiration(c.expiration_minutes, key, p);
     let given = SecretFields {
@@ -218,6 +219,10 @@ fn user_password(
         file: c.password_file,
     };
     let password = load_secret(p, warnings, key, "password", given, files);
+    let token_url = match given_url {
+        Some(checked) => Some(checked?),
+        None => None,
+    };
     Some(CredentialKind::UserPassword {
         token_url,
         info_url: None,

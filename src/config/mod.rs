@@ -611,6 +611,18 @@ referers = ["ftp://x"]
             let k = keys(&with(cred, upstream));
             assert!(k.iter().any(|x| x == key), "{cred}: {k:?}");
         }
+        // A bad token_url does not hide the other problems of the table.
+        let k = keys(&with(
+            "username = \"\"\npassword_env = \"UNSET\"\ntoken_url = \"ftp://x\"",
+            "https://gis.example.com/arcgis/rest/services",
+        ));
+        for key in [
+            "credentials.online.token_url",
+            "credentials.online.username",
+            "credentials.online.password_env",
+        ] {
+            assert!(k.iter().any(|x| x == key), "{key}: {k:?}");
+        }
     }
 
     #[test]

@@ -298,7 +298,7 @@ impl RefererPolicy {
         if !self.has_paths
             && let Ok(text) = std::str::from_utf8(value)
             && let Some(i) = self.exact_origin(text)
-            && !text.bytes().any(|b| b <= b' ' || b == 0x7f)
+            && !has_blank_or_control(text)
         {
             return Some(i);
         }
@@ -348,14 +348,7 @@ impl RefererPolicy {
 
     /// Every entry that accepts the value, with its specificity.
     fn matches<'a>(&'a self, value: &[u8]) -> impl Iterator<Item = (usize, Specificity)> + 'a {
-        let parsed = (!value.is_empty())
-            .then(|| std::str::from_utf8(value).ok())
-            .flatten()
-            // WHATWG parsing silently drops tabs/newlines and trims spaces; a
-            // header carrying them is not a URL a browser sent.
-            .filter(|text| !text.bytes().any(|b| b <= b' ' || b == 0x7f))
-            .and_then(|text| Url::parse(text).ok())
-            .filter(|url| url.host_str().is_some());
+        let parsed = value_url(value);
         let present = !value.is_empty();
         // The entries this value's host can match: its exact host, each of
         // its parent domains (and itself) as a wildcard, and `*`.
@@ -383,17 +376,37 @@ impl RefererPolicy {
         candidates
             .into_iter()
             .map(move |i| (i, &self.entries[i]))
-            .filter(move |(_, e)| match (e, &parsed) {
-                // `*` accepts any present value, even one that is not a URL.
-                (Entry::Any, _) => present,
-                (_, Some(url)) => e.matches(url, url.host_str().unwrap_or_default()),
-                (_, None) => false,
-            })
+            .filter(move |(_, e)| e.accepts(parsed.as_ref(), present))
             .map(|(i, e)| (i, e.specificity()))
     }
 }
 
+/// A header value as the URL a browser sent: UTF-8, without blanks or
+/// control characters (WHATWG parsing would silently drop tabs and newlines
+/// and trim spaces), with a host.
+fn value_url(value: &[u8]) -> Option<Url> {
+    let text = std::str::from_utf8(value).ok()?;
+    if text.is_empty() || has_blank_or_control(text) {
+        return None;
+    }
+    Url::parse(text).ok().filter(|url| url.host_str().is_some())
+}
+
+fn has_blank_or_control(text: &str) -> bool {
+    text.bytes().any(|b| b <= b' ' || b == 0x7f)
+}
+
 impl Entry {
+    /// True when the entry accepts a header value: `*` any present one,
+    /// even one that is not a URL; a pattern only a URL it matches.
+    fn accepts(&self, url: Option<&Url>, present: bool) -> bool {
+        match (self, url) {
+            (Entry::Any, _) => present,
+            (_, Some(url)) => self.matches(url, url.host_str().unwrap_or_default()),
+            (_, None) => false,
+        }
+    }
+
     fn specificity(&self) -> Specificity {
         match self {
             Entry::Any => (0, 0, false, 0),
@@ -764,20 +777,11 @@ mod tests {
         /// The matcher before the index: every entry compared. The index
         /// must find exactly what this finds.
         fn matches_linear(&self, value: &[u8]) -> Vec<(usize, Specificity)> {
-            let parsed = (!value.is_empty())
-                .then(|| std::str::from_utf8(value).ok())
-                .flatten()
-                .filter(|text| !text.bytes().any(|b| b <= b' ' || b == 0x7f))
-                .and_then(|text| Url::parse(text).ok())
-                .filter(|url| url.host_str().is_some());
+            let parsed = value_url(value);
             self.entries
                 .iter()
                 .enumerate()
-                .filter(|(_, e)| match (e, &parsed) {
-                    (Entry::Any, _) => !value.is_empty(),
-                    (_, Some(url)) => e.matches(url, url.host_str().unwrap_or_default()),
-                    (_, None) => false,
-                })
+                .filter(|(_, e)| e.accepts(parsed.as_ref(), !value.is_empty()))
                 .map(|(i, e)| (i, e.specificity()))
                 .collect()
         }

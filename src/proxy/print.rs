@@ -82,17 +82,25 @@ impl Proxy {
             // Not JSON: the print service will say so; nothing to rewrite.
             return Ok(None);
         };
-        // Which credentials the layers need (a first pass: tokens are
-        // fetched before anything is changed).
+        // First pass: proxy URLs back to upstream URLs, and which credential
+        // each layer needs (the map is dropped if a token cannot be had).
+        let mut changed = false;
         let mut needed: Vec<&str> = Vec::new();
         visit(&mut map, &mut |layer| {
-            if let Some(Value::String(u)) = layer.get("url") {
-                let up = self.upstream_of(u, public_base);
-                if let Some(cred) = self.credential_of(up.as_deref().unwrap_or(u), app)
-                    && !needed.contains(&cred)
-                {
-                    needed.push(cred);
+            for field in ["url", "styleUrl"] {
+                let Some(Value::String(u)) = layer.get(field) else {
+                    continue;
+                };
+                if let Some(up) = self.upstream_of(u, public_base) {
+                    layer.insert(field.to_string(), Value::String(up));
+                    changed = true;
                 }
+            }
+            if let Some(Value::String(u)) = layer.get("url")
+                && let Some(cred) = self.credential_of(u, app)
+                && !needed.contains(&cred)
+            {
+                needed.push(cred);
             }
         });
         let mut tokens: Vec<(&str, Arc<Token>)> = Vec::new();
@@ -101,26 +109,14 @@ impl Proxy {
                 tokens.push((cred, src.token().await?));
             }
         }
-        let mut changed = false;
+        // Second pass: each layer under a credential's route gets its token.
         visit(&mut map, &mut |layer| {
-            for field in ["url", "styleUrl"] {
-                let Some(Value::String(u)) = layer.get(field) else {
-                    continue;
-                };
-                let u = u.clone();
-                let upstream = self.upstream_of(&u, public_base);
-                let effective = upstream.clone().unwrap_or_else(|| u.clone());
-                if let Some(up) = upstream {
-                    layer.insert(field.to_string(), Value::String(up));
-                    changed = true;
-                }
-                if field == "url"
-                    && let Some(cred) = self.credential_of(&effective, app)
-                    && let Some((_, t)) = tokens.iter().find(|(c, _)| *c == cred)
-                {
-                    layer.insert("token".into(), Value::String(t.expose().to_string()));
-                    changed = true;
-                }
+            if let Some(Value::String(u)) = layer.get("url")
+                && let Some(cred) = self.credential_of(u, app)
+                && let Some((_, t)) = tokens.iter().find(|(c, _)| *c == cred)
+            {
+                layer.insert("token".into(), Value::String(t.expose().to_string()));
+                changed = true;
             }
         });
         let tokens: Vec<Arc<Token>> = tokens.into_iter().map(|(_, t)| t).collect();

@@ -31,6 +31,20 @@ fn config(fake: &FakeArcGis) -> String {
     )
 }
 
+/// POSTs a form from the allowed page.
+async fn post_form(client: &TestClient, path: &str, form: String) -> Answer {
+    client
+        .send(
+            client
+                .req("POST", path)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("referer", "https://app.example.com/")
+                .body(full(form))
+                .unwrap(),
+        )
+        .await
+}
+
 /// The Web_Map_as_JSON the fake print service received.
 fn received(fake: &FakeArcGis, from_query: bool) -> serde_json::Value {
     let rec = fake
@@ -104,16 +118,12 @@ async fn a_print_request_gets_upstream_urls_and_tokens_in_its_web_map() {
         .append_pair("Format", "PDF")
         .append_pair("f", "json")
         .finish();
-    let a = client
-        .send(
-            client
-                .req("POST", "/svc/print/Export%20Web%20Map%20Task/execute")
-                .header("content-type", "application/x-www-form-urlencoded")
-                .header("referer", "https://app.example.com/")
-                .body(full(form))
-                .unwrap(),
-        )
-        .await;
+    let a = post_form(
+        &client,
+        "/svc/print/Export%20Web%20Map%20Task/execute",
+        form,
+    )
+    .await;
     assert_eq!(a.status, 200, "{}", a.text());
     check(&fake, &received(&fake, false));
     for t in fake.issued() {
@@ -155,16 +165,7 @@ async fn hostile_web_maps_do_not_break_the_proxy() {
         let form = url::form_urlencoded::Serializer::new(String::new())
             .append_pair("web_map_as_json", &map)
             .finish();
-        let a = client
-            .send(
-                client
-                    .req("POST", "/svc/print/x/execute")
-                    .header("content-type", "application/x-www-form-urlencoded")
-                    .header("referer", "https://app.example.com/")
-                    .body(full(form))
-                    .unwrap(),
-            )
-            .await;
+        let a = post_form(&client, "/svc/print/x/execute", form).await;
         assert_eq!(a.status, 200, "{}", a.text());
     }
     proxy.stop().await;
