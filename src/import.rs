@@ -32,7 +32,9 @@ pub struct Imported {
 }
 
 /// The parsed resource-proxy configuration.
-#[derive(Debug, Default)]
+/// No `Debug`: the attributes hold the old file's secrets (clientSecret,
+/// password, accessToken), which must never be printed.
+#[derive(Default)]
 struct Esri {
     proxy: Attrs,
     /// `allowedReferers` as a list (XML gives one comma-separated string).
@@ -71,7 +73,11 @@ fn from_xml(text: &str) -> Result<Esri, String> {
             let key = a.key.local_name().as_ref().to_ascii_lowercase();
             let value = a
                 .normalized_value(quick_xml::XmlVersion::Implicit1_0)
-                .map_err(|e| format!("bad value of {key} in <{name}>: {e}"))?;
+                // The parser's message could quote part of the value, and
+                // the value may be a secret: name the attribute only.
+                .map_err(|_| {
+                    format!("bad value of {key} in <{name}>: an unknown or malformed &entity;")
+                })?;
             attrs.insert(key, value.trim().to_string());
         }
         match name.as_str() {
@@ -499,6 +505,10 @@ mod tests {
             let _ = import(text);
         }
         assert!(import("<x/>").is_err());
+        // A malformed entity in a secret is reported without the secret.
+        let err = import("<ProxyConfig><serverUrl url='https://a.example' clientId='x' clientSecret='SECRET&bogus;'/></ProxyConfig>")
+            .unwrap_err();
+        assert!(!err.contains("SECRET") && !err.contains("bogus"), "{err}");
         // Names and values with quotes or newlines stay valid TOML strings.
         let out = import(
             "<ProxyConfig allowedReferers='https://a.example.com'><serverUrl url='https://h.example.com/a\"b' clientId='x\"\ny' clientSecret='s'/></ProxyConfig>",
