@@ -121,7 +121,11 @@ impl App {
                     .to_string(),
             );
         }
+        if config.outbound != old_cfg.outbound {
+            tracing::info!("{}", config.outbound.describe());
+        }
         let same_client = config.extra_ca == old_cfg.extra_ca
+            && config.outbound == old_cfg.outbound
             && config.limits.upstream_connect_timeout == old_cfg.limits.upstream_connect_timeout
             && config.limits.upstream_timeout == old_cfg.limits.upstream_timeout;
         let clients = if same_client {

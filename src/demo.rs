@@ -386,6 +386,9 @@ admin_listen = "127.0.0.1:0"
 allowed = ["https://127.0.0.1:*", "https://localhost:*", "http://localhost:*", "http://127.0.0.1:*"]
 [log]
 format = "text"
+[upstream]
+# The fake runs in this process: a corporate HTTP(S)_PROXY must not carry it.
+proxy = ""
 [credentials.online]
 token_url = "http://{fake}/sharing/rest/oauth2/token"
 client_id = "{DEMO_CLIENT_ID}"

@@ -235,6 +235,7 @@ async fn serve(path: PathBuf, threads: usize) -> ExitCode {
     for w in &config.warnings {
         tracing::warn!(config = %path.display(), "{w}");
     }
+    tracing::info!("{}", config.outbound.describe());
     let listeners = match Listeners::bind(&config).await {
         Ok(l) => l,
         Err(e) => {

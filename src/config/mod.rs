@@ -26,6 +26,7 @@ pub mod raw;
 mod routes;
 mod secrets;
 mod server;
+mod upstream;
 
 pub use apps::{AppConfig, Apps, NONE_APP};
 pub use credentials::{CredentialConfig, CredentialKind};
@@ -34,6 +35,7 @@ pub use rate_limit::{RateLimitStore, StoreFallback};
 pub use raw::RawConfig;
 pub use secrets::Secret;
 pub use server::ServerConfig;
+pub use upstream::{OutboundProxy, ProxyUrl};
 
 use crate::policy::referer::RefererPolicy;
 use crate::policy::route::RouteTable;
@@ -71,6 +73,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Extra trust roots for upstream TLS.
     pub extra_ca: Vec<CertificateDer<'static>>,
+    /// The outbound proxy upstream and token connections go through.
+    pub outbound: OutboundProxy,
     /// Credentials by name.
     pub credentials: BTreeMap<String, CredentialConfig>,
     /// Compiled route table.
@@ -292,6 +296,7 @@ fn validate(
             Err(msg) => p.add("upstream.extra_ca", msg),
         }
     }
+    let outbound = upstream::validate_proxy(&raw.upstream, env, p);
 
     let mut credentials =
         credentials::validate(raw.credentials, file, Files { base, env }, p, &mut warnings);
@@ -314,6 +319,7 @@ fn validate(
         apps,
         log_format: raw.log.format,
         extra_ca,
+        outbound,
         credentials,
         routes,
         rate_limit_store,

@@ -150,6 +150,8 @@ pub(super) struct RawLog {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawUpstream {
     pub(super) extra_ca: Option<PathBuf>,
+    pub(super) proxy: Option<String>,
+    pub(super) no_proxy: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]

@@ -11,15 +11,16 @@ use std::time::Duration;
 
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+mod connect;
 mod pool;
 mod request;
 mod verdict;
 /// For the `upstream_answer` fuzz target (built with `--features fuzzing`).
 #[cfg(any(test, feature = "fuzzing"))]
 pub use crate::http1::answer::{ReadAnswer, read_answer};
+pub use connect::{Connector, Forward, Tcp};
 pub use pool::{Http1Error, Pool, UpstreamBody};
 pub use request::{
     Outgoing, X_ESRI_AUTHORIZATION, X_REQUEST_ID, build_request, clean_response_headers,
@@ -31,8 +32,29 @@ use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::tls;
 
-/// The pooled upstream client (HTTP/1.1 and HTTP/2 over verified TLS).
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+/// The pooled client for token fetches (HTTP/1.1 and HTTP/2 over
+/// verified TLS), through the outbound proxy where one applies.
+#[derive(Clone)]
+pub struct HttpClient {
+    client: Client<HttpsConnector<Connector>, ProxyBody>,
+    connector: Connector,
+}
+
+impl HttpClient {
+    /// Sends `req`. A plain-`http` request that goes to a forward proxy
+    /// carries the proxy's credentials (hyper-util writes the absolute
+    /// form; a tunnel carries them in its `CONNECT`).
+    pub async fn request(
+        &self,
+        mut req: http::Request<ProxyBody>,
+    ) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
+        if let Some(auth) = self.connector.forward_authorization(req.uri()) {
+            req.headers_mut()
+                .insert(http::header::PROXY_AUTHORIZATION, auth);
+        }
+        self.client.request(req).await
+    }
+}
 
 /// The upstream TLS settings with ALPN for HTTP/2 and HTTP/1.1, built once
 /// and shared by every client (the root store is the bulk of its memory).
@@ -47,25 +69,24 @@ const POOL_IDLE: Duration = Duration::from_secs(90);
 /// Idle upstream connections kept per origin and serving thread.
 const POOL_MAX_IDLE: usize = 256;
 
-fn connector(
-    tls: &Arc<rustls::ClientConfig>,
-    connect_timeout: Duration,
-) -> HttpsConnector<HttpConnector> {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_nodelay(true);
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    HttpsConnector::from((http, Arc::clone(tls)))
+/// The verifying TLS connector over `config`'s connections (direct or
+/// through its outbound proxy).
+fn connector(config: &Config, tls: &Arc<rustls::ClientConfig>) -> HttpsConnector<Connector> {
+    let tcp = Connector::new(&config.outbound, config.limits.upstream_connect_timeout);
+    HttpsConnector::from((tcp, Arc::clone(tls)))
 }
 
-fn client_sharing(tls: &Arc<rustls::ClientConfig>, connect_timeout: Duration) -> HttpClient {
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE)
-        .pool_max_idle_per_host(POOL_MAX_IDLE)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector(tls, connect_timeout))
+fn client_sharing(config: &Config, tls: &Arc<rustls::ClientConfig>) -> HttpClient {
+    let connector = Connector::new(&config.outbound, config.limits.upstream_connect_timeout);
+    HttpClient {
+        client: Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .pool_max_idle_per_host(POOL_MAX_IDLE)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(HttpsConnector::from((connector.clone(), Arc::clone(tls)))),
+        connector,
+    }
 }
 
 /// Upstream connections: a pool per serving thread, so a request and the
@@ -81,17 +102,10 @@ impl Clients {
     /// Clients for `shards` serving threads (at least one).
     pub fn new(config: &Config, shards: usize) -> Clients {
         let tls = shared_tls(config);
-        let timeout = config.limits.upstream_connect_timeout;
         Clients {
-            control: client_sharing(&tls, timeout),
+            control: client_sharing(config, &tls),
             shards: (0..shards.max(1))
-                .map(|_| {
-                    Arc::new(Pool::new(
-                        connector(&tls, timeout),
-                        POOL_IDLE,
-                        POOL_MAX_IDLE,
-                    ))
-                })
+                .map(|_| Arc::new(Pool::new(connector(config, &tls), POOL_IDLE, POOL_MAX_IDLE)))
                 .collect(),
         }
     }

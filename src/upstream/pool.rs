@@ -29,10 +29,10 @@ use http::{Response, Uri, header};
 use hyper::body::{Body, Incoming, SizeHint};
 use hyper::client::conn::http2;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::client::legacy::connect::Connection;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::Outgoing;
+use super::{Connector, Outgoing};
 use crate::body::{BoxError, PollFrame, ProxyBody};
 use crate::upstream;
 
@@ -41,7 +41,7 @@ pub use crate::http1::Error as Http1Error;
 
 /// Idle connections per origin for one serving thread.
 pub struct Pool {
-    connector: HttpsConnector<HttpConnector>,
+    connector: HttpsConnector<Connector>,
     origins: Mutex<Vec<Origin>>,
     idle_timeout: Duration,
     max_idle: usize,
@@ -74,7 +74,7 @@ impl Pool {
     /// A pool connecting through `connector`; idle connections are closed
     /// after `idle_timeout`, and at most `max_idle` are kept per origin.
     pub fn new(
-        connector: HttpsConnector<HttpConnector>,
+        connector: HttpsConnector<Connector>,
         idle_timeout: Duration,
         max_idle: usize,
     ) -> Pool {
@@ -125,7 +125,7 @@ impl Pool {
                         Some(e) => e,
                         None => {
                             let body = body.take().ok_or("request already sent")?;
-                            encoded.insert(h1::Outbound::new(out, body))
+                            encoded.insert(h1::Outbound::new(out, body, conn.forward()))
                         }
                     };
                     match h1::exchange(&mut conn, encoded).await {
@@ -358,10 +358,13 @@ mod tests {
 
     fn pool() -> Arc<Pool> {
         let tls = Arc::new(crate::tls::client_config(&[]));
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        let https = HttpsConnector::from((http, tls));
+        let https = HttpsConnector::from((direct(), tls));
         Arc::new(Pool::new(https, Duration::from_secs(90), 4))
+    }
+
+    /// A connector without an outbound proxy.
+    fn direct() -> Connector {
+        Connector::new(&Default::default(), Duration::from_secs(5))
     }
 
     /// Sends `req` as the proxy would: its URI's origin and target, its
@@ -1119,9 +1122,7 @@ mod tests {
         });
         let mut tls = crate::tls::client_config(&[ca.der().clone()]);
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        let https = HttpsConnector::from((http, Arc::new(tls)));
+        let https = HttpsConnector::from((direct(), Arc::new(tls)));
         (
             port,
             conns,

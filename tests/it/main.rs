@@ -11,6 +11,7 @@ mod kubernetes;
 mod leaks;
 mod listeners;
 mod ops;
+mod outbound;
 mod packaging;
 mod printing;
 mod restjs;

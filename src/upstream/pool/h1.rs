@@ -43,7 +43,7 @@ use crate::http1::Error;
 use crate::http1::answer::{
     AnswerHead, BodyFraming, MAX_HEAD, Parsed, Step, chunk_size_line, parse_head,
 };
-use crate::upstream::{self, Outgoing};
+use crate::upstream::{self, Forward, Outgoing, Tcp};
 
 /// Read size at the start of each answer; doubled while reads fill it, so a
 /// large download is read in large pieces and a small answer costs little.
@@ -53,7 +53,7 @@ const READ_MAX: usize = 256 * 1024;
 /// both go out in one write.
 const COPY_MAX: usize = 4 * 1024;
 
-type TlsIo = tokio_rustls::client::TlsStream<TokioIo<TokioIo<TcpStream>>>;
+type TlsIo = tokio_rustls::client::TlsStream<TokioIo<Tcp>>;
 
 /// The byte stream of one upstream connection.
 pub enum Io {
@@ -62,11 +62,15 @@ pub enum Io {
 }
 
 impl Io {
-    /// The stream the (verifying) connector opened.
-    pub fn from_connector(stream: MaybeHttpsStream<TokioIo<TcpStream>>) -> Io {
+    /// The stream the (verifying) connector opened, and what requests on
+    /// it need if it goes to a forward proxy.
+    pub fn from_connector(stream: MaybeHttpsStream<Tcp>) -> (Io, Option<Forward>) {
         match stream {
-            MaybeHttpsStream::Http(s) => Io::Plain(s.into_inner()),
-            MaybeHttpsStream::Https(s) => Io::Tls(Box::new(s.into_inner())),
+            MaybeHttpsStream::Http(s) => {
+                let forward = s.forward().cloned();
+                (Io::Plain(s.into_inner()), forward)
+            }
+            MaybeHttpsStream::Https(s) => (Io::Tls(Box::new(s.into_inner())), None),
         }
     }
 }
@@ -133,14 +137,22 @@ impl AsyncWrite for Io {
 pub struct Conn {
     io: Io,
     buf: BytesMut,
+    /// Set on a connection to a forward proxy (plain-`http` upstream).
+    forward: Option<Box<Forward>>,
 }
 
 impl Conn {
-    pub fn new(io: Io) -> Conn {
+    pub fn new((io, forward): (Io, Option<Forward>)) -> Conn {
         Conn {
             io,
             buf: BytesMut::new(),
+            forward: forward.map(Box::new),
         }
+    }
+
+    /// What requests on this connection need for the forward proxy.
+    pub fn forward(&self) -> Option<&Forward> {
+        self.forward.as_deref()
     }
 
     /// Whether an idle connection can no longer carry a request: the upstream
@@ -180,8 +192,9 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    /// Encodes the request `out` describes, with `body`.
-    pub fn new(out: &Outgoing<'_>, body: ProxyBody) -> Outbound {
+    /// Encodes the request `out` describes, with `body`; for a forward
+    /// proxy (`forward`) in absolute form and with its credentials.
+    pub fn new(out: &Outgoing<'_>, body: ProxyBody, forward: Option<&Forward>) -> Outbound {
         let (framing, extra): (Framing, &[u8]) = match out.content_length {
             Some(n) => (Framing::Length(n), b""),
             None if body.is_end_stream() => {
@@ -201,10 +214,19 @@ impl Outbound {
         let mut head = Vec::with_capacity(512 + out.target.len());
         head.put_slice(out.method.as_str().as_bytes());
         head.put_u8(b' ');
+        if forward.is_some() {
+            // Absolute form: the proxy learns the upstream from the target.
+            head.put_slice(out.origin.as_bytes());
+        }
         // Only URI bytes (`forward::request_target`): nothing that could
         // end the request line early.
         head.put_slice(out.target.as_bytes());
         head.put_slice(b" HTTP/1.1\r\n");
+        if let Some(auth) = forward.and_then(|f| f.authorization.as_ref()) {
+            head.put_slice(b"proxy-authorization: ");
+            head.put_slice(auth.as_bytes());
+            head.put_slice(b"\r\n");
+        }
         upstream::each_upstream_header(out, |name, value| {
             // Header values cannot hold CR or LF (`HeaderValue` checks).
             head.put_slice(name.as_str().as_bytes());
@@ -651,7 +673,7 @@ mod tests {
                 Some(_) => crate::body::full("hello"),
                 None => crate::body::empty(),
             };
-            let encoded = Outbound::new(&out, body);
+            let encoded = Outbound::new(&out, body, None);
             let (m, target, got) = parse_request_head(&encoded.head);
             assert_eq!((m.as_str(), target.as_str()), (method.as_str(), out.target));
             assert_eq!(got, want);

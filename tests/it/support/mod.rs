@@ -815,14 +815,21 @@ impl TestProxy {
     /// Starts a proxy from TOML; `{CERT}`, `{KEY}`, `{CA}` are replaced with
     /// the PKI's files.
     pub async fn start(pki: &Pki, toml: &str) -> TestProxy {
+        Self::start_env(pki, toml, &[]).await
+    }
+
+    /// Like `start`, with these environment variables besides `SECRET` and
+    /// `APIKEY` (the config reads only this map, never the process's).
+    pub async fn start_env(pki: &Pki, toml: &str, vars: &[(&'static str, &str)]) -> TestProxy {
         let text = toml
             .replace("{CERT}", pki.path("proxy.crt").to_str().unwrap())
             .replace("{KEY}", pki.path("proxy.key").to_str().unwrap())
             .replace("{CA}", pki.path("ca.pem").to_str().unwrap());
-        let env = MapEnv(vec![
+        let mut env = MapEnv(vec![
             ("SECRET", SECRET.to_string()),
             ("APIKEY", "API-KEY-123".into()),
         ]);
+        env.0.extend(vars.iter().map(|(k, v)| (*k, v.to_string())));
         let config = Config::from_toml(&text, Path::new("test.toml"), pki.dir.path(), &env)
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
         let config = Arc::new(config);
@@ -1145,6 +1152,18 @@ pub fn write_config(pki: &Pki, name: &str, toml: &str) -> String {
 }
 
 /// A child process whose stderr lines are collected on a thread.
+/// The environment variables that name an outbound proxy.
+pub const PROXY_VARS: [&str; 8] = [
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
+
 pub struct Proc {
     child: Child,
     lines: mpsc::Receiver<String>,
@@ -1153,7 +1172,13 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Proc {
-        let mut child = Command::new(BIN)
+        let mut cmd = Command::new(BIN);
+        // A proxy set on the machine running the tests must not route the
+        // binary's connections to the local fakes.
+        for var in PROXY_VARS {
+            cmd.env_remove(var);
+        }
+        let mut child = cmd
             .args(args)
             .envs(envs.iter().copied())
             .stdout(Stdio::piped())
@@ -1231,4 +1256,147 @@ impl Proc {
 pub fn addr_in(line: &str) -> String {
     let v: serde_json::Value = serde_json::from_str(line).unwrap();
     v["addr"].as_str().unwrap().to_string()
+}
+
+// ---------------------------------------------------------------- forward proxy
+
+/// What a [`ForwardProxy`] saw on one client connection.
+#[derive(Debug, Clone)]
+pub struct ProxiedConn {
+    /// The request line: `CONNECT host:port HTTP/1.1`, or an absolute-form
+    /// request such as `GET http://host:port/path HTTP/1.1`.
+    pub request_line: String,
+    /// Its `Proxy-Authorization`, if any.
+    pub authorization: Option<String>,
+}
+
+/// A small corporate outbound proxy: `CONNECT` tunnels (counted) and
+/// absolute-form plain-HTTP requests, each relayed to the target named. It
+/// can demand credentials (407 without them) and refuse tunnels (403).
+pub struct ForwardProxy {
+    pub addr: SocketAddr,
+    pub tunnels: AtomicUsize,
+    pub seen: Mutex<Vec<ProxiedConn>>,
+    /// `Proxy-Authorization` value required, if any.
+    pub require: Mutex<Option<String>>,
+    /// Refuse every CONNECT with 403.
+    pub refuse: std::sync::atomic::AtomicBool,
+}
+
+impl ForwardProxy {
+    pub async fn start() -> Arc<ForwardProxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = Arc::new(ForwardProxy {
+            addr: listener.local_addr().unwrap(),
+            tunnels: AtomicUsize::new(0),
+            seen: Mutex::new(Vec::new()),
+            require: Mutex::new(None),
+            refuse: std::sync::atomic::AtomicBool::new(false),
+        });
+        let p = Arc::clone(&proxy);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let p = Arc::clone(&p);
+                tokio::spawn(async move {
+                    let _ = p.serve(stream).await;
+                });
+            }
+        });
+        proxy
+    }
+
+    /// `http://127.0.0.1:port`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn seen(&self) -> Vec<ProxiedConn> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    async fn serve(&self, mut client: TcpStream) -> std::io::Result<()> {
+        let mut buf = Vec::new();
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = client.read(&mut chunk).await?;
+            if n == 0 || buf.len() > 64 * 1024 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        let mut lines = head.split("\r\n");
+        let request_line = lines.next().unwrap_or_default().to_string();
+        let authorization = lines.clone().find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case("proxy-authorization")
+                .then(|| v.trim().to_string())
+        });
+        self.seen.lock().unwrap().push(ProxiedConn {
+            request_line: request_line.clone(),
+            authorization: authorization.clone(),
+        });
+        let required = self.require.lock().unwrap().clone();
+        if required.is_some() && authorization != required {
+            client
+                .write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"corp\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .await?;
+            return Ok(());
+        }
+        let mut parts = request_line.split(' ');
+        let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        if method == "CONNECT" {
+            if self.refuse.load(Ordering::SeqCst) {
+                client
+                    .write_all(
+                        b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    )
+                    .await?;
+                return Ok(());
+            }
+            let mut upstream = TcpStream::connect(target).await?;
+            self.tunnels.fetch_add(1, Ordering::SeqCst);
+            client
+                .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                .await?;
+            upstream.write_all(&buf[head_end..]).await?;
+            tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+            return Ok(());
+        }
+        // Absolute form: connect to the named origin and relay, the first
+        // request rewritten to origin form without the proxy's header (later
+        // ones on the connection go as they are; HTTP/1.1 servers accept
+        // absolute-form targets).
+        let Some(rest) = target.strip_prefix("http://") else {
+            client
+                .write_all(
+                    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                )
+                .await?;
+            return Ok(());
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let mut upstream = TcpStream::connect(authority).await?;
+        let mut out = format!("{method} {path} {}\r\n", parts.next().unwrap_or("HTTP/1.1"));
+        for l in lines.filter(|l| !l.is_empty()) {
+            if !l.to_ascii_lowercase().starts_with("proxy-authorization:") {
+                out.push_str(l);
+                out.push_str("\r\n");
+            }
+        }
+        out.push_str("\r\n");
+        upstream.write_all(out.as_bytes()).await?;
+        upstream.write_all(&buf[head_end..]).await?;
+        tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+        Ok(())
+    }
 }
