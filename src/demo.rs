@@ -26,6 +26,9 @@ use crate::body::{self, ProxyBody};
 use crate::config::{Config, ProcessEnv};
 use crate::server::Listeners;
 
+mod basemap;
+use basemap::{glyph_range, sprite_json, sprite_png, tile_png, vector_tile};
+
 /// Client id the fake token endpoint accepts.
 pub const DEMO_CLIENT_ID: &str = "demo-client";
 /// Client secret the fake token endpoint accepts (a demo value, not a secret).
@@ -135,6 +138,28 @@ impl Fake {
                 StatusCode::OK,
                 parks(query_param(query, "f").as_deref() == Some("geojson")),
             ),
+            p if p.starts_with(&format!("{base}/styles/v2/styles/"))
+                && (p.ends_with("/sprite.json") || p.ends_with("/sprite@2x.json")) =>
+            {
+                json(StatusCode::OK, sprite_json())
+            }
+            p if p.starts_with(&format!("{base}/styles/v2/styles/"))
+                && (p.ends_with("/sprite.png") || p.ends_with("/sprite@2x.png")) =>
+            {
+                binary(sprite_png(), "image/png")
+            }
+            p if p.starts_with(&format!("{base}/styles/v2/fonts/")) && p.ends_with(".pbf") => {
+                let rest = &p[format!("{base}/styles/v2/fonts/").len()..];
+                let (stack, range) = rest.rsplit_once('/').unwrap_or((rest, "0-255.pbf"));
+                let stack = percent_encoding::percent_decode_str(stack).decode_utf8_lossy();
+                binary(
+                    glyph_range(&stack, range.trim_end_matches(".pbf")),
+                    "application/x-protobuf",
+                )
+            }
+            p if p.starts_with(&format!("{base}/styles/v2/tiles/")) && p.ends_with(".pbf") => {
+                binary(vector_tile(), "application/x-protobuf")
+            }
             p if p.starts_with(&format!("{base}/styles/v2/styles/")) => {
                 let echo = query_param(query, "echoToken").as_deref() != Some("false");
                 let suffix = if echo {
@@ -159,7 +184,14 @@ impl Fake {
                             "basemap": {"type": "raster", "tileSize": 256,
                                 "tiles": [format!("{root}/tiles-raster/{{z}}/{{y}}/{{x}}.png{suffix}")]}
                         },
-                        "layers": [{"id": "basemap", "type": "raster", "source": "basemap"}]
+                        "layers": [
+                            {"id": "basemap", "type": "raster", "source": "basemap"},
+                            {"id": "land", "type": "fill", "source": "esri", "source-layer": "land",
+                                "paint": {"fill-color": "#2a9d8f", "fill-opacity": 0.25}},
+                            {"id": "places", "type": "symbol", "source": "esri", "source-layer": "places",
+                                "layout": {"icon-image": "park", "text-field": ["get", "name"],
+                                    "text-font": ["Arial Regular"], "text-offset": [0, 1.2]}}
+                        ]
                     }),
                 )
             }
@@ -170,12 +202,7 @@ impl Fake {
                     .filter_map(|n| n.parse().ok())
                     .collect();
                 match zyx[..] {
-                    [z, y, x] if z <= 22 => {
-                        let mut resp = Response::new(body::full(tile_png(z, x, y)));
-                        resp.headers_mut()
-                            .insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
-                        resp
-                    }
+                    [z, y, x] if z <= 22 => binary(tile_png(z, x, y), "image/png"),
                     _ => json(
                         StatusCode::OK,
                         serde_json::json!({"error":{"code":400,"message":"Invalid tile","details":[]}}),
@@ -190,46 +217,12 @@ impl Fake {
     }
 }
 
-/// A 256 × 256 basemap tile: a pale checkerboard of tiles with grid lines,
-/// tinted by zoom level, as an indexed-colour PNG (signature, IHDR, PLTE,
-/// zlib-compressed IDAT, IEND; RFC 2083).
-fn tile_png(z: u32, x: u32, y: u32) -> Vec<u8> {
-    use std::io::Write;
-    const SIZE: u32 = 256;
-    let tint: [u8; 3] =
-        [[0xdd, 0xe8, 0xd5], [0xd5, 0xe3, 0xee], [0xee, 0xe4, 0xd5]][(z % 3) as usize];
-    let palette = [
-        0xf2, 0xf5, 0xf8, 0xb8, 0xc4, 0xcf, tint[0], tint[1], tint[2],
-    ];
-    let shade = if (x + y).is_multiple_of(2) { 0u8 } else { 2 };
-    let mut raw = Vec::with_capacity(((SIZE + 1) * SIZE) as usize);
-    for row in 0..SIZE {
-        raw.push(0); // filter type: none
-        raw.extend((0..SIZE).map(|col| if row == 0 || col == 0 { 1 } else { shade }));
-    }
-    let mut idat = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
-    let _ = idat.write_all(&raw);
-    let idat = idat.finish().unwrap_or_default();
-    let mut ihdr = Vec::with_capacity(13);
-    ihdr.extend(SIZE.to_be_bytes());
-    ihdr.extend(SIZE.to_be_bytes());
-    ihdr.extend([8, 3, 0, 0, 0]); // 8-bit palette indices, no interlace
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    for (kind, data) in [
-        (b"IHDR", &ihdr[..]),
-        (b"PLTE", &palette[..]),
-        (b"IDAT", &idat[..]),
-        (b"IEND", &[][..]),
-    ] {
-        png.extend((data.len() as u32).to_be_bytes());
-        png.extend(kind);
-        png.extend(data);
-        let mut crc = flate2::Crc::new();
-        crc.update(kind);
-        crc.update(data);
-        png.extend(crc.sum().to_be_bytes());
-    }
-    png
+/// A 200 answer of `content_type`.
+fn binary(bytes: Vec<u8>, content_type: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(body::full(bytes));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
 }
 
 fn layer_info() -> serde_json::Value {
@@ -489,48 +482,5 @@ pub async fn run_cli(listen: SocketAddr, page: SocketAddr) -> ExitCode {
             eprintln!("demo: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-#[cfg(test)]
-mod tile_tests {
-    use super::tile_png;
-    use std::io::Read;
-
-    /// The tile is a PNG a browser can draw: the chunks' CRCs hold, the
-    /// header says 256 × 256 palette, and the image data inflates to one
-    /// filter byte plus 256 indices per row.
-    #[test]
-    fn tiles_are_well_formed_pngs() {
-        let png = tile_png(3, 2, 5);
-        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-        let mut at = 8;
-        let mut kinds = Vec::new();
-        let mut idat = Vec::new();
-        while at < png.len() {
-            let len = u32::from_be_bytes(png[at..at + 4].try_into().unwrap()) as usize;
-            let kind = &png[at + 4..at + 8];
-            let data = &png[at + 8..at + 8 + len];
-            let crc = u32::from_be_bytes(png[at + 8 + len..at + 12 + len].try_into().unwrap());
-            let mut c = flate2::Crc::new();
-            c.update(kind);
-            c.update(data);
-            assert_eq!(c.sum(), crc, "{}", String::from_utf8_lossy(kind));
-            if kind == b"IHDR" {
-                assert_eq!(data, [0, 0, 1, 0, 0, 0, 1, 0, 8, 3, 0, 0, 0]);
-            }
-            if kind == b"IDAT" {
-                idat.extend_from_slice(data);
-            }
-            kinds.push(String::from_utf8_lossy(kind).into_owned());
-            at += 12 + len;
-        }
-        assert_eq!(kinds, ["IHDR", "PLTE", "IDAT", "IEND"]);
-        let mut raw = Vec::new();
-        flate2::read::ZlibDecoder::new(&idat[..])
-            .read_to_end(&mut raw)
-            .unwrap();
-        assert_eq!(raw.len(), 257 * 256);
-        assert_ne!(tile_png(3, 2, 5), tile_png(3, 2, 6), "neighbours differ");
     }
 }

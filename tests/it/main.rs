@@ -10,6 +10,7 @@ mod forwarding;
 mod kubernetes;
 mod leaks;
 mod listeners;
+mod maps;
 mod ops;
 mod outbound;
 mod packaging;
