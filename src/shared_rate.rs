@@ -15,11 +15,15 @@ use redis::aio::ConnectionManager;
 use crate::config::StoreFallback;
 use crate::policy::quota::{QuotaSpec, QuotaVerdict, until};
 
-/// GCRA: `ARGV[1]` emission interval (ms), `ARGV[2]` bucket span (ms, the
-/// whole period). Returns 0 when admitted, else the wait in ms.
+/// GCRA: `ARGV[1]` emission interval (µs), `ARGV[2]` bucket span (µs, the
+/// whole period). Returns 0 when admitted, else the wait in µs.
+/// Microseconds, not milliseconds: a 1 ms interval capped every limit at
+/// 1,000 requests per second per client (a route allowing a million a
+/// second refused from the 1,001st), and Unix time in µs is still exact
+/// in Lua's doubles (below 2^53).
 const GCRA: &str = r"
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local span = tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
@@ -27,7 +31,7 @@ if tat < now then tat = now end
 local new_tat = tat + interval
 local allow_at = new_tat - span
 if allow_at > now then return allow_at - now end
-redis.call('SET', KEYS[1], new_tat, 'PX', span)
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil(span / 1000))
 return 0
 ";
 
@@ -100,7 +104,7 @@ impl SharedStore {
         requests: u32,
         per: Duration,
     ) -> Result<Option<Duration>, ()> {
-        let span = per.as_millis().max(1) as u64;
+        let span = per.as_micros().max(1) as u64;
         let interval = (span / u64::from(requests.max(1))).max(1);
         let key = format!("arcgis-app-proxy:rl:{route}:{client}");
         let mut conn = self.conn.clone();
@@ -114,7 +118,7 @@ impl SharedStore {
         };
         match tokio::time::timeout(self.budget, call).await {
             Ok(Ok(0)) => Ok(None),
-            Ok(Ok(wait_ms)) => Ok(Some(Duration::from_millis(wait_ms))),
+            Ok(Ok(wait_us)) => Ok(Some(Duration::from_micros(wait_us))),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "rate-limit store failed");
                 Err(())

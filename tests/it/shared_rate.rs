@@ -278,3 +278,57 @@ async fn a_tls_store_with_a_password_from_the_environment() {
     let _ = redis.kill();
     let _ = redis.wait();
 }
+
+/// A limit above 1,000 requests a second per client holds in the store as
+/// it does locally: 3,000 calls at once against 100,000 a second are all
+/// admitted (with millisecond arithmetic every limit was capped at 1,000 a
+/// second and these were refused from the 1,001st), and 50 a second still
+/// refuses the 51st.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_above_a_thousand_a_second_hold_in_the_store() {
+    let Some((mut redis, port)) = start_redis() else {
+        return;
+    };
+    let cfg = arcgis_app_proxy::config::RateLimitStore {
+        url: format!("redis://127.0.0.1:{port}/"),
+        budget: Duration::from_secs(2),
+        on_error: arcgis_app_proxy::config::StoreFallback::Closed,
+        password: None,
+        ca_pem: None,
+    };
+    let store = std::sync::Arc::new(arcgis_app_proxy::shared_rate::SharedStore::new(&cfg).unwrap());
+    let client: std::net::IpAddr = "203.0.113.7".parse().unwrap();
+    let calls = (0..3000).map(|_| {
+        let store = std::sync::Arc::clone(&store);
+        tokio::spawn(async move {
+            store
+                .check("fast", client, 100_000, Duration::from_secs(1))
+                .await
+        })
+    });
+    let mut refused = 0;
+    for c in calls {
+        match c.await.unwrap() {
+            Ok(None) => {}
+            Ok(Some(_)) => refused += 1,
+            Err(()) => panic!("store did not answer"),
+        }
+    }
+    assert_eq!(refused, 0);
+    let mut admitted = 0;
+    for _ in 0..60 {
+        if store
+            .check("slow", client, 50, Duration::from_secs(1))
+            .await
+            == Ok(None)
+        {
+            admitted += 1;
+        }
+    }
+    assert!(
+        (50..=52).contains(&admitted),
+        "{admitted} of 60 admitted at 50/s"
+    );
+    let _ = redis.kill();
+    let _ = redis.wait();
+}
