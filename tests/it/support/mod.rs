@@ -1224,7 +1224,11 @@ impl Proc {
         panic!("no line with {needle:?}; got:\n{}", self.seen.join("\n"));
     }
 
-    /// Sends a signal by name (`HUP`, `TERM`).
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The address of the listener named `name` (`https`, `admin`, …),
     /// from its start-up log line.
     pub fn listener(&mut self, name: &str) -> SocketAddr {
@@ -1233,6 +1237,7 @@ impl Proc {
             .unwrap()
     }
 
+    /// Sends a signal by name (`HUP`, `TERM`).
     pub fn signal(&self, sig: &str) {
         let _ = std::process::Command::new("kill")
             .args([&format!("-{sig}"), &self.child.id().to_string()])
