@@ -378,7 +378,6 @@ pub struct FramingGuard<IO> {
     framing: Framing,
     ready: Vec<u8>,
     pos: usize,
-    scratch: Box<[u8]>,
     head_timeout: Duration,
     deadline: Option<Pin<Box<Sleep>>>,
     idle: Option<IdleTimer>,
@@ -394,7 +393,6 @@ impl<IO> FramingGuard<IO> {
             framing: Framing::new(head_limit),
             ready: Vec::new(),
             pos: 0,
-            scratch: vec![0u8; 8192].into_boxed_slice(),
             head_timeout,
             deadline: None,
             idle: None,
@@ -439,8 +437,16 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
             if this.framing.passthrough() {
                 return Pin::new(&mut this.io).poll_read(cx, buf);
             }
-            let mut scratch = ReadBuf::new(&mut this.scratch);
-            match Pin::new(&mut this.io).poll_read(cx, &mut scratch) {
+            // Read into the caller's buffer, judge what arrived, and put
+            // back what hyper may see. No read buffer of the guard's own:
+            // 8 KiB held by every idle connection was a fifth of its memory.
+            if buf.remaining() == 0 {
+                // No room: a read of nothing, not an end of stream (which
+                // would hand over a partial head unjudged).
+                return Poll::Ready(Ok(()));
+            }
+            let before = buf.filled().len();
+            match Pin::new(&mut this.io).poll_read(cx, buf) {
                 Poll::Pending => {
                     if let Some(d) = this.deadline.as_mut()
                         && d.as_mut().poll(cx).is_ready()
@@ -466,7 +472,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {
-                    let n = scratch.filled().len();
+                    let n = buf.filled().len() - before;
                     if n == 0 {
                         // EOF: hand over whatever partial head there is.
                         this.ready.append(&mut this.framing.head);
@@ -475,7 +481,8 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
                         }
                         continue;
                     }
-                    this.framing.feed(&this.scratch[..n], &mut this.ready);
+                    this.framing.feed(&buf.filled()[before..], &mut this.ready);
+                    buf.set_filled(before);
                     // A head is pending: time it from its first byte.
                     if this.framing.holding_head() {
                         if this.deadline.is_none() {
@@ -584,6 +591,41 @@ mod tests {
             silent_read(&mut guard, Duration::from_secs(2)).await,
             Some(io::ErrorKind::TimedOut)
         );
+    }
+
+    /// The guard reads into the caller's buffer: whatever room the caller
+    /// gives (one byte, none, plenty), what comes out is exactly what the
+    /// framing lets through, and a zero-room read hands nothing over
+    /// unjudged.
+    #[tokio::test]
+    async fn reads_into_the_callers_buffer_of_any_size() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let pipelined: &[u8] = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nPOST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello";
+        let smuggle: &[u8] = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        for (input, want) in [(pipelined, pipelined), (smuggle, POISON)] {
+            for room in [1usize, 3, 16, 65536] {
+                let (mut peer, io) = tokio::io::duplex(64);
+                let mut guard = FramingGuard::new(io, 65536, Duration::from_secs(5));
+                let writer = tokio::spawn(async move {
+                    peer.write_all(input).await.unwrap();
+                    peer.shutdown().await.unwrap();
+                });
+                // A read with no room returns nothing and keeps the head.
+                let mut empty = [0u8; 0];
+                assert_eq!(guard.read(&mut empty).await.unwrap(), 0);
+                let mut got = Vec::new();
+                let mut piece = vec![0u8; room];
+                loop {
+                    let n = guard.read(&mut piece).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&piece[..n]);
+                }
+                writer.await.unwrap();
+                assert_eq!(got, want, "room {room}");
+            }
+        }
     }
 
     fn run(input: &[u8], chunk: usize) -> (Vec<u8>, bool) {
