@@ -25,6 +25,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -444,6 +445,39 @@ def stream(url, server):
     }
 
 
+def idle_connections(server, port, n):
+    """Opens `n` TLS connections to `port`, one keep-alive request on each,
+    holds them open, and returns the server's resident memory before and
+    with them (all its processes), and the growth per 1,000."""
+    import resource
+    import socket
+    import ssl
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, n + 256)), hard))
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    before = rss_kib(server.pids())
+    held = []
+    req = (f"GET /features{QUERY} HTTP/1.1\r\nHost: localhost\r\nReferer: {REFERER}\r\n\r\n").encode()
+    try:
+        for _ in range(n):
+            s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost")
+            s.sendall(req)
+            got = b""
+            while b"\r\n\r\n" not in got:
+                got += s.recv(65536)
+            held.append(s)
+        time.sleep(1.0)
+        with_them = rss_kib(server.pids())
+    finally:
+        for s in held:
+            s.close()
+    return {"rss_before_mib": before / 1024, "rss_with_mib": with_them / 1024,
+            "mib_per_1000": (with_them - before) / 1024 * 1000 / n}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--binary", required=True)
@@ -543,9 +577,12 @@ http {{
     ssl_certificate {work}/cert.pem;
     ssl_certificate_key {work}/key.pem;
     http2_max_concurrent_streams 256;
+    # At server level: an `if` in `location /` is not run for requests that
+    # a nested location (/features/) takes, so until run AK nginx checked
+    # no Referer at all (found when the foreign-Referer check below was added).
+    valid_referers app.example.com *.example.org localhost;
+    if ($invalid_referer) {{ return 403 '{{"error":{{"code":403,"message":"Referer not allowed.","details":[]}}}}'; }}
     location / {{
-      valid_referers app.example.com *.example.org localhost;
-      if ($invalid_referer) {{ return 403; }}
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_set_header Cookie "";
@@ -557,6 +594,47 @@ http {{
   }}
 }}
 """
+
+    # The second anchor: HAProxy doing the same job as nginx above (TLS with
+    # ALPN h2/http1.1, Referer ACL -> 403 JSON, Cookie and Authorization
+    # removed, X-Esri-Authorization set, Set-Cookie removed, upstream
+    # connections reused). Two threads, as nginx has two workers.
+    ha_port = free_port()
+    haproxy_conf = f"""
+global
+  nbthread 2
+  maxconn 9000
+  log stderr format raw local0 err
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 120s
+  timeout server 120s
+  timeout http-keep-alive 120s
+  option http-keep-alive
+frontend fe
+  bind 127.0.0.1:{ha_port} ssl crt {work}/haproxy.pem alpn h2,http/1.1
+  acl ok_referer req.hdr(referer) -m reg -i ^https?://(app\\.example\\.com|[^/]*\\.example\\.org|localhost)(:[0-9]+)?(/|$)
+  http-request return status 403 content-type application/json string '{{"error":{{"code":403,"message":"Referer not allowed.","details":[]}}}}' if !ok_referer
+  http-request del-header Cookie
+  http-request del-header Authorization
+  http-request set-header X-Esri-Authorization "Bearer {TOKEN}"
+  http-response del-header Set-Cookie
+  use_backend features if {{ path_beg /features/ }}
+  use_backend raw if {{ path /raw/big }}
+backend features
+  http-reuse always
+  http-request set-path %[path,regsub(^/features/,/arcgis/rest/services/)]
+  server up 127.0.0.1:{up_port}
+backend raw
+  http-reuse always
+  http-request set-path /big
+  server up 127.0.0.1:{up_port}
+"""
+    with open(f"{work}/haproxy.pem", "w") as f:
+        f.write(open(f"{work}/cert.pem").read() + open(f"{work}/key.pem").read())
+    with open(f"{work}/haproxy.cfg", "w") as f:
+        f.write(haproxy_conf)
 
     def proxy_conf(port, admin, token_url):
         return f"""
@@ -607,6 +685,8 @@ mount = "/raw"
 
     upstream = Server("upstream", ["nginx", "-c", f"{work}/up.conf", "-p", work], up_port)
     anchor = Server("nginx", ["nginx", "-c", f"{work}/ng.conf", "-p", work], ng_port)
+    haproxy = Server("haproxy", ["haproxy", "-f", f"{work}/haproxy.cfg"], ha_port,
+                     log=f"{work}/haproxy.log") if shutil.which("haproxy") else None
     proxy = Server("proxy", [args.binary, "--config", f"{work}/proxy.toml", *args.proxy_args.split()], px_port, env=env,
                    log=f"{work}/proxy.log")
     versus = None
@@ -624,6 +704,8 @@ mount = "/raw"
         "nginx": (anchor, f"https://127.0.0.1:{ng_port}/features{QUERY}"),
         "proxy": (proxy, f"https://127.0.0.1:{px_port}/features{QUERY}"),
     }
+    if haproxy:
+        targets["haproxy"] = (haproxy, f"https://127.0.0.1:{ha_port}/features{QUERY}")
     if versus:
         targets["versus"] = (versus, f"https://127.0.0.1:{vs_port}/features{QUERY}")
     direct_url = f"http://127.0.0.1:{up_port}/arcgis/rest/services{QUERY}"
@@ -637,10 +719,25 @@ mount = "/raw"
         for name, (_, url) in targets.items():
             out = run(["curl", "-sk", "-H", f"Referer: {REFERER}", url])
             assert out == body, f"{name} answered {out[:200]!r}"
+        # The anchors refuse what the proxy refuses, in the same shape.
+        for name, (_, url) in targets.items():
+            out = run(["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Referer: https://evil.example/", url])
+            assert out == "403", f"{name} answered {out} to a foreign Referer"
         results["idle_rss_mib"] = {
             "proxy": rss_kib(proxy.pids()) / 1024,
             "nginx": rss_kib(anchor.pids()) / 1024,
         }
+        if haproxy:
+            results["idle_rss_mib"]["haproxy"] = rss_kib(haproxy.pids()) / 1024
+
+        if want("idle1000"):
+            # Resident memory per 1,000 idle keep-alive TLS connections:
+            # each connection does one request, then stays open.
+            rs = {}
+            for name in [n for n in ["proxy", "nginx", "haproxy"] if n in targets]:
+                server, url = targets[name]
+                rs[name] = idle_connections(server, int(url.split(":")[2].split("/")[0]), 1000)
+            results["idle_1000_connections"] = rs
 
         if want("h1"):
             direct = []
@@ -675,7 +772,7 @@ mount = "/raw"
             keep_rounds(results, "h2_8x32", rs)
 
         if want("newconn"):
-            two = {k: targets[k] for k in ["nginx", "proxy"]}
+            two = {k: targets[k] for k in ["nginx", "proxy", "haproxy"] if k in targets}
             rs = alternate(two, lambda url: wrk(url, 16, secs, ("-H", "Connection: close")), rounds)
             keep_rounds(results, "new_tls_connection_per_request", rs)
             results["tls_session_resumed"] = {"nginx": resumes(ng_port), "proxy": resumes(px_port)}
@@ -730,7 +827,7 @@ mount = "/raw"
             cold.stop()
             slow.stop()
     finally:
-        for s in [proxy, anchor, upstream, versus]:
+        for s in [proxy, anchor, haproxy, upstream, versus]:
             if s:
                 s.stop()
 
@@ -758,13 +855,13 @@ def print_versus(r):
 
 
 def print_report(r):
-    print(f"\narcgis-app-proxy vs nginx — {r['machine']['cpus']} CPUs, {r['rounds']} rounds × {r['secs']} s, median round")
+    print(f"\narcgis-app-proxy vs nginx and HAProxy — {r['machine']['cpus']} CPUs, {r['rounds']} rounds × {r['secs']} s, median round")
     print(f"proxy binary: {r['binary']}")
     print(f"load generator threads: {r['client_threads']}, upstream workers: {r['upstream_workers']}\n")
     def rounds(key):
         # Every round, not just the median: shows how far this VM moved.
         rs = r.get(f"{key}_rounds", {})
-        line = "   ".join(f"{n} " + " / ".join(f"{x['rps']:.0f}" for x in rs[n]) for n in ["proxy", "nginx"] if n in rs)
+        line = "   ".join(f"{n} " + " / ".join(f"{x['rps']:.0f}" for x in rs[n]) for n in ["proxy", "nginx", "haproxy"] if n in rs)
         if line:
             print(f"  {'requests/s of each round':34} {line}")
         # Round i of nginx ran just before round i of the proxy; the ratio of
@@ -797,9 +894,26 @@ def print_report(r):
         if "peak_rss_mib" in h["proxy"]:
             row("peak RSS so far (VmHWM)", h["proxy"]["peak_rss_mib"], h["nginx"]["peak_rss_mib"], "MiB",
                 "lower is better")
-    def row(label, a, b, unit, better):
+    def anchors(h, p99=True):
+        # The second anchor, and the better of the two: the targets are
+        # ratios against whichever anchor did better in the same run.
+        if "haproxy" not in h:
+            return
+        p, n, a = h["proxy"], h["nginx"], h["haproxy"]
+        row("requests/s vs HAProxy", p["rps"], a["rps"], "req/s", "higher is better", other="haproxy")
+        row("CPU per request vs HAProxy", p["cpu_us_per_req"], a["cpu_us_per_req"], "us", "lower is better", other="haproxy")
+        if p99 and "p99_ms" in a:
+            row("p99 latency vs HAProxy", p["p99_ms"], a["p99_ms"], "ms", "lower is better", other="haproxy")
+        best_rps = max(n["rps"], a["rps"])
+        best_cpu = min(n["cpu_us_per_req"], a["cpu_us_per_req"])
+        line = (f"  {'against the better anchor':34} requests/s {p['rps'] / best_rps:.2f}, "
+                f"CPU per request {p['cpu_us_per_req'] / best_cpu:.2f}")
+        if p99 and "p99_ms" in a and "p99_ms" in n:
+            line += f", p99 {p['p99_ms'] / min(n['p99_ms'], a['p99_ms']):.2f}"
+        print(line)
+    def row(label, a, b, unit, better, other="nginx"):
         ratio = a / b if b else float("nan")
-        print(f"  {label:34} proxy {a:10.1f} {unit:8} nginx {b:10.1f} {unit:8} ratio {ratio:5.2f} ({better})")
+        print(f"  {label:34} proxy {a:10.1f} {unit:8} {other:7} {b:8.1f} {unit:8} ratio {ratio:5.2f} ({better})")
     if "h1_keepalive_64" in r:
         h = r["h1_keepalive_64"]
         print("TLS h1 keep-alive, 64 connections (wrk):")
@@ -807,6 +921,7 @@ def print_report(r):
         row("CPU per request", h["proxy"]["cpu_us_per_req"], h["nginx"]["cpu_us_per_req"], "us", "target <= 0.90")
         row("p50 latency", h["proxy"]["p50_ms"], h["nginx"]["p50_ms"], "ms", "lower is better")
         row("p99 latency", h["proxy"]["p99_ms"], h["nginx"]["p99_ms"], "ms", "target <= 1.00")
+        anchors(h)
         print(f"  {'direct upstream (cleartext)':34} {h['direct']['rps']:10.1f} req/s, p99 {h['direct']['p99_ms']:.2f} ms")
         parties(h)
         print(f"  non-2xx: proxy {h['proxy']['non_2xx']}, nginx {h['nginx']['non_2xx']}")
@@ -825,6 +940,7 @@ def print_report(r):
         print("HTTP/2, 8 connections x 32 streams (h2load):")
         row("requests/s", h["proxy"]["rps"], h["nginx"]["rps"], "req/s", "target >= 1.20")
         row("CPU per request", h["proxy"]["cpu_us_per_req"], h["nginx"]["cpu_us_per_req"], "us", "lower is better")
+        anchors(h, p99=False)
         print(f"  succeeded: proxy {h['proxy']['succeeded']}/{h['proxy']['requests']}, nginx {h['nginx']['succeeded']}/{h['nginx']['requests']}")
         parties(h)
         peak(h)
@@ -834,6 +950,7 @@ def print_report(r):
         print("New TLS connection per request, 16 concurrent (wrk, Connection: close):")
         row("requests/s", h["proxy"]["rps"], h["nginx"]["rps"], "req/s", "target >= 1.00")
         row("CPU per request", h["proxy"]["cpu_us_per_req"], h["nginx"]["cpu_us_per_req"], "us", "lower is better")
+        anchors(h, p99=False)
         peak(h)
         rounds("new_tls_connection_per_request")
         if "tls_session_resumed" in r:
@@ -864,8 +981,14 @@ def print_report(r):
         print("User-space instructions per request under callgrind (TLS h1, gzip answers, wrk -c8, one thread/worker):")
         row("instructions", c["proxy"]["instructions_per_req"] / 1000, c["nginx"]["instructions_per_req"] / 1000,
             "k", "lower is better; nginx does not look inside")
+    if "idle_1000_connections" in r:
+        c = r["idle_1000_connections"]
+        print("Resident memory per 1,000 idle keep-alive TLS connections (one request each, then held):")
+        print("  " + "   ".join(f"{n} {v['mib_per_1000']:.1f} MiB ({v['rss_before_mib']:.1f} -> {v['rss_with_mib']:.1f})"
+                               for n, v in c.items()) + "   (target: proxy <= the anchors)")
     i = r["idle_rss_mib"]
-    print(f"Idle RSS after start: proxy {i['proxy']:.1f} MiB (target < 20), nginx (master + 2 workers) {i['nginx']:.1f} MiB")
+    print(f"Idle RSS after start: proxy {i['proxy']:.1f} MiB (target < 20), nginx (master + 2 workers) {i['nginx']:.1f} MiB"
+          + (f", HAProxy {i['haproxy']:.1f} MiB" if "haproxy" in i else ""))
 
 
 if __name__ == "__main__":
