@@ -2,7 +2,7 @@
 // bundled by your build (vite, esbuild, webpack). The page holds no token
 // and no API key: the proxy adds the app's credential.
 //
-// This is the code tests/browser/pages/sdk.js runs in Chromium against the
+// tests/browser/pages/sdk.js does the same (rule, basemap, layer) in Chromium against the
 // demo (tests/it/maps.rs): features drawn, nothing sent around the proxy.
 import esriConfig from "@arcgis/core/config.js";
 import * as urlUtils from "@arcgis/core/core/urlUtils.js";

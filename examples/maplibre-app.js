@@ -3,7 +3,7 @@
 // tile URLs come back pointing at the proxy, which adds the token to each.
 // The page holds no token and no API key.
 //
-// This is the code tests/browser/pages/maplibre.js runs in Chromium against
+// tests/browser/pages/maplibre.js does the same in Chromium against
 // the demo (tests/it/maps.rs): tiles, sprite and glyphs drawn through the
 // proxy, none fetched from the upstream directly.
 import * as maplibregl from "maplibre-gl";
