@@ -445,6 +445,19 @@ def stream(url, server):
     }
 
 
+def oha_fixed(url, rate, secs, conns=64):
+    """Open-loop load at `rate` requests/s (oha -q, with latency correction,
+    so a stall counts against every request scheduled behind it): latency
+    percentiles in ms and the share of successful answers."""
+    out = run(["oha", "-z", f"{secs}s", "-c", str(conns), "-q", str(int(rate)), "--latency-correction",
+               "--insecure", "--no-tui", "--output-format", "json", "-H", f"Referer: {REFERER}", url])
+    j = json.loads(out)
+    p = j["latencyPercentiles"]
+    return {"rate": rate, "rps": j["summary"]["requestsPerSec"], "success": j["summary"]["successRate"],
+            "requests": int(j["summary"]["requestsPerSec"] * secs),
+            "p50_ms": p["p50"] * 1000, "p99_ms": p["p99"] * 1000, "p999_ms": p["p99.9"] * 1000}
+
+
 def idle_connections(server, port, n):
     """Opens `n` TLS connections to `port`, one keep-alive request on each,
     holds them open, and returns the server's resident memory before and
@@ -748,6 +761,23 @@ mount = "/raw"
         if haproxy:
             results["idle_rss_mib"]["haproxy"] = rss_kib(haproxy.pids()) / 1024
 
+        if want("fixedrate") and shutil.which("oha"):
+            # Tail latency at fixed rates: 50 % and 90 % of nginx's maximum
+            # (from the h1 scenario when it ran, else a short wrk run).
+            if "h1_keepalive_64" in results:
+                top = results["h1_keepalive_64"]["nginx"]["rps"]
+            else:
+                top = wrk(targets["nginx"][1], 64, 5)["rps"]
+            fr = {}
+            # 25 % too: on two cores oha itself needs a core at the higher
+            # rates, so there the load generator sets the tail.
+            for share in (0.25, 0.5, 0.9):
+                rs = alternate({k: targets[k] for k in ["nginx", "proxy", "haproxy"] if k in targets},
+                               lambda url: oha_fixed(url, top * share, secs), rounds)
+                fr[f"{int(share * 100)}"] = {k: sorted(v, key=lambda r: r["p99_ms"])[len(v) // 2] for k, v in rs.items()}
+                fr[f"{int(share * 100)}_rounds"] = rs
+            results["fixed_rate"] = fr
+
         if want("idle1000"):
             # Resident memory per 1,000 idle keep-alive TLS connections:
             # each connection does one request, then stays open.
@@ -1019,6 +1049,16 @@ def print_report(r):
         print("User-space instructions per request under callgrind (TLS h1, gzip answers, wrk -c8, one thread/worker):")
         row("instructions", c["proxy"]["instructions_per_req"] / 1000, c["nginx"]["instructions_per_req"] / 1000,
             "k", "lower is better; nginx does not look inside")
+    if "fixed_rate" in r:
+        print("Open-loop fixed rates (oha -q, latency correction, 64 connections), median round by p99:")
+        for share in ("25", "50", "90"):
+            h = r["fixed_rate"][share]
+            print(f"  at {share} % of nginx's maximum ({h['nginx']['rate']:.0f} req/s):")
+            for name, x in h.items():
+                print(f"    {name:8} p50 {x['p50_ms']:.2f} ms  p99 {x['p99_ms']:.2f} ms  p99.9 {x['p999_ms']:.2f} ms  "
+                      f"({x['rps']:.0f} req/s, success {x['success']:.3f})")
+            best = min(x["p99_ms"] for n, x in h.items() if n != "proxy")
+            print(f"    p99 against the better anchor {h['proxy']['p99_ms'] / best:.2f} (target <= 1.00)")
     if "idle_1000_connections" in r:
         c = r["idle_1000_connections"]
         print("Resident memory per 1,000 idle keep-alive TLS connections (one request each, then held):")
