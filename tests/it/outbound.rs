@@ -233,19 +233,24 @@ async fn the_startup_log_names_the_proxy_and_its_source() {
     assert!(!out.contains("hunter2"), "{out}");
 
     // A SOCKS proxy in the environment: refused by name, password unshown.
-    let mut p = Proc::spawn(
+    // `check` exits by itself; waiting (not signalling) keeps its status.
+    let p = Proc::spawn(
         &["check", "--config", &cfg],
         &[
             ("SECRET", SECRET),
             ("HTTPS_PROXY", "socks5://ops:hunter2@127.0.0.1:1080"),
         ],
     );
-    let line = p.wait_for("HTTPS_PROXY");
+    let (code, out) = p.wait();
+    let line = out
+        .lines()
+        .find(|l| l.contains("HTTPS_PROXY"))
+        .unwrap_or_default()
+        .to_string();
     assert!(
         line.contains("environment variable HTTPS_PROXY: SOCKS proxies are not supported"),
         "{line}"
     );
-    let (code, out) = p.terminate();
     assert_eq!(code, 78, "{out}");
     assert!(!out.contains("hunter2"), "{out}");
 }

@@ -1244,6 +1244,16 @@ impl Proc {
             .status();
     }
 
+    /// Waits for the process to exit on its own (no signal), and returns
+    /// the exit code and all output.
+    pub fn wait(mut self) -> (i32, String) {
+        let status = self.child.wait().unwrap();
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(500)) {
+            self.seen.push(line);
+        }
+        (status.code().unwrap_or(-1), self.seen.join("\n"))
+    }
+
     /// SIGTERM, wait for exit, and return the exit code and all output.
     pub fn terminate(mut self) -> (i32, String) {
         let _ = Command::new("kill")
