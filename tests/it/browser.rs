@@ -7,8 +7,6 @@
 use std::path::Path;
 use std::process::Command;
 
-use base64::Engine;
-
 use crate::support::*;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -81,44 +79,16 @@ fn demo_map_draws_features_and_the_browser_never_sees_a_token() {
     assert!(dom.contains(r#"data-echo-token="false""#), "{dom}");
 
     // Every response body byte the browser read, from the NetLog.
-    let log = std::fs::read_to_string(&netlog).expect("netlog written");
-    let log: serde_json::Value = serde_json::from_str(&log)
-        .or_else(|_| {
-            // Chromium may leave the closing brackets off when it exits fast.
-            serde_json::from_str(&format!("{}]}}", log.trim_end().trim_end_matches(',')))
-        })
-        .expect("netlog is JSON");
+    let log = NetLog::read(&netlog);
     let proxy_line = demo.wait_for("cleartext listener used by the page");
     let proxy = proxy_line.split_whitespace().last().unwrap().to_string();
-    let events = log["events"].as_array().unwrap();
-    // URL requests to the proxy, by NetLog source id (the page's own files,
+    // The bytes of requests to the proxy only (the page's own files,
     // esri-leaflet's source among them, may mention "token=" legitimately).
-    let proxied: std::collections::HashSet<u64> = events
-        .iter()
-        .filter(|e| {
-            e["params"]["url"]
-                .as_str()
-                .is_some_and(|u| u.starts_with(&proxy))
-        })
-        .filter_map(|e| e["source"]["id"].as_u64())
-        .collect();
-    assert!(!proxied.is_empty(), "no request to the proxy in the NetLog");
-    let mut received = Vec::new();
-    for event in events {
-        if !event["source"]["id"]
-            .as_u64()
-            .is_some_and(|id| proxied.contains(&id))
-        {
-            continue;
-        }
-        if let Some(b) = event["params"]["bytes"].as_str()
-            && let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(b)
-        {
-            received.extend(bytes);
-            received.push(b'\n');
-        }
-    }
-    let text = String::from_utf8_lossy(&received);
+    assert!(
+        log.urls().iter().any(|u| u.starts_with(&proxy)),
+        "no request to the proxy in the NetLog"
+    );
+    let text = log.bytes_to(&proxy);
     // The check must have seen the answers it is about.
     assert!(
         text.contains("Griffith Park"),
@@ -138,9 +108,9 @@ fn demo_map_draws_features_and_the_browser_never_sees_a_token() {
         )),
         "style tile URLs not rewritten to the proxy"
     );
-    let tile_requests = events
+    let urls = log.urls();
+    let tile_requests = urls
         .iter()
-        .filter_map(|e| e["params"]["url"].as_str())
         .filter(|u| u.contains("/tiles-raster/"))
         .collect::<Vec<_>>();
     assert!(!tile_requests.is_empty());

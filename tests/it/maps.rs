@@ -20,8 +20,6 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use base64::Engine;
-
 use crate::support::*;
 
 /// Where the browser pages and their npm packages live.
@@ -108,47 +106,13 @@ fn draw(demo: &Demo, page: &str, query: &str, host: &str) -> Drawn {
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
-    let log = std::fs::read_to_string(&netlog).expect("netlog written");
-    let log: serde_json::Value = serde_json::from_str(&log)
-        .or_else(|_| serde_json::from_str(&format!("{}]}}", log.trim_end().trim_end_matches(','))))
-        .expect("netlog is JSON");
-    let events = log["events"].as_array().unwrap();
-    let mut urls = Vec::new();
-    let mut proxied = std::collections::HashSet::new();
-    for e in events {
-        if let Some(u) = e["params"]["url"].as_str() {
-            urls.push(u.to_string());
-            if u.starts_with(&demo.proxy) {
-                proxied.extend(e["source"]["id"].as_u64());
-            }
-        }
-    }
-    let (mut seen, mut seen_proxied) = (String::new(), String::new());
-    for e in events {
-        let mut text = String::new();
-        if let Some(b) = e["params"]["bytes"].as_str()
-            && let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(b)
-        {
-            text.push_str(&String::from_utf8_lossy(&bytes));
-            text.push('\n');
-        }
-        // Headers and URLs as logged, in any event.
-        text.push_str(&e["params"].to_string());
-        text.push('\n');
-        if e["source"]["id"]
-            .as_u64()
-            .is_some_and(|id| proxied.contains(&id))
-        {
-            seen_proxied.push_str(&text);
-        }
-        seen.push_str(&text);
-    }
+    let log = NetLog::read(&netlog);
     Drawn {
         page: report["page"].clone(),
         report,
-        urls,
-        seen,
-        seen_proxied,
+        urls: log.urls(),
+        seen: log.everything(None),
+        seen_proxied: log.everything(Some(&demo.proxy)),
     }
 }
 

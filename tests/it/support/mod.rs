@@ -1415,3 +1415,83 @@ impl ForwardProxy {
         Ok(())
     }
 }
+
+// ---------------------------------------------------------------- NetLog
+
+/// Chromium's NetLog (`--log-net-log`, `--net-log-capture-mode=Everything`),
+/// read back: every request of a page and its workers, with the headers
+/// and the bytes sent and read.
+pub struct NetLog {
+    events: Vec<serde_json::Value>,
+}
+
+impl NetLog {
+    pub fn read(path: &Path) -> NetLog {
+        let log = std::fs::read_to_string(path).expect("netlog written");
+        let log: serde_json::Value = serde_json::from_str(&log)
+            .or_else(|_| {
+                // Chromium may leave the closing brackets off when it exits fast.
+                serde_json::from_str(&format!("{}]}}", log.trim_end().trim_end_matches(',')))
+            })
+            .expect("netlog is JSON");
+        NetLog {
+            events: log["events"].as_array().cloned().unwrap_or_default(),
+        }
+    }
+
+    /// Every URL requested, in order.
+    pub fn urls(&self) -> Vec<String> {
+        self.events
+            .iter()
+            .filter_map(|e| e["params"]["url"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// The bytes (decoded) of the requests whose URL starts with `prefix`,
+    /// a line per NetLog event.
+    pub fn bytes_to(&self, prefix: &str) -> String {
+        self.text(Some(prefix), false)
+    }
+
+    /// Bytes (decoded) and everything logged with them, URLs and headers
+    /// included: of the requests to `prefix`, or of all with `None`.
+    pub fn everything(&self, prefix: Option<&str>) -> String {
+        self.text(prefix, true)
+    }
+
+    fn text(&self, prefix: Option<&str>, with_params: bool) -> String {
+        use base64::Engine;
+        // Requests by NetLog source id: a request's bytes come in events
+        // that carry its id but not its URL.
+        let sources: HashSet<u64> = self
+            .events
+            .iter()
+            .filter(|e| {
+                e["params"]["url"]
+                    .as_str()
+                    .is_some_and(|u| prefix.is_none_or(|p| u.starts_with(p)))
+            })
+            .filter_map(|e| e["source"]["id"].as_u64())
+            .collect();
+        let mut out = String::new();
+        for e in &self.events {
+            let ours = e["source"]["id"]
+                .as_u64()
+                .is_some_and(|id| sources.contains(&id));
+            if prefix.is_some() && !ours {
+                continue;
+            }
+            if let Some(b) = e["params"]["bytes"].as_str()
+                && let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(b)
+            {
+                out.push_str(&String::from_utf8_lossy(&bytes));
+                out.push('\n');
+            }
+            if with_params {
+                out.push_str(&e["params"].to_string());
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
