@@ -69,23 +69,21 @@ const POOL_IDLE: Duration = Duration::from_secs(90);
 /// Idle upstream connections kept per origin and serving thread.
 const POOL_MAX_IDLE: usize = 256;
 
-/// The verifying TLS connector over `config`'s connections (direct or
-/// through its outbound proxy).
-fn connector(config: &Config, tls: &Arc<rustls::ClientConfig>) -> HttpsConnector<Connector> {
-    let tcp = Connector::new(&config.outbound, config.limits.upstream_connect_timeout);
-    HttpsConnector::from((tcp, Arc::clone(tls)))
+/// The verifying TLS connector over `tcp` (direct or through the outbound
+/// proxy).
+fn verifying(tcp: &Connector, tls: &Arc<rustls::ClientConfig>) -> HttpsConnector<Connector> {
+    HttpsConnector::from((tcp.clone(), Arc::clone(tls)))
 }
 
-fn client_sharing(config: &Config, tls: &Arc<rustls::ClientConfig>) -> HttpClient {
-    let connector = Connector::new(&config.outbound, config.limits.upstream_connect_timeout);
+fn client_sharing(tcp: &Connector, tls: &Arc<rustls::ClientConfig>) -> HttpClient {
     HttpClient {
         client: Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE)
             .pool_max_idle_per_host(POOL_MAX_IDLE)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .build(HttpsConnector::from((connector.clone(), Arc::clone(tls)))),
-        connector,
+            .build(verifying(tcp, tls)),
+        connector: tcp.clone(),
     }
 }
 
@@ -102,10 +100,12 @@ impl Clients {
     /// Clients for `shards` serving threads (at least one).
     pub fn new(config: &Config, shards: usize) -> Clients {
         let tls = shared_tls(config);
+        // One connector (and one NO_PROXY matcher) shared by every client.
+        let tcp = Connector::new(&config.outbound, config.limits.upstream_connect_timeout);
         Clients {
-            control: client_sharing(config, &tls),
+            control: client_sharing(&tcp, &tls),
             shards: (0..shards.max(1))
-                .map(|_| Arc::new(Pool::new(connector(config, &tls), POOL_IDLE, POOL_MAX_IDLE)))
+                .map(|_| Arc::new(Pool::new(verifying(&tcp, &tls), POOL_IDLE, POOL_MAX_IDLE)))
                 .collect(),
         }
     }
