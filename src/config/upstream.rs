@@ -133,11 +133,16 @@ pub(super) fn validate_proxy(raw: &RawUpstream, env: &dyn Env, p: &mut Problems)
             let all = first_var(env, &["ALL_PROXY", "all_proxy"]);
             let https = first_var(env, &["HTTPS_PROXY", "https_proxy"]).or(all.clone());
             let http = first_var(env, &["HTTP_PROXY", "http_proxy"]).or(all);
-            for (slot, var) in [(&mut out.https, &https), (&mut out.http, &http)] {
-                if let Some((name, value)) = var {
-                    *slot = parse_proxy_url(value, &format!("environment variable {name}"), p);
-                }
-            }
+            let parse = |(name, value): &(&str, String), p: &mut Problems| {
+                parse_proxy_url(value, &format!("environment variable {name}"), p)
+            };
+            out.https = https.as_ref().and_then(|v| parse(v, p));
+            // Both from ALL_PROXY: checked (and reported) once.
+            out.http = match (&http, &https) {
+                (Some((a, _)), Some((b, _))) if a == b => out.https.clone(),
+                (Some(v), _) => parse(v, p),
+                (None, _) => None,
+            };
             let mut names: Vec<&str> = [&https, &http]
                 .into_iter()
                 .flatten()
@@ -404,6 +409,9 @@ mod tests {
         }
         let (_, errs) = run(None, None, &[("HTTPS_PROXY", "socks5h://user:hunter2@p:1")]);
         assert_eq!(errs.len(), 1);
+        // ALL_PROXY serves both schemes and is reported once.
+        let (_, all) = run(None, None, &[("ALL_PROXY", "socks5://p:1")]);
+        assert_eq!(all.len(), 1, "{all:?}");
         assert!(
             errs[0].starts_with("environment variable HTTPS_PROXY: "),
             "{errs:?}"
