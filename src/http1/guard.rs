@@ -20,352 +20,22 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::idle::IdleTimer;
+use super::framing::Framing;
 pub use super::idle::{Activity, Busy};
+use super::idle::{Idle, IdleTimer};
 use tokio::time::Sleep;
 
-/// What hyper is given instead of a head with conflicting framing: not a
-/// request line, so hyper answers 400 Bad Request and closes.
-const POISON: &[u8] = b"\x00BAD-FRAMING\r\n\r\n";
-
+/// Whether an idle connection may hand its HTTP state back (see
+/// [`FramingGuard::park_after`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    /// Collecting a request head.
-    Head,
-    /// Inside a fixed-length body: bytes left.
-    Body(u64),
-    /// Inside a chunked body.
-    Chunked(Chunk),
-    /// Not inspecting any more (HTTP/2, an oversized head, framing hyper will
-    /// refuse itself).
-    Passthrough,
-    /// A poisoned head was handed over; nothing more is read.
-    Poisoned,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
-    /// Reading a chunk-size line (hex digits, then an optional extension).
-    Size {
-        value: u64,
-        digits: u8,
-        in_ext: bool,
-    },
-    /// Chunk data bytes left, then CRLF.
-    Data(u64),
-    /// The CRLF after chunk data (bytes of it left).
-    DataEnd(u8),
-    /// Trailer section: `line_len` bytes into the current line.
-    Trailer { line_len: usize },
-}
-
-/// The request-head checker, independent of I/O (unit-tested directly).
-#[derive(Debug)]
-pub struct Framing {
-    state: State,
-    head: Vec<u8>,
-    head_limit: usize,
-}
-
-impl Framing {
-    /// A checker that stops inspecting heads longer than `head_limit`.
-    pub fn new(head_limit: usize) -> Framing {
-        Framing {
-            state: State::Head,
-            head: Vec::new(),
-            head_limit,
-        }
-    }
-
-    /// True once a conflicting head was found.
-    pub fn poisoned(&self) -> bool {
-        self.state == State::Poisoned
-    }
-
-    /// True while part of a head is held back.
-    fn holding_head(&self) -> bool {
-        self.state == State::Head && !self.head.is_empty()
-    }
-
-    /// True while the next bytes are (part of) a request head.
-    fn reading_head(&self) -> bool {
-        self.state == State::Head
-    }
-
-    /// True when bytes may go straight to hyper without inspection.
-    fn passthrough(&self) -> bool {
-        self.state == State::Passthrough && self.head.is_empty()
-    }
-
-    /// Feeds bytes read from the client; appends to `out` what hyper may see.
-    pub fn feed(&mut self, mut data: &[u8], out: &mut Vec<u8>) {
-        while !data.is_empty() {
-            // The usual case, a whole head in one read: judged where it lies,
-            // without holding it back in `head`.
-            if self.state == State::Head
-                && self.head.is_empty()
-                && let Some(end) = head_end(data, 0)
-            {
-                self.state = self.judge(&data[..end]);
-                if self.state == State::Poisoned {
-                    out.extend_from_slice(POISON);
-                    return;
-                }
-                out.extend_from_slice(&data[..end]);
-                data = &data[end..];
-                continue;
-            }
-            match self.state {
-                State::Passthrough => {
-                    out.append(&mut self.head);
-                    out.extend_from_slice(data);
-                    return;
-                }
-                State::Poisoned => return,
-                State::Head => {
-                    let before = self.head.len();
-                    self.head.extend_from_slice(data);
-                    match head_end(&self.head, before.saturating_sub(3)) {
-                        None => {
-                            if self.head.len() > self.head_limit {
-                                // hyper will answer 431; nothing to check.
-                                self.state = State::Passthrough;
-                                out.append(&mut self.head);
-                            }
-                            return;
-                        }
-                        Some(end) => {
-                            let rest = self.head.split_off(end);
-                            let head = std::mem::take(&mut self.head);
-                            self.state = self.judge(&head);
-                            if self.state == State::Poisoned {
-                                out.extend_from_slice(POISON);
-                                return;
-                            }
-                            out.extend_from_slice(&head);
-                            // Continue with what followed the head.
-                            return self.feed_owned(rest, out);
-                        }
-                    }
-                }
-                State::Body(left) => {
-                    let n = (left.min(data.len() as u64)) as usize;
-                    out.extend_from_slice(&data[..n]);
-                    data = &data[n..];
-                    self.state = if left - n as u64 == 0 {
-                        State::Head
-                    } else {
-                        State::Body(left - n as u64)
-                    };
-                }
-                State::Chunked(chunk) => {
-                    let (used, next) = step_chunked(chunk, data);
-                    out.extend_from_slice(&data[..used]);
-                    data = &data[used..];
-                    self.state = next;
-                }
-            }
-        }
-    }
-
-    fn feed_owned(&mut self, rest: Vec<u8>, out: &mut Vec<u8>) {
-        if !rest.is_empty() {
-            self.feed(&rest, out);
-        }
-    }
-
-    /// Decides what follows a complete head.
-    fn judge(&self, head: &[u8]) -> State {
-        if head.starts_with(b"PRI * HTTP/2.0") {
-            return State::Passthrough;
-        }
-        let mut lengths: Vec<&[u8]> = Vec::new();
-        let mut encodings: Vec<&[u8]> = Vec::new();
-        for line in lines(head).skip(1) {
-            // Only two names matter; most lines are ruled out by their first
-            // byte (whitespace kept: a folded line is judged like the rest).
-            if !matches!(line.first(), Some(b'c' | b'C' | b't' | b'T' | b' ' | b'\t')) {
-                continue;
-            }
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            let Some(colon) = line.iter().position(|b| *b == b':') else {
-                continue;
-            };
-            // hyper refuses space before the colon anyway; treat it as the
-            // header it pretends to be.
-            let name = trim(&line[..colon]);
-            let value = trim(&line[colon + 1..]);
-            if name.eq_ignore_ascii_case(b"content-length") {
-                lengths.push(value);
-            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                encodings.push(value);
-            }
-        }
-        if !lengths.is_empty() && !encodings.is_empty() {
-            return State::Poisoned;
-        }
-        if let Some(last) = encodings.last() {
-            return if super::chunked_is_last(last) {
-                State::Chunked(Chunk::Size {
-                    value: 0,
-                    digits: 0,
-                    in_ext: false,
-                })
-            } else {
-                // hyper refuses a request body that is not chunked last.
-                State::Passthrough
-            };
-        }
-        let Some(first) = lengths.first() else {
-            return State::Head;
-        };
-        match super::content_length(first) {
-            // Differing or malformed lengths: hyper answers 400 itself.
-            Some(n) if lengths.iter().all(|l| super::content_length(l) == Some(n)) => {
-                if n == 0 {
-                    State::Head
-                } else {
-                    State::Body(n)
-                }
-            }
-            _ => State::Passthrough,
-        }
-    }
-}
-
-/// The `\n`-separated lines of a head (memchr, not a byte-by-byte split).
-fn lines(head: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let mut rest = head;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let (line, tail) = match memchr::memchr(b'\n', rest) {
-            Some(i) => (&rest[..i], &rest[i + 1..]),
-            None => (rest, &rest[rest.len()..]),
-        };
-        rest = tail;
-        Some(line)
-    })
-}
-
-fn trim(v: &[u8]) -> &[u8] {
-    let start = v
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(v.len());
-    let end = v
-        .iter()
-        .rposition(|b| !b.is_ascii_whitespace())
-        .map_or(start, |e| e + 1);
-    &v[start..end.max(start)]
-}
-
-/// The end of a head (just past its empty line), searching from `from`;
-/// accepts CRLF and bare LF line ends, as the HTTP parser does.
-fn head_end(buf: &[u8], from: usize) -> Option<usize> {
-    // Leading empty lines before a request line are skipped by hyper.
-    for i in memchr::memchr_iter(b'\n', buf.get(from..)?).map(|i| i + from) {
-        // Empty line: "\n\n" or "\n\r\n" — but not at the very start.
-        if i > 0 {
-            if buf.get(i + 1) == Some(&b'\n') {
-                return Some(i + 2);
-            }
-            if buf.get(i + 1) == Some(&b'\r') && buf.get(i + 2) == Some(&b'\n') {
-                return Some(i + 3);
-            }
-        }
-    }
-    None
-}
-
-/// Advances the chunked-body machine over `data`; returns bytes consumed and
-/// the next state.
-fn step_chunked(mut chunk: Chunk, data: &[u8]) -> (usize, State) {
-    let mut i = 0;
-    while i < data.len() {
-        let b = data[i];
-        match chunk {
-            Chunk::Size {
-                value,
-                digits,
-                in_ext,
-            } => {
-                i += 1;
-                match b {
-                    b'\n' => {
-                        if digits == 0 {
-                            return (i, State::Passthrough);
-                        }
-                        chunk = if value == 0 {
-                            Chunk::Trailer { line_len: 0 }
-                        } else {
-                            Chunk::Data(value)
-                        };
-                    }
-                    b'\r' => {}
-                    b';' => {
-                        chunk = Chunk::Size {
-                            value,
-                            digits,
-                            in_ext: true,
-                        }
-                    }
-                    _ if in_ext => {}
-                    _ => {
-                        let Some(d) = (b as char).to_digit(16) else {
-                            // Whitespace or garbage: hyper decides.
-                            return (i, State::Passthrough);
-                        };
-                        let Some(v) = value.checked_mul(16).and_then(|v| v.checked_add(d.into()))
-                        else {
-                            return (i, State::Passthrough);
-                        };
-                        chunk = Chunk::Size {
-                            value: v,
-                            digits: digits.saturating_add(1),
-                            in_ext: false,
-                        };
-                    }
-                }
-            }
-            Chunk::Data(left) => {
-                let n = left.min((data.len() - i) as u64);
-                i += n as usize;
-                chunk = if left == n {
-                    Chunk::DataEnd(2)
-                } else {
-                    Chunk::Data(left - n)
-                };
-            }
-            Chunk::DataEnd(left) => {
-                i += 1;
-                chunk = match (b, left) {
-                    (b'\r', 2) => Chunk::DataEnd(1),
-                    (b'\n', _) => Chunk::Size {
-                        value: 0,
-                        digits: 0,
-                        in_ext: false,
-                    },
-                    _ => return (i, State::Passthrough),
-                };
-            }
-            Chunk::Trailer { line_len } => {
-                i += 1;
-                match b {
-                    b'\n' if line_len == 0 => return (i, State::Head),
-                    b'\n' => chunk = Chunk::Trailer { line_len: 0 },
-                    b'\r' => {}
-                    _ => {
-                        chunk = Chunk::Trailer {
-                            line_len: line_len + 1,
-                        }
-                    }
-                }
-            }
-        }
-    }
-    (i, State::Chunked(chunk))
+enum Park {
+    /// Never: parking is not enabled.
+    Off,
+    /// Once idle for the park time, while hyper waits for a head.
+    Armed,
+    /// Parked: hyper was told the connection ended; reads go to whoever
+    /// waits for the next request, until [`FramingGuard::unpark`].
+    Parked,
 }
 
 /// An I/O wrapper that applies [`Framing`] to what it reads.
@@ -381,6 +51,9 @@ pub struct FramingGuard<IO> {
     head_timeout: Duration,
     deadline: Option<Pin<Box<Sleep>>>,
     idle: Option<IdleTimer>,
+    park: Park,
+    /// Written since the last completed flush.
+    unflushed: bool,
 }
 
 impl<IO> FramingGuard<IO> {
@@ -396,6 +69,8 @@ impl<IO> FramingGuard<IO> {
             head_timeout,
             deadline: None,
             idle: None,
+            park: Park::Off,
+            unflushed: false,
         }
     }
 
@@ -406,9 +81,70 @@ impl<IO> FramingGuard<IO> {
         self.idle = Some(IdleTimer {
             activity,
             timeout,
+            park_after: None,
             sleep: Box::pin(tokio::time::sleep(timeout)),
         });
         self
+    }
+
+    /// Lets a connection that has been idle for `after` (per the activity
+    /// of [`with_idle_timeout`](Self::with_idle_timeout), which must come
+    /// first) park: while hyper waits for the next head, with nothing of it
+    /// read and everything written flushed, the guard tells hyper the
+    /// client closed. hyper then ends the connection without shutting the
+    /// I/O down, and its buffers (about 28 KiB) are freed; the caller
+    /// waits for the next bytes ([`is_parked`](Self::is_parked)) and serves
+    /// them on a new hyper connection after [`unpark`](Self::unpark).
+    /// The guard starts parked: nothing is held before the first request.
+    pub fn park_after(mut self, after: Duration) -> Self {
+        if let Some(idle) = self.idle.as_mut() {
+            idle.park_after = Some(after);
+            self.park = Park::Parked;
+        }
+        self
+    }
+
+    /// True once the guard has parked the connection (hyper saw an end of
+    /// stream that was not the client's).
+    pub fn is_parked(&self) -> bool {
+        self.park == Park::Parked
+    }
+
+    /// Hands `bytes`, read from this guard, back to be read again first.
+    pub fn unread(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut again = Vec::with_capacity(bytes.len() + self.ready.len() - self.pos);
+        again.extend_from_slice(bytes);
+        again.extend_from_slice(&self.ready[self.pos..]);
+        self.ready = again;
+        self.pos = 0;
+    }
+
+    /// Lets a parked connection be served again, and park again later.
+    pub fn unpark(&mut self) {
+        if self.park != Park::Parked {
+            return;
+        }
+        self.park = Park::Armed;
+        if let Some(idle) = self.idle.as_mut() {
+            idle.unpark();
+        }
+    }
+
+    /// Turns parking off (an HTTP/2 connection is never handed back).
+    pub fn never_park(&mut self) {
+        self.park = Park::Off;
+    }
+
+    /// Parks (see [`park_after`](Self::park_after)): lets go of the
+    /// guard's own buffers, which are empty.
+    fn park(&mut self) {
+        self.park = Park::Parked;
+        self.ready = Vec::new();
+        self.pos = 0;
+        self.framing.release();
     }
 }
 
@@ -461,12 +197,24 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
                     // period does not get the full time again.
                     if this.framing.reading_head()
                         && let Some(idle) = this.idle.as_mut()
-                        && idle.expired(cx)
                     {
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "connection idle",
-                        )));
+                        // Nothing of the next head read, nothing waiting
+                        // to be sent: hyper holds nothing worth keeping.
+                        let armed = this.park == Park::Armed;
+                        let may_park = !this.framing.holding_head() && !this.unflushed;
+                        match idle.poll(cx, armed, may_park) {
+                            Idle::Open => {}
+                            Idle::Park => {
+                                this.park();
+                                return Poll::Ready(Ok(()));
+                            }
+                            Idle::Expired => {
+                                return Poll::Ready(Err(io::Error::new(
+                                    io::ErrorKind::TimedOut,
+                                    "connection idle",
+                                )));
+                            }
+                        }
                     }
                     return Poll::Pending;
                 }
@@ -475,7 +223,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
                     let n = buf.filled().len() - before;
                     if n == 0 {
                         // EOF: hand over whatever partial head there is.
-                        this.ready.append(&mut this.framing.head);
+                        this.framing.hand_over_head(&mut this.ready);
                         if this.ready.is_empty() {
                             return Poll::Ready(Ok(()));
                         }
@@ -503,7 +251,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for FramingGuard<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        this.unflushed = true;
+        Pin::new(&mut this.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -511,7 +261,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for FramingGuard<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        this.unflushed = true;
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -519,16 +271,27 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for FramingGuard<IO> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let flushed = Pin::new(&mut this.io).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = flushed {
+            this.unflushed = false;
+        }
+        flushed
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.park == Park::Parked {
+            // hyper ending a parked connection: the connection lives on.
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_shutdown(cx)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::framing::POISON;
     use super::*;
 
     /// Reads from a guard over a silent peer until it fails or `wait`
@@ -593,6 +356,150 @@ mod tests {
         );
     }
 
+    /// A guard with a 10 s idle timeout that parks after 1 s, armed (as
+    /// after its first request), and the client's end.
+    fn parking_guard() -> (
+        tokio::io::DuplexStream,
+        Arc<Activity>,
+        FramingGuard<tokio::io::DuplexStream>,
+    ) {
+        let timeout = Duration::from_secs(10);
+        let (peer, io) = tokio::io::duplex(1024);
+        let activity = Activity::new();
+        let mut guard = FramingGuard::new(io, 1024, timeout)
+            .with_idle_timeout(Arc::clone(&activity), timeout)
+            .park_after(Duration::from_secs(1));
+        // It starts parked: nothing is held before the first request.
+        assert!(guard.is_parked());
+        guard.unpark();
+        (peer, activity, guard)
+    }
+
+    /// Reads once, for at most `wait`: `Some(bytes)` if the read ended.
+    async fn read_for(
+        guard: &mut FramingGuard<tokio::io::DuplexStream>,
+        wait: Duration,
+    ) -> Option<io::Result<Vec<u8>>> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 256];
+        let r = tokio::time::timeout(wait, guard.read(&mut buf))
+            .await
+            .ok()?;
+        Some(r.map(|n| buf[..n].to_vec()))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_parks_and_its_next_bytes_are_kept() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut peer, _activity, mut guard) = parking_guard();
+        // Idle for the park time: hyper is told the stream ended.
+        assert!(
+            read_for(&mut guard, Duration::from_millis(900))
+                .await
+                .is_none()
+        );
+        let ended = read_for(&mut guard, Duration::from_millis(200)).await;
+        assert!(ended.unwrap().unwrap().is_empty());
+        assert!(guard.is_parked());
+        // hyper's shutdown of a parked connection does not reach the socket.
+        guard.shutdown().await.unwrap();
+        let mut one = [0u8; 1];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), peer.read(&mut one))
+                .await
+                .is_err(),
+            "the client saw the connection end"
+        );
+        // Parked, it does not park again: the next read waits for the client.
+        assert!(read_for(&mut guard, Duration::from_secs(3)).await.is_none());
+        peer.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let first = read_for(&mut guard, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .unwrap();
+        // What the waiter read goes back, ahead of anything else.
+        guard.unread(&first[5..]);
+        guard.unread(&first[..5]);
+        guard.unread(b"");
+        guard.unpark();
+        let again = read_for(&mut guard, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(again, first);
+        // Unparked, it parks again a park time later (no request was ever
+        // in progress, so it has been idle all along).
+        assert!(
+            read_for(&mut guard, Duration::from_millis(900))
+                .await
+                .is_none()
+        );
+        let ended = read_for(&mut guard, Duration::from_millis(200)).await;
+        assert!(ended.unwrap().unwrap().is_empty());
+        // The parked time counts towards the timeout: closed 10 s after
+        // the connection went idle, not later.
+        assert!(read_for(&mut guard, Duration::from_secs(4)).await.is_none());
+        let closed = read_for(&mut guard, Duration::from_secs(2)).await.unwrap();
+        assert_eq!(closed.unwrap_err().kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_park_while_busy_unflushed_or_inside_a_head() {
+        use tokio::io::AsyncWriteExt;
+        // A request in progress: no park however long it takes.
+        let (_peer, activity, mut guard) = parking_guard();
+        let busy = activity.begin();
+        assert!(
+            read_for(&mut guard, Duration::from_secs(30))
+                .await
+                .is_none()
+        );
+        drop(busy);
+        // Idle from the end of the answer: parks a second later.
+        assert!(
+            read_for(&mut guard, Duration::from_millis(900))
+                .await
+                .is_none()
+        );
+        assert!(
+            read_for(&mut guard, Duration::from_millis(200))
+                .await
+                .unwrap()
+                .unwrap()
+                .is_empty()
+        );
+
+        // Written but not flushed: hyper still holds part of an answer.
+        let (_peer, _activity, mut guard) = parking_guard();
+        guard.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+        assert!(
+            read_for(&mut guard, Duration::from_millis(1500))
+                .await
+                .is_none()
+        );
+        assert!(!guard.is_parked());
+        // Flushed: it parks at the next look, a park time later.
+        guard.flush().await.unwrap();
+        assert!(
+            read_for(&mut guard, Duration::from_millis(1200))
+                .await
+                .unwrap()
+                .unwrap()
+                .is_empty()
+        );
+        assert!(guard.is_parked());
+
+        // Part of a head read: it times out as a head, never parks.
+        let (mut peer, _activity, mut guard) = parking_guard();
+        peer.write_all(b"GET / HT").await.unwrap();
+        assert!(read_for(&mut guard, Duration::from_secs(9)).await.is_none());
+        assert!(!guard.is_parked());
+        let closed = read_for(&mut guard, Duration::from_secs(3)).await.unwrap();
+        assert_eq!(closed.unwrap_err().kind(), io::ErrorKind::TimedOut);
+    }
+
     /// The guard reads into the caller's buffer: whatever room the caller
     /// gives (one byte, none, plenty), what comes out is exactly what the
     /// framing lets through, and a zero-room read hands nothing over
@@ -626,76 +533,5 @@ mod tests {
                 assert_eq!(got, want, "room {room}");
             }
         }
-    }
-
-    fn run(input: &[u8], chunk: usize) -> (Vec<u8>, bool) {
-        let mut f = Framing::new(65536);
-        let mut out = Vec::new();
-        for piece in input.chunks(chunk.max(1)) {
-            f.feed(piece, &mut out);
-        }
-        out.append(&mut f.head);
-        (out, f.poisoned())
-    }
-
-    #[test]
-    fn ordinary_traffic_passes_unchanged_in_any_chunking() {
-        let pipelined: &[u8] = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n\
-POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
-POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n\
-GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
-        for chunk in [1, 2, 3, 7, 64, 4096] {
-            let (out, poisoned) = run(pipelined, chunk);
-            assert!(!poisoned, "chunk {chunk}");
-            assert_eq!(out, pipelined, "chunk {chunk}");
-        }
-    }
-
-    #[test]
-    fn conflicting_framing_is_poisoned() {
-        let cases: &[&[u8]] = &[
-            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n",
-            b"POST / HTTP/1.1\r\nHost: x\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n",
-            b"POST / HTTP/1.1\nHost: x\nContent-Length: 4\nTransfer-Encoding: chunked\n\n",
-            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length : 4\r\nTransfer-Encoding:chunked\r\n\r\n",
-        ];
-        for case in cases {
-            for chunk in [1, 5, 4096] {
-                let (out, poisoned) = run(case, chunk);
-                assert!(poisoned, "{}", String::from_utf8_lossy(case));
-                assert_eq!(out, POISON);
-            }
-        }
-        // Smuggled in the second request of a keep-alive connection.
-        let second: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\nPOST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
-        let (out, poisoned) = run(second, 3);
-        assert!(poisoned);
-        assert!(out.starts_with(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
-        assert!(out.ends_with(POISON));
-    }
-
-    #[test]
-    fn a_body_is_not_mistaken_for_a_head() {
-        // The body looks like a smuggled request; it is data, not a head.
-        let req: &[u8] = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n\r\nGET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: x\r\n\r\n";
-        let (out, poisoned) = run(req, 4);
-        assert!(!poisoned);
-        assert_eq!(out, req);
-    }
-
-    #[test]
-    fn http2_and_oversized_heads_pass_through() {
-        let preface: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00";
-        let (out, poisoned) = run(preface, 3);
-        assert!(!poisoned);
-        assert_eq!(out, preface);
-        let mut f = Framing::new(100);
-        let mut out = Vec::new();
-        let big = vec![b'a'; 500];
-        f.feed(b"GET / HTTP/1.1\r\nX: ", &mut out);
-        f.feed(&big, &mut out);
-        assert!(f.passthrough());
-        assert_eq!(out.len(), 19 + 500);
     }
 }

@@ -79,26 +79,62 @@ impl Drop for Busy {
     }
 }
 
+/// What the idle timer found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Idle {
+    /// Busy, or idle for less than the park time: keep waiting.
+    Open,
+    /// Idle for the park time: the connection may let go of its HTTP
+    /// state and buffers (see [`FramingGuard`](super::guard::FramingGuard)).
+    Park,
+    /// Idle for the timeout: close the connection.
+    Expired,
+}
+
 /// The idle check of one connection: a single timer, re-armed lazily.
 pub(super) struct IdleTimer {
     pub(super) activity: Arc<Activity>,
     pub(super) timeout: Duration,
+    /// Idle time after which the connection parks; `None` never parks.
+    pub(super) park_after: Option<Duration>,
     pub(super) sleep: Pin<Box<Sleep>>,
 }
 
 impl IdleTimer {
-    /// True once the connection has been idle for the timeout; otherwise
-    /// makes sure the task is woken when it could be.
-    pub(super) fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+    /// Whether the connection has been idle for the timeout, or (when
+    /// `armed`, and `may_park` now) for the park time; otherwise makes sure
+    /// the task is woken when it could be.
+    pub(super) fn poll(&mut self, cx: &mut Context<'_>, armed: bool, may_park: bool) -> Idle {
+        let park = self.park_after.filter(|_| armed);
         while self.sleep.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
-            let next = match self.activity.idle_for(now) {
-                Some(idle) if idle >= self.timeout => return true,
-                Some(idle) => now + (self.timeout - idle),
-                None => now + self.timeout,
+            let left = |idle: Duration| self.timeout - idle;
+            let wait = match self.activity.idle_for(now) {
+                Some(idle) if idle >= self.timeout => return Idle::Expired,
+                Some(idle) => match park {
+                    Some(p) if idle >= p && may_park => {
+                        // Parked: woken again when the timeout is up.
+                        self.sleep.as_mut().reset(now + left(idle));
+                        return Idle::Park;
+                    }
+                    // Idle long enough, but not ready (an answer still
+                    // being flushed): look again a park time later.
+                    Some(p) if idle >= p => p.min(left(idle)),
+                    Some(p) => p - idle,
+                    None => left(idle),
+                },
+                None => park.unwrap_or(self.timeout),
             };
-            self.sleep.as_mut().reset(next);
+            self.sleep.as_mut().reset(now + wait);
         }
-        false
+        Idle::Open
+    }
+
+    /// Starts the park time again: a parked connection became active.
+    pub(super) fn unpark(&mut self) {
+        if let Some(p) = self.park_after {
+            let deadline = (Instant::now() + p).min(self.sleep.deadline());
+            self.sleep.as_mut().reset(deadline);
+        }
     }
 }

@@ -2,7 +2,9 @@
 //! chunked decoding, `Content-Length` and `Connection` tokens.
 //!
 //! - `guard`: the request framing guard in front of hyper's server (plus
-//!   `idle`, the connection idle timer it enforces);
+//!   `framing`, the I/O-free head checker it applies, and `idle`, the
+//!   connection idle timer it enforces and the one that parks an idle
+//!   connection);
 //! - `answer`: reading an upstream answer (head, body framing, chunked
 //!   decoding) for the upstream client in `upstream::pool::h1`, and the
 //!   chunk-size line its request encoder writes;
@@ -17,6 +19,7 @@
 //! size lines and trailers) and hands the data on without copying.
 
 pub mod answer;
+mod framing;
 pub mod guard;
 mod idle;
 
