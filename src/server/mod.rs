@@ -3,15 +3,17 @@
 //!
 //! [`run`] takes already-bound listeners (tests bind port 0) and a shutdown
 //! future. One acceptor hands each connection to the serving thread with
-//! the fewest open ones. A connection permit is taken *before* `accept`, so beyond
-//! `max_connections` new connections wait unaccepted in the kernel backlog.
-//! The TLS handshake and the request head share the `header_read_timeout`
-//! budget (slow-loris guard); an HTTP/1 connection with no request in
-//! progress and no complete head for that long is closed (the framing
-//! guard's idle timer, see `http1::guard::Activity`). On shutdown the loops stop accepting, every
-//! connection is asked to finish (HTTP/2 GOAWAY, HTTP/1 close after the
-//! current response), and stragglers are cut after `shutdown_grace`.
-
+//! the fewest open ones. A connection permit is taken *before* `accept`, so
+//! beyond `max_connections` new connections wait unaccepted in the kernel
+//! backlog. The TLS handshake and the request head share the
+//! `header_read_timeout` budget (slow-loris guard); an HTTP/1 connection
+//! with no request in progress and no complete head for that long is closed
+//! (the framing guard's idle timer, see `http1::guard::Activity`), and one
+//! idle for a second is parked: hyper's connection and buffers are dropped
+//! until the next bytes arrive (`conn`). On shutdown the loops stop
+//! accepting, every connection is asked to finish (HTTP/2 GOAWAY, HTTP/1
+//! close after the current response, a parked one closed at once; `drain`),
+//! and stragglers are cut after `shutdown_grace`.
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -19,7 +21,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
@@ -28,6 +29,7 @@ use crate::app::{App, stopped};
 use crate::proxy::ConnInfo;
 
 mod conn;
+mod drain;
 mod listeners;
 
 pub use conn::BoxingExecutor;
@@ -292,7 +294,7 @@ async fn accept_loop(
 /// until the acceptor closes its queue; then drains its connections for up
 /// to the grace period.
 async fn serve_shard(app: Arc<App>, mut incoming: Incoming, shard: usize) {
-    let graceful = GracefulShutdown::new();
+    let drain = drain::Drain::new();
     let mut last_settings = None;
     while let Some((a, open)) = incoming.rx.recv().await {
         let stream = match TcpStream::from_std(a.stream) {
@@ -307,19 +309,19 @@ async fn serve_shard(app: Arc<App>, mut incoming: Incoming, shard: usize) {
             tls: a.tls,
             shard,
         };
-        let watcher = graceful.watcher();
+        let shutdown = drain.shutdown();
         let settings = conn::Settings::current(&app, &mut last_settings);
         let (app, permit) = (Arc::clone(&app), a.permit);
         tokio::spawn(async move {
             // Both released when the task ends, even by a panic.
             let _held = (open, permit);
-            if let Err(e) = conn::serve_connection(&app, &settings, stream, info, watcher).await {
+            if let Err(e) = conn::serve_connection(&app, &settings, stream, info, shutdown).await {
                 tracing::debug!(peer = %info.peer, error = %crate::error::describe(&*e), "connection ended with an error");
             }
         });
     }
     let grace = app.proxy().config().server.shutdown_grace;
-    match tokio::time::timeout(grace, graceful.shutdown()).await {
+    match tokio::time::timeout(grace, drain.drain()).await {
         Ok(()) => tracing::info!(shard, "all connections closed"),
         Err(_) => tracing::warn!(shard, "grace period over; closing remaining connections"),
     }

@@ -502,3 +502,136 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
         .expect("shutdown did not complete")
         .unwrap();
 }
+
+/// Reads from `s` until `n` complete HTTP/1.1 answers (with
+/// `Content-Length` bodies) have arrived; returns their status codes.
+async fn read_answers<S: tokio::io::AsyncRead + Unpin>(s: &mut S, n: usize) -> Vec<u16> {
+    let mut buf = Vec::new();
+    let mut piece = [0u8; 4096];
+    loop {
+        let mut statuses = Vec::new();
+        let mut at = 0;
+        while let Some(end) = find(&buf[at..], b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[at..at + end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if buf.len() < at + end + 4 + len {
+                break;
+            }
+            statuses.push(head[9..12].parse().unwrap());
+            at += end + 4 + len;
+        }
+        if statuses.len() >= n {
+            return statuses;
+        }
+        let got = tokio::time::timeout(Duration::from_secs(5), s.read(&mut piece))
+            .await
+            .expect("answer not complete in time")
+            .unwrap();
+        assert!(got > 0, "closed after {statuses:?}");
+        buf.extend_from_slice(&piece[..got]);
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[tokio::test]
+async fn a_parked_keep_alive_connection_serves_its_next_requests() {
+    // An HTTP/1 connection idle for a second parks: hyper's connection ends
+    // without closing the socket and the next bytes start a new one. The
+    // head timeout is 2 s here, so each pause below parks the connection
+    // and then continues it.
+    let (pki, fake, proxy) = setup_with("", "").await;
+    let mut tls = tls_connect(&pki, proxy.addr, &rustls::version::TLS13, &[b"http/1.1"])
+        .await
+        .unwrap();
+    let req = |p: &str| {
+        format!(
+            "GET /svc/echo/{p} HTTP/1.1\r\nHost: localhost\r\nReferer: https://app.example.com/\r\n\r\n"
+        )
+    };
+    tls.write_all(req("a").as_bytes()).await.unwrap();
+    assert_eq!(read_answers(&mut tls, 1).await, [200]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Two pipelined requests in one write after the park.
+    tls.write_all(format!("{}{}", req("b"), req("c")).as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_answers(&mut tls, 2).await, [200, 200]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A head that arrives in pieces after the park.
+    let d = req("d");
+    let (first, rest) = d.split_at(7);
+    tls.write_all(first.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tls.write_all(rest.as_bytes()).await.unwrap();
+    assert_eq!(read_answers(&mut tls, 1).await, [200]);
+    let paths: Vec<String> = fake
+        .requests()
+        .iter()
+        .map(|r| r.uri.split('?').next().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        paths,
+        ["/svc/echo/a", "/svc/echo/b", "/svc/echo/c", "/svc/echo/d"]
+    );
+    // Parked or not, the idle timeout still closes it, counted from the end
+    // of the last answer.
+    let (closed, rest) = read_until_closed(&mut tls, Duration::from_secs(8)).await;
+    let took = closed.expect("parked connection kept open past the idle timeout");
+    assert!(rest.is_empty(), "{rest}");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_millis(3500),
+        "closed after {took:?}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn cleartext_http2_prior_knowledge_is_told_by_a_preface_in_pieces() {
+    // Without ALPN the first bytes decide: the preface arriving in two
+    // writes must still be taken for HTTP/2, not answered as HTTP/1.
+    let (_pki, _fake, proxy) = setup_with("plain_listen = \"127.0.0.1:0\"", "").await;
+    let mut tcp = TcpStream::connect(proxy.plain_addr.unwrap()).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The rest of the preface and an empty SETTINGS frame.
+    tcp.write_all(b"\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut head = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut head))
+        .await
+        .expect("no answer to the preface")
+        .unwrap();
+    assert_eq!(head[3], 0x04, "not a SETTINGS frame: {head:?}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_parked_connection_is_closed_at_once_by_a_shutdown() {
+    let (pki, _fake, proxy) = setup_with("", "").await;
+    let mut tls = tls_connect(&pki, proxy.addr, &rustls::version::TLS13, &[b"http/1.1"])
+        .await
+        .unwrap();
+    tls.write_all(
+        b"GET /svc/echo/a HTTP/1.1\r\nHost: localhost\r\nReferer: https://app.example.com/\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(read_answers(&mut tls, 1).await, [200]);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let stopping = tokio::spawn(proxy.stop());
+    let (closed, rest) = read_until_closed(&mut tls, Duration::from_secs(5)).await;
+    let took = closed.expect("parked connection kept open through the drain");
+    assert!(rest.is_empty(), "{rest}");
+    assert!(took < Duration::from_millis(500), "closed after {took:?}");
+    tokio::time::timeout(Duration::from_secs(2), stopping)
+        .await
+        .expect("shutdown waited for a parked connection")
+        .unwrap();
+}
