@@ -697,6 +697,28 @@ mount = "/raw"
 
     token_url = f"http://127.0.0.1:{up_port}/sharing/rest/oauth2/token"
 
+    def big_proxy_conf(port, admin, token_url, up_port):
+        """The main proxy config grown to 1,000 apps x 10 Referer entries
+        (exact origins, explicit ports, wildcard hosts, `:*` ports) and
+        1,002 routes; the bench's Referer is in the last app, its route
+        declared last."""
+        lines = [proxy_conf(port, admin, token_url).replace(
+            'allowed = ["https://app.example.com", "https://*.example.org", "http://localhost:*"]',
+            "allowed = []").split("[[routes]]")[0]]
+        for i in range(1000):
+            refs = [f"https://a{i}-{j}.example.net" for j in range(6)]
+            refs += [f"https://b{i}.example.net:8443", f"https://*.w{i}.example.com",
+                     f"http://h{i}.example.net:*", f"https://c{i}.example.net"]
+            if i == 999:
+                refs[-1] = "https://app.example.com"
+            lines.append(f'[[apps]]\nname = "app-{i:04}"\nreferers = {json.dumps(refs)}\n')
+        for i in range(1000):
+            lines.append(f'[[routes]]\nname = "r{i:04}"\nupstream = "http://127.0.0.1:{up_port}/arcgis/rest/services/r{i}"\n'
+                         f'credential = "online"\nmount = "/m{i:04}"\n')
+        lines.append(f'[[routes]]\nname = "features"\nupstream = "http://127.0.0.1:{up_port}/arcgis/rest/services"\n'
+                     f'credential = "online"\nmount = "/features"\n')
+        return "\n".join(lines)
+
     def side_configs(tag, workers):
         """`{tag}-proxy.toml` and `{tag}-ng.conf` in the work directory: the
         main configs on fresh ports, nginx's worker line replaced by
@@ -837,6 +859,31 @@ mount = "/raw"
             finally:
                 for server, _ in single.values():
                     server.stop()
+
+        if want("bigconfig"):
+            # Cost as the configuration grows: the same h1 load against the
+            # main proxy (3 Referer entries, 2 routes) and one configured
+            # with 1,000 apps of 10 Referer entries each and 1,000 more
+            # routes, alternating. The bench's Referer belongs to the last
+            # app and its route comes after all the others, so a lookup
+            # that walked the lists would pay for all of them.
+            b_port, b_admin = free_port(), free_port()
+            with open(f"{work}/big-proxy.toml", "w") as f:
+                f.write(big_proxy_conf(b_port, b_admin, token_url, up_port))
+            big = Server("proxy-big", [args.binary, "--config", f"{work}/big-proxy.toml", *args.proxy_args.split()],
+                         b_port, env=env, log=f"{work}/big-proxy.log")
+            try:
+                b_url = f"https://127.0.0.1:{b_port}/features{QUERY}"
+                out = run(["curl", "-sk", "-H", f"Referer: {REFERER}", b_url])
+                assert out == body, f"the big-config proxy answered {out[:200]!r}"
+                out = run(["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", "-H",
+                           "Referer: https://evil.example/", b_url])
+                assert out == "403", f"the big-config proxy answered {out} to a foreign Referer"
+                pair = {"proxy": targets["proxy"], "big": (big, b_url)}
+                rs = alternate(pair, lambda url: wrk(url, 64, secs), rounds, upstream)
+                keep_rounds(results, "big_config_h1", rs)
+            finally:
+                big.stop()
 
         if want("h2"):
             rs = alternate(targets, lambda url: h2load(url, 8, 32, secs), rounds, upstream)
@@ -1006,6 +1053,18 @@ def print_report(r):
         row("p99 latency", h["proxy"]["p99_ms"], h["nginx"]["p99_ms"], "ms", "lower is better")
         parties(h, busiest=False)
         rounds("h1_single_thread_64")
+    if "big_config_h1" in r:
+        h = r["big_config_h1"]
+        print("CPU per request as the config grows (TLS h1 keep-alive, 64 connections; 3 Referer entries / 2 routes "
+              "vs 10,000 entries in 1,000 apps / 1,002 routes):")
+        p, b = h["proxy"], h["big"]
+        print(f"  {'requests/s':34} small {p['rps']:10.1f}   big {b['rps']:10.1f}   ratio {b['rps'] / p['rps']:.3f}")
+        print(f"  {'CPU per request':34} small {p['cpu_us_per_req']:8.2f} us   big {b['cpu_us_per_req']:8.2f} us   "
+              f"ratio {b['cpu_us_per_req'] / p['cpu_us_per_req']:.3f} (target <= 1.05)")
+        pairs = [bb["cpu_us_per_req"] / pp["cpu_us_per_req"] for pp, bb in zip(r["big_config_h1_rounds"]["proxy"],
+                                                                                  r["big_config_h1_rounds"]["big"])]
+        print(f"  {'CPU ratio of each pair':34} " + " / ".join(f"{x:.3f}" for x in pairs))
+        print(f"  {'RSS after the rounds':34} small {p['rss_mib']:.1f} MiB   big {b['rss_mib']:.1f} MiB")
     if "h2_8x32" in r:
         h = r["h2_8x32"]
         print("HTTP/2, 8 connections x 32 streams (h2load):")
