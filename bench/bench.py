@@ -897,8 +897,9 @@ mount = "/raw"
 
         if want("stream"):
             rs = {}
-            for name, port in [("nginx", ng_port), ("proxy", px_port)]:
-                server, _ = targets[name]
+            for name in [n for n in ["nginx", "proxy", "haproxy"] if n in targets]:
+                server, url = targets[name]
+                port = int(url.split(":")[2].split("/")[0])
                 rs[name] = stream(f"https://127.0.0.1:{port}/raw/big", server)
             results["stream_200mb"] = rs
 
@@ -1092,6 +1093,11 @@ def print_report(r):
         print("200 MB streamed response (curl):")
         row("throughput", s["proxy"]["mib_per_s"], s["nginx"]["mib_per_s"], "MiB/s", "higher is better")
         row("RSS growth", s["proxy"]["rss_growth_mib"], s["nginx"]["rss_growth_mib"], "MiB", "target proxy < 32")
+        if "haproxy" in s:
+            row("throughput vs HAProxy", s["proxy"]["mib_per_s"], s["haproxy"]["mib_per_s"], "MiB/s", "higher is better",
+                other="haproxy")
+            row("RSS growth vs HAProxy", s["proxy"]["rss_growth_mib"], s["haproxy"]["rss_growth_mib"], "MiB",
+                "target proxy < 32", other="haproxy")
     if "cold_start_1000" in r:
         c = r["cold_start_1000"]
         print(f"Cold start, 1000 concurrent requests, token endpoint slowed to 500 ms:")
