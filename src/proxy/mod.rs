@@ -88,9 +88,8 @@ pub struct Proxy {
     route_sources: Vec<Vec<TokenSource>>,
     /// Per-route metric handles for the common case, looked up once.
     route_metrics: Vec<RouteMetrics>,
-    /// Usage-attribution counters (requests, bytes) per app × route,
-    /// created on first use.
-    app_metrics: Vec<std::sync::OnceLock<(Counter, Counter)>>,
+    /// Usage-attribution counters per app, for the routes it was served on.
+    app_metrics: Vec<observe::AppUsage>,
 }
 
 /// Metric handles of one route (shared with the families in [`Metrics`]).
@@ -155,9 +154,7 @@ impl Proxy {
                     .clone(),
             })
             .collect();
-        let app_metrics = (0..config.apps.len() * config.routes.len().max(1))
-            .map(|_| std::sync::OnceLock::new())
-            .collect();
+        let app_metrics = config.apps.iter().map(|_| Default::default()).collect();
         let shared = config.rate_limit_store.as_ref().and_then(|s| {
             SharedStore::new(s)
                 .map_err(|e| tracing::error!(error = %e, "cannot use the rate-limit store; limits stay local"))

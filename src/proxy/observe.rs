@@ -194,36 +194,107 @@ impl Proxy {
             }
         }
         // Usage attribution, for requests that were admitted and routed.
-        let bytes = match (app, route) {
-            (Some(entry), Some(route)) => {
-                let (requests, bytes) = self.app_counters(entry, route);
-                requests.inc();
-                Some(bytes)
+        let usage = match (app, route) {
+            (Some(app), Some(route)) => {
+                let usage = self.app_metrics[app].get(route, || {
+                    let labels = self.app_labels(app, route);
+                    let m = &self.metrics;
+                    (
+                        m.app_requests.get_or_create(&labels).clone(),
+                        m.app_bytes.get_or_create(&labels).clone(),
+                    )
+                });
+                usage.requests().inc();
+                Some(usage)
             }
             _ => None,
         };
-        resp.map(|b| ObservedBody::wrap(b, log, bytes))
+        resp.map(|b| ObservedBody::wrap(b, log, usage.as_ref().map(Usage::bytes)))
     }
 
-    /// The (requests, bytes) counters for an app and a route.
-    fn app_counters(&self, app: usize, route: usize) -> &(Counter, Counter) {
-        let routes = self.config.routes.len().max(1);
-        let slot = app * routes + route;
-        self.app_metrics[slot].get_or_init(|| {
-            let labels = AppLabels {
-                app: self.config.apps.get(app).name.clone(),
-                route: self
-                    .config
-                    .routes
-                    .iter()
-                    .nth(route)
-                    .map_or_else(String::new, |r| r.name.clone()),
-            };
-            (
-                self.metrics.app_requests.get_or_create(&labels).clone(),
-                self.metrics.app_bytes.get_or_create(&labels).clone(),
-            )
-        })
+    /// The usage-attribution labels of an app on a route.
+    fn app_labels(&self, app: usize, route: usize) -> AppLabels {
+        AppLabels {
+            app: self.config.apps.get(app).name.clone(),
+            route: self
+                .config
+                .routes
+                .iter()
+                .nth(route)
+                .map_or_else(String::new, |r| r.name.clone()),
+        }
+    }
+}
+
+/// One app's usage-attribution counters (requests, bytes), for each route
+/// it has been served on. Entries are made on first use, so memory follows
+/// the app × route pairs actually seen: a slot for every app times every
+/// route was 1,002,000 slots, about 23 MiB, for bigconfig's 1,000 apps and
+/// 1,002 routes (BENCHMARKS.md, runs AO).
+#[derive(Default)]
+pub(super) struct AppUsage {
+    /// Sorted by route index; replaced whole when a route is added, so a
+    /// request reads it without a lock.
+    seen: arc_swap::ArcSwap<Vec<UsageEntry>>,
+    /// Serialises additions: two first requests on a route add one entry.
+    add: std::sync::Mutex<()>,
+}
+
+struct UsageEntry {
+    route: usize,
+    requests: Counter,
+    bytes: Counter,
+}
+
+/// An app's counters on one route, as found by [`AppUsage::get`].
+struct Usage {
+    seen: arc_swap::Guard<std::sync::Arc<Vec<UsageEntry>>>,
+    at: usize,
+}
+
+impl Usage {
+    fn requests(&self) -> &Counter {
+        &self.seen[self.at].requests
+    }
+
+    fn bytes(&self) -> &Counter {
+        &self.seen[self.at].bytes
+    }
+}
+
+impl AppUsage {
+    /// The counters for `route`; `make` registers them on first use.
+    fn get(&self, route: usize, make: impl FnOnce() -> (Counter, Counter)) -> Usage {
+        let seen = self.seen.load();
+        if let Ok(at) = seen.binary_search_by_key(&route, |e| e.route) {
+            return Usage { seen, at };
+        }
+        drop(seen);
+        let _adding = self.add.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.seen.load_full();
+        if let Err(at) = current.binary_search_by_key(&route, |e| e.route) {
+            let (requests, bytes) = make();
+            let mut next = Vec::with_capacity(current.len() + 1);
+            next.extend(current.iter().map(|e| UsageEntry {
+                route: e.route,
+                requests: e.requests.clone(),
+                bytes: e.bytes.clone(),
+            }));
+            next.insert(
+                at,
+                UsageEntry {
+                    route,
+                    requests,
+                    bytes,
+                },
+            );
+            self.seen.store(std::sync::Arc::new(next));
+        }
+        let seen = self.seen.load();
+        let at = seen
+            .binary_search_by_key(&route, |e| e.route)
+            .expect("added above under the lock");
+        Usage { seen, at }
     }
 }
 
@@ -399,5 +470,64 @@ mod clip_tests {
         // "é" is two bytes: never cut in half.
         assert_eq!(super::clip("aé", 2), "a");
         assert_eq!(super::clip("ééé", 5), "éé");
+    }
+}
+
+#[cfg(test)]
+mod usage_tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Barrier};
+
+    use super::*;
+
+    fn counting(made: &AtomicUsize) -> impl FnOnce() -> (Counter, Counter) + '_ {
+        || {
+            made.fetch_add(1, Ordering::SeqCst);
+            (Counter::default(), Counter::default())
+        }
+    }
+
+    #[test]
+    fn app_usage_makes_one_entry_per_route_it_sees() {
+        let usage = AppUsage::default();
+        let made = AtomicUsize::new(0);
+        for route in [5, 1, 900, 5, 1, 5] {
+            let u = usage.get(route, counting(&made));
+            u.requests().inc();
+            u.bytes().inc_by(10);
+        }
+        assert_eq!(made.load(Ordering::SeqCst), 3);
+        let seen = usage.seen.load();
+        let found: Vec<(usize, u64, u64)> = seen
+            .iter()
+            .map(|e| (e.route, e.requests.get(), e.bytes.get()))
+            .collect();
+        assert_eq!(found, [(1, 2, 20), (5, 3, 30), (900, 1, 10)]);
+    }
+
+    #[test]
+    fn concurrent_first_requests_on_a_route_share_one_entry() {
+        let usage = Arc::new(AppUsage::default());
+        let made = Arc::new(AtomicUsize::new(0));
+        let start = Arc::new(Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let (usage, made, start) = (usage.clone(), made.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    // Half the threads also add a second route meanwhile.
+                    for route in [7, 7 + i % 2] {
+                        usage.get(route, counting(&made)).requests().inc();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(made.load(Ordering::SeqCst), 2);
+        let seen = usage.seen.load();
+        let found: Vec<(usize, u64)> = seen.iter().map(|e| (e.route, e.requests.get())).collect();
+        assert_eq!(found, [(7, 12), (8, 4)]);
     }
 }
