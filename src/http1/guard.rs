@@ -388,18 +388,20 @@ mod tests {
         Some(r.map(|n| buf[..n].to_vec()))
     }
 
+    /// Nothing to read for most of the park time, then the end of the
+    /// stream, which is what hyper is told when the connection parks.
+    async fn parks_after_a_second(guard: &mut FramingGuard<tokio::io::DuplexStream>) {
+        assert!(read_for(guard, Duration::from_millis(900)).await.is_none());
+        let ended = read_for(guard, Duration::from_millis(200)).await;
+        assert!(ended.unwrap().unwrap().is_empty());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_idle_connection_parks_and_its_next_bytes_are_kept() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (mut peer, _activity, mut guard) = parking_guard();
         // Idle for the park time: hyper is told the stream ended.
-        assert!(
-            read_for(&mut guard, Duration::from_millis(900))
-                .await
-                .is_none()
-        );
-        let ended = read_for(&mut guard, Duration::from_millis(200)).await;
-        assert!(ended.unwrap().unwrap().is_empty());
+        parks_after_a_second(&mut guard).await;
         assert!(guard.is_parked());
         // hyper's shutdown of a parked connection does not reach the socket.
         guard.shutdown().await.unwrap();
@@ -431,13 +433,7 @@ mod tests {
         assert_eq!(again, first);
         // Unparked, it parks again a park time later (no request was ever
         // in progress, so it has been idle all along).
-        assert!(
-            read_for(&mut guard, Duration::from_millis(900))
-                .await
-                .is_none()
-        );
-        let ended = read_for(&mut guard, Duration::from_millis(200)).await;
-        assert!(ended.unwrap().unwrap().is_empty());
+        parks_after_a_second(&mut guard).await;
         // The parked time counts towards the timeout: closed 10 s after
         // the connection went idle, not later.
         assert!(read_for(&mut guard, Duration::from_secs(4)).await.is_none());

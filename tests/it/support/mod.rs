@@ -279,6 +279,14 @@ impl FakeArcGis {
         self.requests.lock().unwrap().clone()
     }
 
+    /// The paths (without query) of the requests received, in order.
+    pub fn paths(&self) -> Vec<String> {
+        self.requests()
+            .iter()
+            .map(|r| r.uri.split('?').next().unwrap().to_string())
+            .collect()
+    }
+
     pub fn last(&self) -> Recorded {
         self.requests()
             .last()
