@@ -308,6 +308,20 @@ def thread_ticks(pids):
     return {(p, t): stat_ticks(f"/proc/{p}/task/{t}/stat") for p, t in threads(pids)}
 
 
+def sleeps(pids):
+    """Voluntary context switches of every thread of `pids`: each is a
+    thread going to sleep (for a server, mostly in epoll_wait) and being
+    woken again."""
+    n = 0
+    for p, t in threads(pids):
+        try:
+            with open(f"/proc/{p}/task/{t}/status") as f:
+                n += next(int(l.split()[1]) for l in f if l.startswith("voluntary_ctxt_switches:"))
+        except (OSError, StopIteration):
+            pass
+    return n
+
+
 def children_cpu_s():
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
@@ -321,6 +335,7 @@ def measured(server, fn, upstream=None):
     share of the machine's CPU time nobody used."""
     pids = server.pids()
     t0, th0, c0 = cpu_ticks(pids), thread_ticks(pids), children_cpu_s()
+    s0 = sleeps(pids)
     u0 = cpu_ticks(upstream.pids()) if upstream else 0
     i0, a0 = machine_ticks()
     helpers = Helpers(upstream) if upstream else None
@@ -328,12 +343,14 @@ def measured(server, fn, upstream=None):
     if helpers:
         r["client_busy"], r["upstream_busy"] = helpers.finish()
     t1, th1, c1 = cpu_ticks(pids), thread_ticks(pids), children_cpu_s()
+    s1 = sleeps(pids)
     u1 = cpu_ticks(upstream.pids()) if upstream else 0
     i1, a1 = machine_ticks()
     r["machine_idle"] = (i1 - i0) / max(a1 - a0, 1)
     n = max(r["requests"], 1)
     r["cpu_us_per_req"] = (t1 - t0) / CLK * 1e6 / n
     r["client_cpu_us_per_req"] = (c1 - c0) * 1e6 / n
+    r["sleeps_per_req"] = (s1 - s0) / n
     if upstream:
         r["upstream_cpu_us_per_req"] = (u1 - u0) / CLK * 1e6 / n
     busy = [th1[k] - th0.get(k, 0) for k in th1]
@@ -1124,7 +1141,8 @@ def print_report(r):
             print(f"  at {share} % of nginx's maximum ({h['nginx']['rate']:.0f} req/s):")
             for name, x in h.items():
                 print(f"    {name:8} p50 {x['p50_ms']:.2f} ms  p99 {x['p99_ms']:.2f} ms  p99.9 {x['p999_ms']:.2f} ms  "
-                      f"({x['rps']:.0f} req/s, success {x['success']:.3f})")
+                      f"({x['rps']:.0f} req/s, success {x['success']:.3f}; CPU {x['cpu_us_per_req']:.1f} us, "
+                      f"sleeps {x['sleeps_per_req']:.2f} per request)")
             best = min(x["p99_ms"] for n, x in h.items() if n != "proxy")
             print(f"    p99 against the better anchor {h['proxy']['p99_ms'] / best:.2f} (target <= 1.00)")
     if "idle_1000_connections" in r:

@@ -10,10 +10,10 @@ use std::sync::{Arc, Weak};
 use std::task::{Poll, ready};
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -246,59 +246,26 @@ where
 /// Drives a hyper connection until it ends, asking it to finish when
 /// shutdown is signalled (HTTP/2 GOAWAY, HTTP/1 close after the current
 /// answer).
-async fn until_done<C, E>(mut conn: Pin<C>, shutdown: &mut Shutdown) -> Result<(), BoxError>
+async fn until_done<C>(mut conn: Pin<C>, shutdown: &mut Shutdown) -> Result<(), BoxError>
 where
     C: std::ops::DerefMut,
-    C::Target: Future<Output = Result<(), E>> + GracefulConnection,
-    E: Into<BoxError>,
+    C::Target: GracefulConnection<Error = hyper::Error>,
 {
     let mut asked = shutdown.is_shutdown();
     if asked {
-        conn.as_mut().finish();
+        conn.as_mut().graceful_shutdown();
     }
     let stop = shutdown.recv();
     let mut stop = std::pin::pin!(stop);
     std::future::poll_fn(|cx| {
         if !asked && stop.as_mut().poll(cx).is_ready() {
             asked = true;
-            conn.as_mut().finish();
+            conn.as_mut().graceful_shutdown();
         }
         conn.as_mut().poll(cx)
     })
     .await
     .map_err(Into::into)
-}
-
-/// A hyper connection that can be asked to finish.
-trait GracefulConnection {
-    fn finish(self: Pin<&mut Self>);
-}
-
-impl<I, S, B> GracefulConnection for http1::Connection<I, S>
-where
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<BoxError>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<BoxError>,
-{
-    fn finish(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
-}
-
-impl<I, S, B> GracefulConnection for http2::Connection<I, S, BoxingExecutor>
-where
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<BoxError>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<BoxError>,
-    BoxingExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
-{
-    fn finish(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
 }
 
 /// Waits for the next bytes from a parked connection: `None` when the
