@@ -11,6 +11,7 @@ use http::Response;
 use http::header::{self, HeaderMap};
 use http::request::Parts;
 use http_body_util::BodyExt;
+use smallvec::SmallVec;
 
 use super::forward::Forwarded;
 use super::target::Target;
@@ -78,13 +79,14 @@ impl Proxy {
             .filter(|s| source.is_none_or(|used| used.name() != s.name()))
             .flat_map(TokenSource::held)
             .collect();
-        let held: Vec<&Arc<Token>> = held
+        // On the stack: every answer builds these two lists.
+        let held: SmallVec<[&Arc<Token>; 8]> = held
             .iter()
             .chain(&others)
             .flatten()
             .chain(printed)
             .collect();
-        let mut secrets: Vec<&str> = Vec::with_capacity(6);
+        let mut secrets: SmallVec<[&str; 8]> = SmallVec::new();
         for t in token.iter().chain(held.iter().copied()) {
             for v in [t.expose(), t.query_value()] {
                 if !secrets.contains(&v) {
