@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::Proxy;
 use crate::config::StoreFallback;
 use crate::error::ProxyError;
-use crate::metrics::{AppLabel, AppLabels, RouteLabel};
+use crate::metrics::{AppLabel, RouteLabel};
 use crate::policy::quota::QuotaVerdict;
 use crate::policy::route::Route;
 
@@ -31,10 +31,7 @@ impl Proxy {
         {
             self.metrics
                 .app_rejections
-                .get_or_create(&AppLabels {
-                    app: name(),
-                    route: route.name.clone(),
-                })
+                .get_or_create(&self.app_labels(app, route.index))
                 .inc();
             return Err(ProxyError::AppNotAllowed);
         }

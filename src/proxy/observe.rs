@@ -212,8 +212,8 @@ impl Proxy {
         resp.map(|b| ObservedBody::wrap(b, log, usage.as_ref().map(Usage::bytes)))
     }
 
-    /// The usage-attribution labels of an app on a route.
-    fn app_labels(&self, app: usize, route: usize) -> AppLabels {
+    /// The labels of an app on a route, for the per-app metric families.
+    pub(super) fn app_labels(&self, app: usize, route: usize) -> AppLabels {
         AppLabels {
             app: self.config.apps.get(app).name.clone(),
             route: self
@@ -240,6 +240,7 @@ pub(super) struct AppUsage {
     add: std::sync::Mutex<()>,
 }
 
+#[derive(Clone)]
 struct UsageEntry {
     route: usize,
     requests: Counter,
@@ -275,11 +276,7 @@ impl AppUsage {
         if let Err(at) = current.binary_search_by_key(&route, |e| e.route) {
             let (requests, bytes) = make();
             let mut next = Vec::with_capacity(current.len() + 1);
-            next.extend(current.iter().map(|e| UsageEntry {
-                route: e.route,
-                requests: e.requests.clone(),
-                bytes: e.bytes.clone(),
-            }));
+            next.extend(current.iter().cloned());
             next.insert(
                 at,
                 UsageEntry {
