@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use tokio::sync::watch;
 
 use arc_swap::ArcSwap;
-use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, Env};
 use crate::metrics::{Metrics, OutcomeLabel};
@@ -41,15 +40,15 @@ pub struct Status {
 pub struct Generation {
     /// The request pipeline.
     pub proxy: Arc<Proxy>,
-    /// TLS acceptor for the HTTPS listener.
-    pub(crate) tls: Option<TlsAcceptor>,
+    /// TLS settings of the HTTPS listener.
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Generation {
     fn new(proxy: Arc<Proxy>) -> Generation {
         let config = proxy.config();
         Generation {
-            tls: config.server.tls.clone().map(TlsAcceptor::from),
+            tls: config.server.tls.clone(),
             proxy,
         }
     }

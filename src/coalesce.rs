@@ -69,6 +69,13 @@ impl<IO> Coalesce<IO> {
     }
 }
 
+impl<IO> Coalesce<IO> {
+    /// The wrapped connection.
+    pub fn get_mut(&mut self) -> &mut IO {
+        &mut self.io
+    }
+}
+
 impl<IO> Drop for Coalesce<IO> {
     fn drop(&mut self) {
         if let Some(turn) = &self.turn {

@@ -7,8 +7,8 @@
 //!   (one module per section).
 //! - [`app`]: the current config generation (swapped on SIGHUP) and the
 //!   process status; no hyper server types.
-//! - [`server`]: listeners, accept loop and connection limit, TLS ([`tls`]),
-//!   HTTP/1.1 and HTTP/2 serving with write coalescing ([`coalesce`]),
+//! - [`server`]: listeners, accept loop and connection limit, the TLS
+//!   server stream (settings in [`tls`]), HTTP/1.1 and HTTP/2 serving with write coalescing ([`coalesce`]),
 //!   graceful shutdown; hands each request to [`proxy::Proxy::handle`].
 //! - [`http1`]: the only HTTP/1 wire code: the request framing guard and
 //!   the length, chunked and `Connection` rules the upstream client reads

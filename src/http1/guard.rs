@@ -104,6 +104,11 @@ impl<IO> FramingGuard<IO> {
         self
     }
 
+    /// The wrapped connection.
+    pub fn get_mut(&mut self) -> &mut IO {
+        &mut self.io
+    }
+
     /// True once the guard has parked the connection (hyper saw an end of
     /// stream that was not the client's).
     pub fn is_parked(&self) -> bool {

@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::drain::Shutdown;
+use super::tls::{self, TlsStream};
 
 use crate::app::{App, Generation};
 use crate::body::{BoxError, Holding};
@@ -125,15 +126,18 @@ pub(super) async fn serve_connection(
         // HTTP/1 (or h2c prior knowledge, told by its preface).
         return serve_http(app, settings, stream, info, false, shutdown).await;
     }
-    let Some(acceptor) = generation.tls.clone() else {
+    let Some(tls) = generation.tls.clone() else {
         return Err("no TLS settings".into());
     };
     let handshake_timeout = generation.proxy.config().limits.header_read_timeout;
-    let tls_stream = handshake(acceptor, stream, handshake_timeout).await?;
+    let mut tls_stream = handshake(tls, stream, handshake_timeout).await?;
     // HTTP/2 answers finishing in the same turn share one write (see
     // `coalesce`); HTTP/1.1 has one answer in flight per connection and
     // passes straight through.
-    let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    let h2 = tls_stream.alpn_protocol() == Some(b"h2");
+    if h2 {
+        tls_stream.release_when_idle();
+    }
     serve_http(
         app,
         settings,
@@ -153,11 +157,11 @@ pub(super) async fn serve_connection(
 /// handshake's result held that way took 2.4 KiB of each connection's
 /// task for the connection's whole life.
 async fn handshake(
-    acceptor: tokio_rustls::TlsAcceptor,
+    config: Arc<rustls::ServerConfig>,
     stream: TcpStream,
     timeout: Duration,
-) -> Result<Box<tokio_rustls::server::TlsStream<TcpStream>>, BoxError> {
-    match tokio::time::timeout(timeout, Box::pin(acceptor.accept(stream))).await {
+) -> Result<Box<TlsStream<TcpStream>>, BoxError> {
+    match tokio::time::timeout(timeout, Box::pin(tls::accept(config, stream))).await {
         Ok(Ok(tls_stream)) => Ok(Box::new(tls_stream)),
         Ok(Err(e)) => Err(format!("TLS handshake failed: {e}").into()),
         Err(_) => Err("TLS handshake timed out".into()),
@@ -180,7 +184,7 @@ async fn serve_http<IO>(
     mut shutdown: Shutdown,
 ) -> Result<(), BoxError>
 where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Release + Unpin + Send + 'static,
 {
     let limits = &settings.generation.proxy.config().limits;
     let svc_app = Arc::clone(app);
@@ -240,6 +244,28 @@ where
         }
         // Bytes hyper read but did not use (none when it parked).
         guard.unread(&parts.read_buf);
+        guard.get_mut().release();
+    }
+}
+
+/// A connection's I/O, which may let go of its buffers while the connection
+/// is parked (only those holding nothing; the next read or write allocates
+/// again).
+trait Release {
+    fn release(&mut self) {}
+}
+
+impl Release for TcpStream {}
+
+impl<IO: Release> Release for Coalesce<IO> {
+    fn release(&mut self) {
+        self.get_mut().release();
+    }
+}
+
+impl<IO> Release for Box<TlsStream<IO>> {
+    fn release(&mut self) {
+        TlsStream::release(self);
     }
 }
 

@@ -9,8 +9,9 @@
 //! `header_read_timeout` budget (slow-loris guard); an HTTP/1 connection
 //! with no request in progress and no complete head for that long is closed
 //! (the framing guard's idle timer, see `http1::guard::Activity`), and one
-//! idle for a second is parked: hyper's connection and buffers are dropped
-//! until the next bytes arrive (`conn`). On shutdown the loops stop
+//! idle for a second is parked: hyper's connection and buffers, and the TLS
+//! stream's own (`tls`, rustls' unbuffered API), are dropped until the next
+//! bytes arrive (`conn`). On shutdown the loops stop
 //! accepting, every connection is asked to finish (HTTP/2 GOAWAY, HTTP/1
 //! close after the current response, a parked one closed at once; `drain`),
 //! and stragglers are cut after `shutdown_grace`.
@@ -31,6 +32,7 @@ use crate::proxy::ConnInfo;
 mod conn;
 mod drain;
 mod listeners;
+mod tls;
 
 pub use conn::BoxingExecutor;
 pub use listeners::Listeners;

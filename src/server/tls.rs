@@ -1,0 +1,804 @@
+//! The server side of TLS, on rustls' unbuffered API, with the
+//! connection's buffers owned here.
+//!
+//! tokio-rustls drives rustls' buffered `ServerConnection`, which keeps a
+//! 4 KiB receive buffer from a connection's first read to its end: 4,096 of
+//! the 9,313 heap bytes an idle keep-alive connection held (massif, 300
+//! parked HTTP/1 connections; BENCHMARKS.md). [`TlsStream`] keeps the bytes
+//! received, the bytes decrypted and the bytes to send in its own `Vec`s,
+//! reuses them while the connection is busy, and lets go of them when an
+//! idle connection parks ([`TlsStream::release`], called by
+//! `conn::serve_http`).
+//!
+//! The protocol is rustls' throughout: this module only moves bytes between
+//! the socket and [`UnbufferedServerConnection::process_tls_records`], whose
+//! states it follows (rustls' `unbuffered-server` example shows the same
+//! loop, blocking).
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use rustls::ServerConfig;
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Room made for each read from the socket (rustls' own buffer reads 4 KiB
+/// at a time).
+const READ_SIZE: usize = 8 * 1024;
+
+/// Received bytes kept at most while rustls waits for the rest of a
+/// message: a handshake message may be up to 64 KiB (rustls' limit), spread
+/// over records of up to 16 KiB plus overhead.
+const MAX_INCOMING: usize = 0xffff + 2 * (16 * 1024 + 256 + 5);
+
+/// Encrypted bytes queued at most before a write waits for the socket.
+const MAX_QUEUED: usize = 64 * 1024;
+
+/// Plaintext taken per write at most (rustls splits it into records).
+const MAX_WRITE: usize = 64 * 1024;
+
+/// A TLS server connection over `IO` after its handshake ([`accept`]).
+///
+/// Reads end with `UnexpectedEof` when the peer closes its end without a
+/// TLS close_notify, as tokio-rustls' do.
+pub struct TlsStream<IO> {
+    io: IO,
+    conn: UnbufferedServerConnection,
+    /// Bytes from the socket; the first `received` not yet taken by rustls
+    /// (between reads: the start of a record at most).
+    incoming: Vec<u8>,
+    received: usize,
+    /// Decrypted bytes; `plain[taken..]` not yet read.
+    plain: Vec<u8>,
+    taken: usize,
+    /// Encrypted bytes for the socket: `outgoing[sent..queued]` still to
+    /// write. Its length is what has been initialised, never shrunk while
+    /// the buffer is kept, so reuse costs no zeroing.
+    outgoing: Vec<u8>,
+    sent: usize,
+    queued: usize,
+    /// Bytes arrived since rustls last looked at `incoming`.
+    fresh: bool,
+    /// The socket's read side reached its end.
+    eof: bool,
+    /// The peer sent close_notify (or both sides closed): reads return end
+    /// of stream once `plain` is empty.
+    read_closed: bool,
+    /// close_notify has been queued; no more writes.
+    write_closed: bool,
+    /// rustls failed (its alert is queued): it is not asked again.
+    failed: bool,
+    /// Let go of empty buffers whenever a read waits ([`TlsStream::release_when_idle`]).
+    release_idle: bool,
+}
+
+/// What rustls asks for when it stops.
+#[derive(Debug, PartialEq, Eq)]
+enum Stop {
+    /// More bytes from the peer (a handshake message, or nothing to decrypt
+    /// yet); application data may flow once the handshake is over.
+    Traffic,
+    /// Both sides have closed: nothing can be sent.
+    Closed,
+}
+
+/// What to hand rustls once application data may flow.
+#[derive(Clone, Copy)]
+enum Payload<'a> {
+    Nothing,
+    Data(&'a [u8]),
+    CloseNotify,
+}
+
+/// Runs the TLS handshake on `io` with `config`; the stream returned may
+/// already hold decrypted bytes (a client's first request often comes in
+/// the same flight as its Finished message).
+pub async fn accept<IO>(config: Arc<ServerConfig>, io: IO) -> io::Result<TlsStream<IO>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let conn = UnbufferedServerConnection::new(config).map_err(io::Error::other)?;
+    let mut stream = TlsStream {
+        io,
+        conn,
+        incoming: Vec::new(),
+        received: 0,
+        plain: Vec::new(),
+        taken: 0,
+        outgoing: Vec::new(),
+        sent: 0,
+        queued: 0,
+        fresh: true,
+        eof: false,
+        read_closed: false,
+        write_closed: false,
+        failed: false,
+        release_idle: false,
+    };
+    std::future::poll_fn(|cx| stream.poll_handshake(cx)).await?;
+    Ok(stream)
+}
+
+impl<IO> TlsStream<IO> {
+    /// The protocol chosen by ALPN, if any.
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.conn.alpn_protocol()
+    }
+
+    /// Releases the empty buffers each time a read has to wait for the
+    /// peer, for connections that are never parked (HTTP/2): an idle one
+    /// then holds none, at the cost of allocating them again when the next
+    /// bytes come. (HTTP/1 connections release once, when they park.)
+    pub fn release_when_idle(&mut self) {
+        self.release_idle = true;
+    }
+
+    /// Lets go of the buffers that hold nothing (all of them on an idle
+    /// connection); the next read or write allocates what it needs again.
+    pub fn release(&mut self) {
+        if self.received == 0 {
+            self.incoming = Vec::new();
+        }
+        if self.taken == self.plain.len() {
+            self.plain = Vec::new();
+            self.taken = 0;
+        }
+        if self.sent == self.queued {
+            self.outgoing = Vec::new();
+            self.sent = 0;
+            self.queued = 0;
+        }
+    }
+
+    /// Lets rustls work through the bytes received: decrypted data goes to
+    /// `plain`, the TLS messages it wants sent to `outgoing`, and `send` is
+    /// encrypted (or close_notify queued) once application data may flow.
+    /// Returns where rustls stopped; `Stop::Traffic` means `send` was taken
+    /// unless the handshake is still going on.
+    fn process(&mut self, mut send: Payload<'_>) -> io::Result<Stop> {
+        if self.failed {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the TLS connection failed earlier",
+            ));
+        }
+        let result = self.process_records(&mut send);
+        self.fresh = false;
+        if result.is_err() {
+            self.failed = true;
+            self.queue_alert();
+        }
+        result
+    }
+
+    fn process_records(&mut self, send: &mut Payload<'_>) -> io::Result<Stop> {
+        let TlsStream {
+            conn,
+            incoming,
+            received,
+            plain,
+            taken,
+            outgoing,
+            queued,
+            read_closed,
+            ..
+        } = self;
+        loop {
+            let UnbufferedStatus { mut discard, state } =
+                conn.process_tls_records(&mut incoming[..*received]);
+            // Errors too return after the discard: rustls' record of what
+            // it has taken from `incoming` must stay true for the alert.
+            let stop = match state {
+                Err(e) => Err(tls_error(e)),
+                Ok(ConnectionState::ReadTraffic(mut records)) => {
+                    if *taken == plain.len() {
+                        plain.clear();
+                        *taken = 0;
+                    }
+                    let mut result = Ok(None);
+                    while let Some(record) = records.next_record() {
+                        match record {
+                            Ok(record) => {
+                                discard += record.discard;
+                                plain.extend_from_slice(record.payload);
+                            }
+                            Err(e) => {
+                                result = Err(tls_error(e));
+                                break;
+                            }
+                        }
+                    }
+                    result
+                }
+                Ok(ConnectionState::EncodeTlsData(mut message)) => queue(
+                    outgoing,
+                    queued,
+                    |out| message.encode(out),
+                    |e| match e {
+                        EncodeError::InsufficientSize(s) => Some(s.required_size),
+                        _ => None,
+                    },
+                )
+                .map(|()| None),
+                // Encoded into `outgoing`, which is written in order.
+                Ok(ConnectionState::TransmitTlsData(message)) => {
+                    message.done();
+                    Ok(None)
+                }
+                Ok(ConnectionState::BlockedHandshake) => Ok(Some(Stop::Traffic)),
+                Ok(ConnectionState::WriteTraffic(mut traffic)) => {
+                    let room = |e: &EncryptError| match e {
+                        EncryptError::InsufficientSize(s) => Some(s.required_size),
+                        _ => None,
+                    };
+                    match std::mem::replace(send, Payload::Nothing) {
+                        Payload::Nothing => Ok(()),
+                        Payload::Data(data) => {
+                            queue(outgoing, queued, |out| traffic.encrypt(data, out), room)
+                        }
+                        Payload::CloseNotify => queue(
+                            outgoing,
+                            queued,
+                            |out| traffic.queue_close_notify(out),
+                            room,
+                        ),
+                    }
+                    .map(|()| Some(Stop::Traffic))
+                }
+                Ok(ConnectionState::PeerClosed) => {
+                    *read_closed = true;
+                    Ok(None)
+                }
+                Ok(ConnectionState::Closed) => {
+                    *read_closed = true;
+                    Ok(Some(Stop::Closed))
+                }
+                // Early data is not enabled in the server config.
+                Ok(other) => Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("unexpected TLS state {other:?}"),
+                )),
+            };
+            if discard > 0 {
+                incoming.copy_within(discard..*received, 0);
+                *received -= discard;
+            }
+            if let Some(stop) = stop? {
+                return Ok(stop);
+            }
+        }
+    }
+
+    /// After a TLS error, queues the alert rustls has for the peer (written
+    /// by the next flush or shutdown, if the caller gets that far). Asked
+    /// once: rustls hands out what it queued before looking at the input
+    /// again, and looking again would fail a second time.
+    fn queue_alert(&mut self) {
+        let TlsStream {
+            conn,
+            incoming,
+            received,
+            outgoing,
+            queued,
+            ..
+        } = self;
+        let UnbufferedStatus { state, .. } = conn.process_tls_records(&mut incoming[..*received]);
+        if let Ok(ConnectionState::EncodeTlsData(mut message)) = state {
+            let _ = queue(
+                outgoing,
+                queued,
+                |out| message.encode(out),
+                |e| match e {
+                    EncodeError::InsufficientSize(s) => Some(s.required_size),
+                    _ => None,
+                },
+            );
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
+    fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if self.fresh {
+                let stop = match self.process(Payload::Nothing) {
+                    Ok(stop) => stop,
+                    Err(e) => {
+                        // The alert goes out if the socket takes it now.
+                        let _ = self.poll_send(cx);
+                        return Poll::Ready(Err(e));
+                    }
+                };
+                if stop == Stop::Closed {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "peer closed during the TLS handshake",
+                    )));
+                }
+                if !self.conn.is_handshaking() {
+                    // The last flight (and session tickets) out first.
+                    ready!(self.poll_send(cx))?;
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            // Our flight goes out before we wait for the peer's.
+            ready!(self.poll_send(cx))?;
+            if self.eof {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peer closed during the TLS handshake",
+                )));
+            }
+            ready!(self.poll_receive(cx))?;
+        }
+    }
+
+    /// Reads what the socket has into `incoming`.
+    fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.received >= MAX_INCOMING {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "TLS message too large",
+            )));
+        }
+        if self.incoming.is_empty() {
+            // Nothing kept (a new or released connection): wait for bytes
+            // with room on the stack, so that an idle connection holds no
+            // buffer, and keep only what came.
+            let mut room = [MaybeUninit::<u8>::uninit(); READ_SIZE];
+            let mut buf = ReadBuf::uninit(&mut room);
+            ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
+            let got = buf.filled();
+            self.eof = got.is_empty();
+            self.incoming.extend_from_slice(got);
+            self.received = got.len();
+            self.fresh = true;
+            return Poll::Ready(Ok(()));
+        }
+        let want = self.received + READ_SIZE;
+        if self.incoming.len() < want {
+            self.incoming.resize(want, 0);
+        }
+        let mut buf = ReadBuf::new(&mut self.incoming[self.received..]);
+        if Pin::new(&mut self.io).poll_read(cx, &mut buf)?.is_pending() {
+            if self.release_idle && self.received == 0 {
+                self.release();
+            }
+            return Poll::Pending;
+        }
+        let n = buf.filled().len();
+        if n == 0 {
+            self.eof = true;
+        }
+        self.received += n;
+        self.fresh = true;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes what is queued in `outgoing`.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.sent < self.queued {
+            let out = &self.outgoing[self.sent..self.queued];
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, out))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        self.sent = 0;
+        self.queued = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Starts writing what is queued without waiting for the socket: what it
+    /// does not take now goes with the next write or flush.
+    fn send_now(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        match self.poll_send(cx) {
+            Poll::Ready(Err(e)) => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.taken < this.plain.len() {
+                let n = buf.remaining().min(this.plain.len() - this.taken);
+                buf.put_slice(&this.plain[this.taken..this.taken + n]);
+                this.taken += n;
+                return Poll::Ready(Ok(()));
+            }
+            if this.read_closed {
+                return Poll::Ready(Ok(()));
+            }
+            if this.fresh || this.failed {
+                this.process(Payload::Nothing)?;
+                // What rustls wants sent (a key update, say) need not wait
+                // for the application's next write.
+                if this.queued > this.sent {
+                    this.send_now(cx)?;
+                }
+                continue;
+            }
+            if this.eof {
+                this.read_closed = true;
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peer closed the connection without sending TLS close_notify",
+                )));
+            }
+            ready!(this.poll_receive(cx))?;
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        if this.queued - this.sent >= MAX_QUEUED {
+            ready!(this.poll_send(cx))?;
+        }
+        let data = &data[..data.len().min(MAX_WRITE)];
+        if this.process(Payload::Data(data))? == Stop::Closed || this.conn.is_handshaking() {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        this.send_now(cx)?;
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.write_closed {
+            this.write_closed = true;
+            // Best effort: a connection rustls has failed cannot send one.
+            let _ = this.process(Payload::CloseNotify);
+        }
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+/// Appends what `write` produces to `outgoing[..*queued]`, growing the
+/// buffer by what `room` says it needs when it is too small.
+fn queue<E>(
+    outgoing: &mut Vec<u8>,
+    queued: &mut usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, E>,
+    room: impl Fn(&E) -> Option<usize>,
+) -> io::Result<()>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let n = match write(&mut outgoing[*queued..]) {
+        Ok(n) => n,
+        Err(e) => {
+            let Some(required) = room(&e) else {
+                return Err(io::Error::other(e));
+            };
+            outgoing.resize(*queued + required, 0);
+            write(&mut outgoing[*queued..]).map_err(io::Error::other)?
+        }
+    };
+    *queued += n;
+    Ok(())
+}
+
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
+    use tokio_rustls::client::TlsStream as ClientStream;
+
+    struct Pki {
+        server: Arc<ServerConfig>,
+        cert: CertificateDer<'static>,
+    }
+
+    fn pki() -> Pki {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let cert = c.cert.der().clone();
+        let key = PrivateKeyDer::Pkcs8(c.signing_key.serialize_der().into());
+        let server = crate::tls::server_config(vec![cert.clone()], key).unwrap();
+        Pki { server, cert }
+    }
+
+    fn client_config(
+        pki: &Pki,
+        version: &'static rustls::SupportedProtocolVersion,
+        alpn: &[&[u8]],
+    ) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.cert.clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(cfg)
+    }
+
+    /// A handshake over an in-memory pipe: (client, server).
+    async fn connect(
+        pki: &Pki,
+        version: &'static rustls::SupportedProtocolVersion,
+        alpn: &[&[u8]],
+    ) -> (ClientStream<DuplexStream>, TlsStream<DuplexStream>) {
+        let (c, s) = duplex(64 * 1024);
+        let connector = tokio_rustls::TlsConnector::from(client_config(pki, version, alpn));
+        let name = ServerName::try_from("localhost").unwrap();
+        let (client, server) =
+            tokio::join!(connector.connect(name, c), accept(pki.server.clone(), s));
+        (client.unwrap(), server.unwrap())
+    }
+
+    /// What the server reads until `n` bytes, with reads of at most `chunk`.
+    async fn read_n(server: &mut TlsStream<DuplexStream>, n: usize, chunk: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; chunk];
+        while got.len() < n {
+            let k = server.read(&mut buf).await.unwrap();
+            assert!(k > 0, "end of stream after {} of {n} bytes", got.len());
+            got.extend_from_slice(&buf[..k]);
+        }
+        got
+    }
+
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn both_versions_carry_a_megabyte_each_way_and_negotiate_alpn() {
+        let pki = pki();
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            let (mut client, mut server) = connect(&pki, version, &[b"h2", b"http/1.1"]).await;
+            assert_eq!(server.alpn_protocol(), Some(&b"h2"[..]));
+            let up = pattern(1 << 20);
+            let down: Vec<u8> = up.iter().rev().copied().collect();
+            let sent = up.clone();
+            let send = tokio::spawn(async move {
+                client.write_all(&sent).await.unwrap();
+                client.flush().await.unwrap();
+                let mut back = vec![0u8; 1 << 20];
+                client.read_exact(&mut back).await.unwrap();
+                back
+            });
+            assert_eq!(read_n(&mut server, up.len(), 16 * 1024).await, up);
+            server.write_all(&down).await.unwrap();
+            server.flush().await.unwrap();
+            assert_eq!(send.await.unwrap(), down);
+        }
+    }
+
+    #[tokio::test]
+    async fn small_reads_get_every_byte_of_a_record() {
+        let pki = pki();
+        let (mut client, mut server) = connect(&pki, &rustls::version::TLS13, &[]).await;
+        assert_eq!(server.alpn_protocol(), None);
+        let msg = pattern(10_000);
+        client.write_all(&msg).await.unwrap();
+        client.flush().await.unwrap();
+        assert_eq!(read_n(&mut server, msg.len(), 7).await, msg);
+    }
+
+    #[tokio::test]
+    async fn released_buffers_are_gone_and_the_connection_goes_on() {
+        let pki = pki();
+        let (mut client, mut server) = connect(&pki, &rustls::version::TLS13, &[]).await;
+        for round in 0..3 {
+            client.write_all(b"ping").await.unwrap();
+            client.flush().await.unwrap();
+            assert_eq!(read_n(&mut server, 4, 64).await, b"ping");
+            server.write_all(&pattern(20_000)).await.unwrap();
+            server.flush().await.unwrap();
+            let mut back = vec![0u8; 20_000];
+            client.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, pattern(20_000), "round {round}");
+            server.release();
+            assert_eq!(server.incoming.capacity(), 0);
+            assert_eq!(server.plain.capacity(), 0);
+            assert_eq!(server.outgoing.capacity(), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_key_update_is_followed() {
+        let pki = pki();
+        let (mut client, mut server) = connect(&pki, &rustls::version::TLS13, &[]).await;
+        client.get_mut().1.refresh_traffic_keys().unwrap();
+        client.write_all(b"after the update").await.unwrap();
+        client.flush().await.unwrap();
+        assert_eq!(read_n(&mut server, 16, 64).await, b"after the update");
+        server.write_all(b"answer").await.unwrap();
+        server.flush().await.unwrap();
+        let mut back = [0u8; 6];
+        client.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"answer");
+    }
+
+    #[tokio::test]
+    async fn close_notify_ends_the_stream_cleanly_both_ways() {
+        let pki = pki();
+        let (mut client, mut server) = connect(&pki, &rustls::version::TLS13, &[]).await;
+        client.write_all(b"last").await.unwrap();
+        client.shutdown().await.unwrap();
+        assert_eq!(read_n(&mut server, 4, 64).await, b"last");
+        let mut buf = [0u8; 8];
+        assert_eq!(server.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(server.read(&mut buf).await.unwrap(), 0);
+        // The server's own close_notify: the client sees a clean end.
+        server.shutdown().await.unwrap();
+        assert_eq!(client.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(
+            server.write(b"more").await.unwrap_err().kind(),
+            io::ErrorKind::BrokenPipe
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cut_connection_reads_as_unexpected_eof() {
+        let pki = pki();
+        let (client, mut server) = connect(&pki, &rustls::version::TLS13, &[]).await;
+        // The socket closes without close_notify.
+        drop(client.into_inner().0);
+        let mut buf = [0u8; 8];
+        let e = server.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(server.read(&mut buf).await.unwrap(), 0);
+    }
+
+    /// Hostile or broken clients: the handshake ends with an error, never
+    /// a hang, and rustls' alert goes back when there is one.
+    #[tokio::test]
+    async fn handshakes_with_bad_input_fail() {
+        let pki = pki();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("plain HTTP", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+            // A handshake record announcing a 16 MiB ClientHello, then
+            // nothing more: refused before buffering any of it.
+            (
+                "huge message",
+                vec![0x16, 0x03, 0x01, 0x00, 0x04, 0x01, 0xff, 0xff, 0xff],
+            ),
+            // A record longer than any TLS allows.
+            ("huge record", vec![0x16, 0x03, 0x01, 0xff, 0xff]),
+            ("cut short", vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00]),
+            ("nothing", Vec::new()),
+        ];
+        for (what, bytes) in cases {
+            let (mut c, s) = duplex(64 * 1024);
+            c.write_all(&bytes).await.unwrap();
+            c.shutdown().await.unwrap();
+            let res = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                accept(pki.server.clone(), s),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the handshake hung"));
+            assert!(res.is_err(), "{what}: accepted");
+            let mut back = Vec::new();
+            c.read_to_end(&mut back).await.unwrap();
+            if what == "plain HTTP" || what == "huge record" {
+                // An alert record.
+                assert_eq!(back.first(), Some(&0x15), "{what}: {back:?}");
+            }
+        }
+    }
+
+    /// Many records in one read, larger than one read's room: all arrive.
+    #[tokio::test]
+    async fn a_burst_of_records_arrives_whole() {
+        let pki = pki();
+        let (mut client, mut server) = connect(&pki, &rustls::version::TLS12, &[]).await;
+        let mut sent = Vec::new();
+        for i in 0..200u32 {
+            let msg = format!("message {i};");
+            client.write_all(msg.as_bytes()).await.unwrap();
+            sent.extend_from_slice(msg.as_bytes());
+        }
+        client.flush().await.unwrap();
+        assert_eq!(read_n(&mut server, sent.len(), 100).await, sent);
+    }
+    /// A client that keeps sending one endless handshake message is cut
+    /// off without the server buffering it all.
+    #[tokio::test]
+    async fn an_endless_handshake_message_is_cut_off() {
+        let pki = pki();
+        let (mut c, s) = duplex(1 << 20);
+        let server = tokio::spawn(accept(pki.server.clone(), s));
+        // ClientHello header announcing 16 MiB, then 16 KiB records of it.
+        let mut first = vec![0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0xff, 0xff, 0xff];
+        first.resize(5 + 0x4000, 0);
+        let _ = c.write_all(&first).await;
+        for _ in 0..20 {
+            let mut record = vec![0x16, 0x03, 0x01, 0x40, 0x00];
+            record.resize(5 + 0x4000, 0);
+            if c.write_all(&record).await.is_err() {
+                break;
+            }
+        }
+        let res = tokio::time::timeout(std::time::Duration::from_secs(5), server)
+            .await
+            .expect("the handshake hung")
+            .unwrap();
+        assert!(res.is_err());
+    }
+
+    /// Bytes that are not TLS after the handshake: the read fails, later
+    /// reads and writes fail too (rustls is not asked again), and a
+    /// shutdown still sends rustls' alert to the client.
+    #[tokio::test]
+    async fn garbage_after_the_handshake_fails_the_connection() {
+        let pki = pki();
+        let (mut client, mut server) = connect(&pki, &rustls::version::TLS13, &[]).await;
+        let raw = client.get_mut().0;
+        raw.write_all(b"\x17\x03\x03\x00\x20not a valid encrypted record....")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let e = server.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(server.read(&mut buf).await.is_err());
+        assert!(server.write(b"x").await.is_err());
+        server.shutdown().await.unwrap();
+        // TLS 1.3 encrypts the alert: the client's rustls reads it.
+        let e = client.read_to_end(&mut Vec::new()).await.unwrap_err();
+        assert!(e.to_string().contains("BadRecordMac"), "{e}");
+    }
+    #[tokio::test]
+    async fn with_release_when_idle_a_waiting_read_holds_no_buffer() {
+        use futures_util::FutureExt;
+        let pki = pki();
+        let (mut client, mut server) = connect(&pki, &rustls::version::TLS13, &[b"h2"]).await;
+        server.release_when_idle();
+        for round in 0..3 {
+            client.write_all(&pattern(30_000)).await.unwrap();
+            client.flush().await.unwrap();
+            assert_eq!(read_n(&mut server, 30_000, 4096).await, pattern(30_000));
+            server.write_all(b"done").await.unwrap();
+            server.flush().await.unwrap();
+            let mut back = [0u8; 4];
+            client.read_exact(&mut back).await.unwrap();
+            // Nothing more from the client: the read waits.
+            let mut buf = [0u8; 16];
+            assert!(
+                server.read(&mut buf).now_or_never().is_none(),
+                "round {round}"
+            );
+            assert_eq!(server.incoming.capacity(), 0);
+            assert_eq!(server.plain.capacity(), 0);
+            assert_eq!(server.outgoing.capacity(), 0);
+        }
+    }
+}
