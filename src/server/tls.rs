@@ -4,17 +4,25 @@
 //! tokio-rustls drives rustls' buffered `ServerConnection`, which keeps a
 //! 4 KiB receive buffer from a connection's first read to its end: 4,096 of
 //! the 9,313 heap bytes an idle keep-alive connection held (massif, 300
-//! parked HTTP/1 connections; BENCHMARKS.md). [`TlsStream`] keeps the bytes
-//! received, the bytes decrypted and the bytes to send in its own `Vec`s,
-//! reuses them while the connection is busy, and lets go of them when an
-//! idle connection parks ([`TlsStream::release`], called by
-//! `conn::serve_http`).
+//! parked HTTP/1 connections; BENCHMARKS.md). Here a connection owns only
+//! what it cannot hand on yet:
+//!
+//! - reads land on the stack and rustls decrypts them there; only the start
+//!   of a record whose rest has not arrived is kept (`incoming`), and the
+//!   decrypted bytes the reader has not taken (`plain`);
+//! - writes are encrypted into a buffer of the serving thread and written
+//!   from there; only what the socket does not take is kept (`outgoing`).
+//!
+//! Those buffers are released when an HTTP/1 connection parks
+//! ([`TlsStream::release`], called by `conn::serve_http`) and, for HTTP/2,
+//! whenever a read waits ([`TlsStream::release_when_idle`]).
 //!
 //! The protocol is rustls' throughout: this module only moves bytes between
 //! the socket and [`UnbufferedServerConnection::process_tls_records`], whose
 //! states it follows (rustls' `unbuffered-server` example shows the same
 //! loop, blocking).
 
+use std::cell::RefCell;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -26,8 +34,8 @@ use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Room made for each read from the socket (rustls' own buffer reads 4 KiB
-/// at a time).
+/// Bytes read from the socket at most per read (rustls' own buffer reads
+/// 4 KiB at a time); the room is on the stack.
 const READ_SIZE: usize = 8 * 1024;
 
 /// Received bytes kept at most while rustls waits for the rest of a
@@ -41,6 +49,12 @@ const MAX_QUEUED: usize = 64 * 1024;
 /// Plaintext taken per write at most (rustls splits it into records).
 const MAX_WRITE: usize = 64 * 1024;
 
+thread_local! {
+    /// Where writes are encrypted before they go to the socket: one per
+    /// serving thread, grown once to the largest write, never zeroed again.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
 /// A TLS server connection over `IO` after its handshake ([`accept`]).
 ///
 /// Reads end with `UnexpectedEof` when the peer closes its end without a
@@ -48,21 +62,17 @@ const MAX_WRITE: usize = 64 * 1024;
 pub struct TlsStream<IO> {
     io: IO,
     conn: UnbufferedServerConnection,
-    /// Bytes from the socket; the first `received` not yet taken by rustls
-    /// (between reads: the start of a record at most).
+    /// Received bytes rustls has not taken yet: the start of a record (or
+    /// of a handshake message spread over records).
     incoming: Vec<u8>,
-    received: usize,
     /// Decrypted bytes; `plain[taken..]` not yet read.
     plain: Vec<u8>,
     taken: usize,
-    /// Encrypted bytes for the socket: `outgoing[sent..queued]` still to
-    /// write. Its length is what has been initialised, never shrunk while
-    /// the buffer is kept, so reuse costs no zeroing.
+    /// Encrypted bytes the socket has not taken: `outgoing[sent..queued]`.
+    /// Its length is what has been initialised; reuse costs no zeroing.
     outgoing: Vec<u8>,
     sent: usize,
     queued: usize,
-    /// Bytes arrived since rustls last looked at `incoming`.
-    fresh: bool,
     /// The socket's read side reached its end.
     eof: bool,
     /// The peer sent close_notify (or both sides closed): reads return end
@@ -72,7 +82,7 @@ pub struct TlsStream<IO> {
     write_closed: bool,
     /// rustls failed (its alert is queued): it is not asked again.
     failed: bool,
-    /// Let go of empty buffers whenever a read waits ([`TlsStream::release_when_idle`]).
+    /// Let go of empty buffers whenever a read waits.
     release_idle: bool,
 }
 
@@ -94,6 +104,16 @@ enum Payload<'a> {
     CloseNotify,
 }
 
+/// Where one round of processing puts what rustls produces.
+struct Sinks<'a> {
+    plain: &'a mut Vec<u8>,
+    taken: &'a mut usize,
+    read_closed: &'a mut bool,
+    /// Encrypted bytes for the socket, appended at `out[*queued..]`.
+    out: &'a mut Vec<u8>,
+    queued: &'a mut usize,
+}
+
 /// Runs the TLS handshake on `io` with `config`; the stream returned may
 /// already hold decrypted bytes (a client's first request often comes in
 /// the same flight as its Finished message).
@@ -106,13 +126,11 @@ where
         io,
         conn,
         incoming: Vec::new(),
-        received: 0,
         plain: Vec::new(),
         taken: 0,
         outgoing: Vec::new(),
         sent: 0,
         queued: 0,
-        fresh: true,
         eof: false,
         read_closed: false,
         write_closed: false,
@@ -131,16 +149,15 @@ impl<IO> TlsStream<IO> {
 
     /// Releases the empty buffers each time a read has to wait for the
     /// peer, for connections that are never parked (HTTP/2): an idle one
-    /// then holds none, at the cost of allocating them again when the next
-    /// bytes come. (HTTP/1 connections release once, when they park.)
+    /// then holds none. (HTTP/1 connections release when they park.)
     pub fn release_when_idle(&mut self) {
         self.release_idle = true;
     }
 
     /// Lets go of the buffers that hold nothing (all of them on an idle
-    /// connection); the next read or write allocates what it needs again.
+    /// connection); they are allocated again when needed.
     pub fn release(&mut self) {
-        if self.received == 0 {
+        if self.incoming.is_empty() {
             self.incoming = Vec::new();
         }
         if self.taken == self.plain.len() {
@@ -154,229 +171,231 @@ impl<IO> TlsStream<IO> {
         }
     }
 
-    /// Lets rustls work through the bytes received: decrypted data goes to
-    /// `plain`, the TLS messages it wants sent to `outgoing`, and `send` is
-    /// encrypted (or close_notify queued) once application data may flow.
-    /// Returns where rustls stopped; `Stop::Traffic` means `send` was taken
-    /// unless the handshake is still going on.
-    fn process(&mut self, mut send: Payload<'_>) -> io::Result<Stop> {
-        if self.failed {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "the TLS connection failed earlier",
-            ));
-        }
-        let result = self.process_records(&mut send);
-        self.fresh = false;
-        if result.is_err() {
-            self.failed = true;
-            self.queue_alert();
-        }
-        result
-    }
-
-    fn process_records(&mut self, send: &mut Payload<'_>) -> io::Result<Stop> {
+    /// Lets rustls work through `incoming`, queueing what it wants sent in
+    /// `outgoing` and encrypting `send` there once application data may
+    /// flow. `Stop::Traffic` means `send` was taken unless the handshake is
+    /// still going on.
+    fn process(&mut self, send: Payload<'_>) -> io::Result<Stop> {
+        let mut len = self.incoming.len();
         let TlsStream {
             conn,
             incoming,
-            received,
             plain,
             taken,
             outgoing,
             queued,
             read_closed,
+            failed,
             ..
         } = self;
-        loop {
-            let UnbufferedStatus { mut discard, state } =
-                conn.process_tls_records(&mut incoming[..*received]);
-            // Errors too return after the discard: rustls' record of what
-            // it has taken from `incoming` must stay true for the alert.
-            let stop = match state {
-                Err(e) => Err(tls_error(e)),
-                Ok(ConnectionState::ReadTraffic(mut records)) => {
-                    if *taken == plain.len() {
-                        plain.clear();
-                        *taken = 0;
-                    }
-                    let mut result = Ok(None);
-                    while let Some(record) = records.next_record() {
-                        match record {
-                            Ok(record) => {
-                                discard += record.discard;
-                                plain.extend_from_slice(record.payload);
-                            }
-                            Err(e) => {
-                                result = Err(tls_error(e));
-                                break;
-                            }
-                        }
-                    }
-                    result
-                }
-                Ok(ConnectionState::EncodeTlsData(mut message)) => queue(
-                    outgoing,
-                    queued,
-                    |out| message.encode(out),
-                    |e| match e {
-                        EncodeError::InsufficientSize(s) => Some(s.required_size),
-                        _ => None,
-                    },
-                )
-                .map(|()| None),
-                // Encoded into `outgoing`, which is written in order.
-                Ok(ConnectionState::TransmitTlsData(message)) => {
-                    message.done();
-                    Ok(None)
-                }
-                Ok(ConnectionState::BlockedHandshake) => Ok(Some(Stop::Traffic)),
-                Ok(ConnectionState::WriteTraffic(mut traffic)) => {
-                    let room = |e: &EncryptError| match e {
-                        EncryptError::InsufficientSize(s) => Some(s.required_size),
-                        _ => None,
-                    };
-                    match std::mem::replace(send, Payload::Nothing) {
-                        Payload::Nothing => Ok(()),
-                        Payload::Data(data) => {
-                            queue(outgoing, queued, |out| traffic.encrypt(data, out), room)
-                        }
-                        Payload::CloseNotify => queue(
-                            outgoing,
-                            queued,
-                            |out| traffic.queue_close_notify(out),
-                            room,
-                        ),
-                    }
-                    .map(|()| Some(Stop::Traffic))
-                }
-                Ok(ConnectionState::PeerClosed) => {
-                    *read_closed = true;
-                    Ok(None)
-                }
-                Ok(ConnectionState::Closed) => {
-                    *read_closed = true;
-                    Ok(Some(Stop::Closed))
-                }
-                // Early data is not enabled in the server config.
-                Ok(other) => Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("unexpected TLS state {other:?}"),
-                )),
-            };
-            if discard > 0 {
-                incoming.copy_within(discard..*received, 0);
-                *received -= discard;
-            }
-            if let Some(stop) = stop? {
-                return Ok(stop);
-            }
-        }
-    }
-
-    /// After a TLS error, queues the alert rustls has for the peer (written
-    /// by the next flush or shutdown, if the caller gets that far). Asked
-    /// once: rustls hands out what it queued before looking at the input
-    /// again, and looking again would fail a second time.
-    fn queue_alert(&mut self) {
-        let TlsStream {
-            conn,
-            incoming,
-            received,
-            outgoing,
+        let sinks = Sinks {
+            plain,
+            taken,
+            read_closed,
+            out: outgoing,
             queued,
-            ..
-        } = self;
-        let UnbufferedStatus { state, .. } = conn.process_tls_records(&mut incoming[..*received]);
+        };
+        let result = process_records(conn, failed, incoming, &mut len, sinks, send);
+        self.incoming.truncate(len);
+        result
+    }
+}
+
+/// One round of rustls over `input[..*len]` (the bytes it has not taken
+/// move to the front; `*len` ends as their count). After an error the
+/// connection is marked `failed` and rustls' alert is queued.
+fn process_records(
+    conn: &mut UnbufferedServerConnection,
+    failed: &mut bool,
+    input: &mut [u8],
+    len: &mut usize,
+    sinks: Sinks<'_>,
+    mut send: Payload<'_>,
+) -> io::Result<Stop> {
+    if *failed {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the TLS connection failed earlier",
+        ));
+    }
+    let Sinks {
+        plain,
+        taken,
+        read_closed,
+        out,
+        queued,
+    } = sinks;
+    let room_encode = |e: &EncodeError| match e {
+        EncodeError::InsufficientSize(s) => Some(s.required_size),
+        _ => None,
+    };
+    let room_encrypt = |e: &EncryptError| match e {
+        EncryptError::InsufficientSize(s) => Some(s.required_size),
+        _ => None,
+    };
+    // Discarded bytes are skipped, not moved: rustls only needs the next
+    // call's input to start after them. What is left moves once, at the end.
+    let mut start = 0;
+    let result = loop {
+        let UnbufferedStatus { mut discard, state } =
+            conn.process_tls_records(&mut input[start..*len]);
+        // Errors too return after the discard: rustls' record of what it
+        // has taken from the input must stay true for the alert.
+        let stop = match state {
+            Err(e) => Err(tls_error(e)),
+            Ok(ConnectionState::ReadTraffic(mut records)) => {
+                if *taken == plain.len() {
+                    plain.clear();
+                    *taken = 0;
+                }
+                let mut result = Ok(None);
+                while let Some(record) = records.next_record() {
+                    match record {
+                        Ok(record) => {
+                            discard += record.discard;
+                            plain.extend_from_slice(record.payload);
+                        }
+                        Err(e) => {
+                            result = Err(tls_error(e));
+                            break;
+                        }
+                    }
+                }
+                result
+            }
+            Ok(ConnectionState::EncodeTlsData(mut message)) => {
+                queue(out, queued, |o| message.encode(o), room_encode).map(|()| None)
+            }
+            // Encoded into `out`, which is written in order.
+            Ok(ConnectionState::TransmitTlsData(message)) => {
+                message.done();
+                Ok(None)
+            }
+            Ok(ConnectionState::BlockedHandshake) => Ok(Some(Stop::Traffic)),
+            Ok(ConnectionState::WriteTraffic(mut traffic)) => {
+                match std::mem::replace(&mut send, Payload::Nothing) {
+                    Payload::Nothing => Ok(()),
+                    Payload::Data(data) => {
+                        queue(out, queued, |o| traffic.encrypt(data, o), room_encrypt)
+                    }
+                    Payload::CloseNotify => {
+                        queue(out, queued, |o| traffic.queue_close_notify(o), room_encrypt)
+                    }
+                }
+                .map(|()| Some(Stop::Traffic))
+            }
+            Ok(ConnectionState::PeerClosed) => {
+                *read_closed = true;
+                Ok(None)
+            }
+            Ok(ConnectionState::Closed) => {
+                *read_closed = true;
+                Ok(Some(Stop::Closed))
+            }
+            // Early data is not enabled in the server config.
+            Ok(other) => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected TLS state {other:?}"),
+            )),
+        };
+        start += discard;
+        match stop {
+            Ok(Some(stop)) => break Ok(stop),
+            Ok(None) => {}
+            Err(e) => break Err(e),
+        }
+    };
+    if result.is_err() {
+        *failed = true;
+        // The alert rustls queued. Asked once: rustls hands out what it
+        // queued before it looks at the input again, and looking again
+        // would fail a second time.
+        let UnbufferedStatus { state, .. } = conn.process_tls_records(&mut input[start..*len]);
         if let Ok(ConnectionState::EncodeTlsData(mut message)) = state {
-            let _ = queue(
-                outgoing,
-                queued,
-                |out| message.encode(out),
-                |e| match e {
-                    EncodeError::InsufficientSize(s) => Some(s.required_size),
-                    _ => None,
-                },
-            );
+            let _ = queue(out, queued, |o| message.encode(o), room_encode);
         }
     }
+    if start > 0 {
+        input.copy_within(start..*len, 0);
+        *len -= start;
+    }
+    result
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            if self.fresh {
-                let stop = match self.process(Payload::Nothing) {
-                    Ok(stop) => stop,
-                    Err(e) => {
-                        // The alert goes out if the socket takes it now.
-                        let _ = self.poll_send(cx);
-                        return Poll::Ready(Err(e));
-                    }
-                };
-                if stop == Stop::Closed {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "peer closed during the TLS handshake",
-                    )));
-                }
-                if !self.conn.is_handshaking() {
-                    // The last flight (and session tickets) out first.
-                    ready!(self.poll_send(cx))?;
-                    return Poll::Ready(Ok(()));
-                }
+            if !self.conn.is_handshaking() {
+                // The last flight (and session tickets) out first.
+                ready!(self.poll_send(cx))?;
+                return Poll::Ready(Ok(()));
             }
             // Our flight goes out before we wait for the peer's.
             ready!(self.poll_send(cx))?;
-            if self.eof {
+            if self.eof || self.read_closed {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "peer closed during the TLS handshake",
                 )));
             }
-            ready!(self.poll_receive(cx))?;
+            if let Err(e) = ready!(self.poll_receive(cx)) {
+                // rustls' alert goes out if the socket takes it now.
+                let _ = self.poll_send(cx);
+                return Poll::Ready(Err(e));
+            }
         }
     }
 
-    /// Reads what the socket has into `incoming`.
+    /// Reads from the socket and lets rustls process what came. Whole
+    /// records are processed where they landed, on the stack; the start of
+    /// one whose rest has not come is kept in `incoming`.
     fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.received >= MAX_INCOMING {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "TLS message too large",
-            )));
-        }
-        if self.incoming.is_empty() {
-            // Nothing kept (a new or released connection): wait for bytes
-            // with room on the stack, so that an idle connection holds no
-            // buffer, and keep only what came.
-            let mut room = [MaybeUninit::<u8>::uninit(); READ_SIZE];
-            let mut buf = ReadBuf::uninit(&mut room);
-            ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
-            let got = buf.filled();
-            self.eof = got.is_empty();
-            self.incoming.extend_from_slice(got);
-            self.received = got.len();
-            self.fresh = true;
-            return Poll::Ready(Ok(()));
-        }
-        let want = self.received + READ_SIZE;
-        if self.incoming.len() < want {
-            self.incoming.resize(want, 0);
-        }
-        let mut buf = ReadBuf::new(&mut self.incoming[self.received..]);
+        let mut room = [MaybeUninit::<u8>::uninit(); READ_SIZE];
+        let mut buf = ReadBuf::uninit(&mut room);
         if Pin::new(&mut self.io).poll_read(cx, &mut buf)?.is_pending() {
-            if self.release_idle && self.received == 0 {
+            if self.release_idle {
                 self.release();
             }
             return Poll::Pending;
         }
-        let n = buf.filled().len();
-        if n == 0 {
+        let got = buf.filled_mut();
+        if got.is_empty() {
             self.eof = true;
+            return Poll::Ready(Ok(()));
         }
-        self.received += n;
-        self.fresh = true;
-        Poll::Ready(Ok(()))
+        if !self.incoming.is_empty() {
+            if self.incoming.len() + got.len() > MAX_INCOMING {
+                self.failed = true;
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "TLS message too large",
+                )));
+            }
+            self.incoming.extend_from_slice(got);
+            return Poll::Ready(self.process(Payload::Nothing).map(drop));
+        }
+        let mut len = got.len();
+        let TlsStream {
+            conn,
+            incoming,
+            plain,
+            taken,
+            outgoing,
+            queued,
+            read_closed,
+            failed,
+            ..
+        } = self;
+        let sinks = Sinks {
+            plain,
+            taken,
+            read_closed,
+            out: outgoing,
+            queued,
+        };
+        let result = process_records(conn, failed, got, &mut len, sinks, Payload::Nothing);
+        incoming.extend_from_slice(&got[..len]);
+        Poll::Ready(result.map(drop))
     }
 
     /// Writes what is queued in `outgoing`.
@@ -402,6 +421,56 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
             _ => Ok(()),
         }
     }
+
+    /// Encrypts `data` into the thread's scratch buffer and writes it from
+    /// there; what the socket does not take is kept in `outgoing` (empty
+    /// when this is called).
+    fn write_through(&mut self, cx: &mut Context<'_>, data: &[u8]) -> io::Result<()> {
+        SCRATCH.with_borrow_mut(|scratch| {
+            let mut used = 0;
+            let mut len = self.incoming.len();
+            let TlsStream {
+                io,
+                conn,
+                incoming,
+                plain,
+                taken,
+                read_closed,
+                failed,
+                ..
+            } = self;
+            let sinks = Sinks {
+                plain,
+                taken,
+                read_closed,
+                out: scratch,
+                queued: &mut used,
+            };
+            let result =
+                process_records(conn, failed, incoming, &mut len, sinks, Payload::Data(data));
+            incoming.truncate(len);
+            let mut sent = 0;
+            // What was encrypted goes out even after an error (an alert).
+            while sent < used {
+                match Pin::new(&mut *io).poll_write(cx, &scratch[sent..used]) {
+                    Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                    Poll::Ready(Ok(n)) => sent += n,
+                    Poll::Ready(Err(e)) => return Err(e),
+                    Poll::Pending => break,
+                }
+            }
+            if sent < used {
+                self.outgoing.clear();
+                self.outgoing.extend_from_slice(&scratch[sent..used]);
+                self.sent = 0;
+                self.queued = used - sent;
+            }
+            if result? == Stop::Closed || self.conn.is_handshaking() {
+                return Err(io::ErrorKind::BrokenPipe.into());
+            }
+            Ok(())
+        })
+    }
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
@@ -421,14 +490,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
             if this.read_closed {
                 return Poll::Ready(Ok(()));
             }
-            if this.fresh || this.failed {
-                this.process(Payload::Nothing)?;
-                // What rustls wants sent (a key update, say) need not wait
-                // for the application's next write.
-                if this.queued > this.sent {
-                    this.send_now(cx)?;
-                }
-                continue;
+            if this.failed {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the TLS connection failed earlier",
+                )));
             }
             if this.eof {
                 this.read_closed = true;
@@ -437,7 +503,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
                     "peer closed the connection without sending TLS close_notify",
                 )));
             }
-            ready!(this.poll_receive(cx))?;
+            let received = ready!(this.poll_receive(cx));
+            // What rustls wants sent (a key update, an alert) need not wait
+            // for the application's next write.
+            if this.queued > this.sent {
+                this.send_now(cx)?;
+            }
+            received?;
         }
     }
 }
@@ -452,10 +524,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
         if this.write_closed {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
+        let data = &data[..data.len().min(MAX_WRITE)];
+        if this.sent == this.queued {
+            this.write_through(cx, data)?;
+            return Poll::Ready(Ok(data.len()));
+        }
+        // Earlier bytes still wait for the socket: these go behind them.
         if this.queued - this.sent >= MAX_QUEUED {
             ready!(this.poll_send(cx))?;
         }
-        let data = &data[..data.len().min(MAX_WRITE)];
         if this.process(Payload::Data(data))? == Stop::Closed || this.conn.is_handshaking() {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
@@ -481,10 +558,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
     }
 }
 
-/// Appends what `write` produces to `outgoing[..*queued]`, growing the
-/// buffer by what `room` says it needs when it is too small.
+/// Appends what `write` produces to `out[..*queued]`, growing the buffer by
+/// what `room` says it needs when it is too small. `out`'s length is what
+/// has been initialised: growth zeroes only the new part.
 fn queue<E>(
-    outgoing: &mut Vec<u8>,
+    out: &mut Vec<u8>,
     queued: &mut usize,
     mut write: impl FnMut(&mut [u8]) -> Result<usize, E>,
     room: impl Fn(&E) -> Option<usize>,
@@ -492,14 +570,14 @@ fn queue<E>(
 where
     E: std::error::Error + Send + Sync + 'static,
 {
-    let n = match write(&mut outgoing[*queued..]) {
+    let n = match write(&mut out[*queued..]) {
         Ok(n) => n,
         Err(e) => {
             let Some(required) = room(&e) else {
                 return Err(io::Error::other(e));
             };
-            outgoing.resize(*queued + required, 0);
-            write(&mut outgoing[*queued..]).map_err(io::Error::other)?
+            out.resize(*queued + required, 0);
+            write(&mut out[*queued..]).map_err(io::Error::other)?
         }
     };
     *queued += n;
@@ -800,5 +878,34 @@ mod tests {
             assert_eq!(server.plain.capacity(), 0);
             assert_eq!(server.outgoing.capacity(), 0);
         }
+    }
+    /// A socket that takes little at a time: what it refuses is kept and
+    /// sent in order, behind nothing and ahead of later writes.
+    #[tokio::test]
+    async fn writes_to_a_slow_socket_arrive_whole_and_in_order() {
+        let pki = pki();
+        let (c, s) = duplex(700);
+        let connector =
+            tokio_rustls::TlsConnector::from(client_config(&pki, &rustls::version::TLS13, &[]));
+        let name = ServerName::try_from("localhost").unwrap();
+        let (client, server) =
+            tokio::join!(connector.connect(name, c), accept(pki.server.clone(), s));
+        let (mut client, mut server) = (client.unwrap(), server.unwrap());
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let mut sent = Vec::new();
+        for i in 0..300usize {
+            let piece = pattern(1 + i * 37 % 5000);
+            server.write_all(&piece).await.unwrap();
+            sent.extend_from_slice(&piece);
+            if i % 7 == 0 {
+                server.flush().await.unwrap();
+            }
+        }
+        server.shutdown().await.unwrap();
+        assert_eq!(reader.await.unwrap(), sent);
     }
 }
