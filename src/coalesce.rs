@@ -67,9 +67,7 @@ impl<IO> Coalesce<IO> {
             turn,
         }
     }
-}
 
-impl<IO> Coalesce<IO> {
     /// The wrapped connection.
     pub fn get_mut(&mut self) -> &mut IO {
         &mut self.io

@@ -114,6 +114,9 @@ struct Sinks<'a> {
     queued: &'a mut usize,
 }
 
+/// A buffer for encrypted bytes and how much of it is filled.
+type Out<'a> = (&'a mut Vec<u8>, &'a mut usize);
+
 /// Runs the TLS handshake on `io` with `config`; the stream returned may
 /// already hold decrypted bytes (a client's first request often comes in
 /// the same flight as its Finished message).
@@ -172,14 +175,28 @@ impl<IO> TlsStream<IO> {
     }
 
     /// Lets rustls work through `incoming`, queueing what it wants sent in
-    /// `outgoing` and encrypting `send` there once application data may
-    /// flow. `Stop::Traffic` means `send` was taken unless the handshake is
-    /// still going on.
-    fn process(&mut self, send: Payload<'_>) -> io::Result<Stop> {
-        let mut len = self.incoming.len();
+    /// `out` (by default `outgoing`) and encrypting `send` there once
+    /// application data may flow. `Stop::Traffic` means `send` was taken
+    /// unless the handshake is still going on.
+    fn process(&mut self, out: Option<Out<'_>>, send: Payload<'_>) -> io::Result<Stop> {
+        let mut incoming = std::mem::take(&mut self.incoming);
+        let mut len = incoming.len();
+        let result = self.process_input(&mut incoming, &mut len, out, send);
+        incoming.truncate(len);
+        self.incoming = incoming;
+        result
+    }
+
+    /// [`process_records`] over `input[..*len]` with this stream's state.
+    fn process_input(
+        &mut self,
+        input: &mut [u8],
+        len: &mut usize,
+        out: Option<Out<'_>>,
+        send: Payload<'_>,
+    ) -> io::Result<Stop> {
         let TlsStream {
             conn,
-            incoming,
             plain,
             taken,
             outgoing,
@@ -188,16 +205,15 @@ impl<IO> TlsStream<IO> {
             failed,
             ..
         } = self;
+        let (out, queued) = out.unwrap_or((outgoing, queued));
         let sinks = Sinks {
             plain,
             taken,
             read_closed,
-            out: outgoing,
+            out,
             queued,
         };
-        let result = process_records(conn, failed, incoming, &mut len, sinks, send);
-        self.incoming.truncate(len);
-        result
+        process_records(conn, failed, input, len, sinks, send)
     }
 }
 
@@ -372,42 +388,18 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
                 )));
             }
             self.incoming.extend_from_slice(got);
-            return Poll::Ready(self.process(Payload::Nothing).map(drop));
+            return Poll::Ready(self.process(None, Payload::Nothing).map(drop));
         }
         let mut len = got.len();
-        let TlsStream {
-            conn,
-            incoming,
-            plain,
-            taken,
-            outgoing,
-            queued,
-            read_closed,
-            failed,
-            ..
-        } = self;
-        let sinks = Sinks {
-            plain,
-            taken,
-            read_closed,
-            out: outgoing,
-            queued,
-        };
-        let result = process_records(conn, failed, got, &mut len, sinks, Payload::Nothing);
-        incoming.extend_from_slice(&got[..len]);
+        let result = self.process_input(got, &mut len, None, Payload::Nothing);
+        self.incoming.extend_from_slice(&got[..len]);
         Poll::Ready(result.map(drop))
     }
 
     /// Writes what is queued in `outgoing`.
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.sent < self.queued {
-            let out = &self.outgoing[self.sent..self.queued];
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, out))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.sent += n;
-        }
+        let queued = &self.outgoing[..self.queued];
+        ready!(poll_write_from(&mut self.io, cx, queued, &mut self.sent))?;
         self.sent = 0;
         self.queued = 0;
         Poll::Ready(Ok(()))
@@ -428,36 +420,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
     fn write_through(&mut self, cx: &mut Context<'_>, data: &[u8]) -> io::Result<()> {
         SCRATCH.with_borrow_mut(|scratch| {
             let mut used = 0;
-            let mut len = self.incoming.len();
-            let TlsStream {
-                io,
-                conn,
-                incoming,
-                plain,
-                taken,
-                read_closed,
-                failed,
-                ..
-            } = self;
-            let sinks = Sinks {
-                plain,
-                taken,
-                read_closed,
-                out: scratch,
-                queued: &mut used,
-            };
-            let result =
-                process_records(conn, failed, incoming, &mut len, sinks, Payload::Data(data));
-            incoming.truncate(len);
-            let mut sent = 0;
+            let result = self.process(Some((scratch, &mut used)), Payload::Data(data));
             // What was encrypted goes out even after an error (an alert).
-            while sent < used {
-                match Pin::new(&mut *io).poll_write(cx, &scratch[sent..used]) {
-                    Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                    Poll::Ready(Ok(n)) => sent += n,
-                    Poll::Ready(Err(e)) => return Err(e),
-                    Poll::Pending => break,
-                }
+            let mut sent = 0;
+            if let Poll::Ready(Err(e)) =
+                poll_write_from(&mut self.io, cx, &scratch[..used], &mut sent)
+            {
+                return Err(e);
             }
             if sent < used {
                 self.outgoing.clear();
@@ -533,7 +502,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
         if this.queued - this.sent >= MAX_QUEUED {
             ready!(this.poll_send(cx))?;
         }
-        if this.process(Payload::Data(data))? == Stop::Closed || this.conn.is_handshaking() {
+        if this.process(None, Payload::Data(data))? == Stop::Closed || this.conn.is_handshaking() {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
         this.send_now(cx)?;
@@ -551,7 +520,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
         if !this.write_closed {
             this.write_closed = true;
             // Best effort: a connection rustls has failed cannot send one.
-            let _ = this.process(Payload::CloseNotify);
+            let _ = this.process(None, Payload::CloseNotify);
         }
         ready!(this.poll_send(cx))?;
         Pin::new(&mut this.io).poll_shutdown(cx)
@@ -582,6 +551,24 @@ where
     };
     *queued += n;
     Ok(())
+}
+
+/// Writes `bytes[*sent..]` to `io` until all of it is written (Ready) or
+/// the socket is full (Pending, `*sent` saying how far it got).
+fn poll_write_from<IO: AsyncWrite + Unpin>(
+    io: &mut IO,
+    cx: &mut Context<'_>,
+    bytes: &[u8],
+    sent: &mut usize,
+) -> Poll<io::Result<()>> {
+    while *sent < bytes.len() {
+        let n = ready!(Pin::new(&mut *io).poll_write(cx, &bytes[*sent..]))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        *sent += n;
+    }
+    Poll::Ready(Ok(()))
 }
 
 fn tls_error(e: rustls::Error) -> io::Error {
