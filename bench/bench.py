@@ -814,7 +814,7 @@ mount = "/raw"
             # 25 % too: on two cores oha itself needs a core at the higher
             # rates, so there the load generator sets the tail.
             for share in (0.25, 0.5, 0.9):
-                rs = alternate({k: targets[k] for k in ["nginx", "proxy", "haproxy"] if k in targets},
+                rs = alternate({k: targets[k] for k in ["nginx", "proxy", "haproxy", "versus"] if k in targets},
                                lambda url: oha_fixed(url, top * share, secs), rounds)
                 fr[f"{int(share * 100)}"] = {k: sorted(v, key=lambda r: r["p99_ms"])[len(v) // 2] for k, v in rs.items()}
                 fr[f"{int(share * 100)}_rounds"] = rs
@@ -988,6 +988,14 @@ def print_versus(r):
               f"each round {' / '.join(f'{x:.2f}' for x in pairs)}), CPU per request {p['cpu_us_per_req']:.1f} vs "
               f"{v['cpu_us_per_req']:.1f} us (ratio {p['cpu_us_per_req'] / v['cpu_us_per_req']:.2f})"
               + (f", p99 {p['p99_ms']:.2f} vs {v['p99_ms']:.2f} ms" if "p99_ms" in p else ""))
+    for share, rs in sorted((k, v) for k, v in r.get("fixed_rate", {}).items() if k.endswith("_rounds")):
+        if "versus" not in rs:
+            continue
+        share = share.removesuffix("_rounds")
+        p99 = lambda n: " / ".join(f"{x['p99_ms']:.2f}" for x in rs[n])
+        cpu = lambda n: " / ".join(f"{x['cpu_us_per_req']:.1f}" for x in rs[n] if "cpu_us_per_req" in x)
+        print(f"  fixed rate {share:>2} %  p99 ms each round: {p99('proxy')} vs {p99('versus')}; "
+              f"CPU us per request: {cpu('proxy')} vs {cpu('versus')}")
 
 
 def print_report(r):
@@ -1143,7 +1151,8 @@ def print_report(r):
                 print(f"    {name:8} p50 {x['p50_ms']:.2f} ms  p99 {x['p99_ms']:.2f} ms  p99.9 {x['p999_ms']:.2f} ms  "
                       f"({x['rps']:.0f} req/s, success {x['success']:.3f}; CPU {x['cpu_us_per_req']:.1f} us, "
                       f"sleeps {x['sleeps_per_req']:.2f} per request)")
-            best = min(x["p99_ms"] for n, x in h.items() if n != "proxy")
+            # The anchors only: the --versus binary is another proxy build.
+            best = min(x["p99_ms"] for n, x in h.items() if n in ("nginx", "haproxy"))
             print(f"    p99 against the better anchor {h['proxy']['p99_ms'] / best:.2f} (target <= 1.00)")
     if "idle_1000_connections" in r:
         c = r["idle_1000_connections"]
