@@ -130,23 +130,18 @@ fn validate_one(
         );
         return None;
     }
-    if has_user {
-        return Some(CredentialConfig {
-            name: name.to_string(),
-            kind: user_password(c, key, files, p, warnings)?,
-            upstream_referer,
-        });
-    }
-    let kind = match (has_oauth, has_key) {
-        (true, true) => unreachable!("refused above"),
-        (false, false) => {
+    let kind = match (has_user, has_oauth, has_key) {
+        (true, _, _) => token_login(c, Login::UserPassword, key, files, p, warnings)?,
+        (false, true, false) => token_login(c, Login::ClientCredentials, key, files, p, warnings)?,
+        (false, true, true) => unreachable!("refused above"),
+        (false, false, false) => {
             p.add(
                 key,
                 "empty: set client_id + client_secret_env/_file, username + password_env/_file, or api_key_env/_file",
             );
             return None;
         }
-        (false, true) => {
+        (false, false, true) => {
             if c.expiration_minutes.is_some() {
                 p.add(
                     format!("{key}.expiration_minutes"),
@@ -161,7 +156,6 @@ fn validate_one(
             let secret = load_secret(p, warnings, key, "api_key", given, files)?;
             CredentialKind::ApiKey(secret)
         }
-        (true, false) => client_credentials(c, key, files, p, warnings)?,
     };
     Some(CredentialConfig {
         name: name.to_string(),
@@ -170,65 +164,74 @@ fn validate_one(
     })
 }
 
-/// The client-credentials kind: token endpoint, client id, secret and the
-/// requested lifetime.
-fn client_credentials(
-    c: RawCredential,
-    key: &str,
-    files: Files<'_>,
-    p: &mut Problems,
-    warnings: &mut Vec<String>,
-) -> Option<CredentialKind> {
-    let token_url = token_url(c.token_url.as_deref(), key, p, warnings);
-    let client_id = non_empty(c.client_id, key, "client_id", p);
-    let expiration_minutes = expiration(c.expiration_minutes, key, p);
-    let given = SecretFields {
-        inline: c.client_secret,
-        env: c.client_secret_env,
-        file: c.client_secret_file,
-    };
-    let secret = load_secret(p, warnings, key, "client_secret", given, files);
-    Some(CredentialKind::ClientCredentials {
-        token_url: token_url?,
-        client_id: client_id?,
-        client_secret: secret?,
-        expiration_minutes,
-    })
+/// The two kinds that exchange a login for tokens.
+#[derive(Clone, Copy, PartialEq)]
+enum Login {
+    /// `client_id` + `client_secret_*` at an OAuth 2.0 token endpoint.
+    ClientCredentials,
+    /// `username` + `password_*` at a `generateToken` endpoint.
+    UserPassword,
 }
 
-/// The username/password kind (`generateToken`). Without `token_url` the
-/// endpoint is discovered later from a route's `/rest/info`
-/// ([`discover_from_routes`]).
-fn user_password(
+/// A kind that exchanges a login for tokens: token endpoint, who, their
+/// secret and the requested lifetime. Without `token_url` a username and
+/// password credential finds its endpoint later, from a route's
+/// `/rest/info` ([`discover_from_routes`]); client credentials need it.
+fn token_login(
     c: RawCredential,
+    login: Login,
     key: &str,
     files: Files<'_>,
     p: &mut Problems,
     warnings: &mut Vec<String>,
 ) -> Option<CredentialKind> {
-    // Checked now, used at the end, so every problem is reported at once.
-    let given_url = c
-        .token_url
-        .as_deref()
-        .map(|v| token_url(Some(v), key, p, warnings));
-    let username = non_empty(c.username, key, "username", p);
+    let (who, who_field, given, secret_field) = match login {
+        Login::ClientCredentials => (
+            c.client_id,
+            "client_id",
+            SecretFields {
+                inline: c.client_secret,
+                env: c.client_secret_env,
+                file: c.client_secret_file,
+            },
+            "client_secret",
+        ),
+        Login::UserPassword => (
+            c.username,
+            "username",
+            SecretFields {
+                inline: c.password,
+                env: c.password_env,
+                file: c.password_file,
+            },
+            "password",
+        ),
+    };
+    // Every field is checked before any `?`, so all problems are reported
+    // at once.
+    let token_url = match (c.token_url.as_deref(), login) {
+        (None, Login::UserPassword) => Some(None),
+        (given_url, _) => token_url(given_url, key, p, warnings).map(Some),
+    };
+    let who = non_empty(who, key, who_field, p);
     let expiration_minutes = expiration(c.expiration_minutes, key, p);
-    let given = SecretFields {
-        inline: c.password,
-        env: c.password_env,
-        file: c.password_file,
-    };
-    let password = load_secret(p, warnings, key, "password", given, files);
-    let token_url = match given_url {
-        Some(checked) => Some(checked?),
-        None => None,
-    };
-    Some(CredentialKind::UserPassword {
-        token_url,
-        info_url: None,
-        username: username?,
-        password: password?,
-        expiration_minutes,
+    let secret = load_secret(p, warnings, key, secret_field, given, files);
+    let (token_url, who, secret) = (token_url?, who?, secret?);
+    Some(match (login, token_url) {
+        (Login::ClientCredentials, Some(token_url)) => CredentialKind::ClientCredentials {
+            token_url,
+            client_id: who,
+            client_secret: secret,
+            expiration_minutes,
+        },
+        (Login::ClientCredentials, None) => unreachable!("client credentials need token_url"),
+        (Login::UserPassword, token_url) => CredentialKind::UserPassword {
+            token_url,
+            info_url: None,
+            username: who,
+            password: secret,
+            expiration_minutes,
+        },
     })
 }
 
