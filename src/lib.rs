@@ -29,7 +29,8 @@
 //! - [`import`]: `import-esri`, a resource-proxy `proxy.config` → `proxy.toml`.
 //! - [`notify`]: systemd's readiness, reload and stop notifications.
 //! - [`codec`]: streaming gzip/deflate/br, so bodies can be scrubbed.
-//! - [`body`]: the boxed body type shared by all of the above.
+//! - [`body`]: the boxed body type shared by all of the above; `pending`:
+//!   bytes a stream holds for its reader (TLS and the framing guard).
 //!
 //! Dependencies point one way: `server` → {`admin`, `app`} → `proxy` →
 //! {`policy`, `token`, `upstream`, `scrub`, `error`} → `http1`.
@@ -50,6 +51,7 @@ pub mod import;
 pub mod metrics;
 #[cfg(unix)]
 pub mod notify;
+mod pending;
 pub mod policy;
 pub mod proxy;
 pub mod redact;

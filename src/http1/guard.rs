@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::framing::Framing;
 pub use super::idle::{Activity, Busy};
 use super::idle::{Idle, IdleTimer};
+use crate::pending::Pending;
 use tokio::time::Sleep;
 
 /// Whether an idle connection may hand its HTTP state back (see
@@ -46,8 +47,8 @@ enum Park {
 pub struct FramingGuard<IO> {
     io: IO,
     framing: Framing,
-    ready: Vec<u8>,
-    pos: usize,
+    /// Checked bytes hyper has not read yet.
+    ready: Pending,
     head_timeout: Duration,
     deadline: Option<Pin<Box<Sleep>>>,
     idle: Option<IdleTimer>,
@@ -64,8 +65,7 @@ impl<IO> FramingGuard<IO> {
         FramingGuard {
             io,
             framing: Framing::new(head_limit),
-            ready: Vec::new(),
-            pos: 0,
+            ready: Pending::default(),
             head_timeout,
             deadline: None,
             idle: None,
@@ -117,14 +117,7 @@ impl<IO> FramingGuard<IO> {
 
     /// Hands `bytes`, read from this guard, back to be read again first.
     pub fn unread(&mut self, bytes: &[u8]) {
-        if bytes.is_empty() {
-            return;
-        }
-        let mut again = Vec::with_capacity(bytes.len() + self.ready.len() - self.pos);
-        again.extend_from_slice(bytes);
-        again.extend_from_slice(&self.ready[self.pos..]);
-        self.ready = again;
-        self.pos = 0;
+        self.ready.unread(bytes);
     }
 
     /// Lets a parked connection be served again, and park again later.
@@ -147,8 +140,7 @@ impl<IO> FramingGuard<IO> {
     /// guard's own buffers, which are empty.
     fn park(&mut self) {
         self.park = Park::Parked;
-        self.ready = Vec::new();
-        self.pos = 0;
+        self.ready.release();
         self.framing.release();
     }
 }
@@ -159,24 +151,28 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
+        self.get_mut().poll_checked(cx, buf)
+    }
+}
+
+impl<IO: AsyncRead + Unpin> FramingGuard<IO> {
+    /// Hands hyper the bytes the framing checks have passed, reading more
+    /// when none wait; parks or times out an idle connection.
+    fn poll_checked(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         loop {
-            if this.pos < this.ready.len() {
-                let n = (this.ready.len() - this.pos).min(buf.remaining());
-                buf.put_slice(&this.ready[this.pos..this.pos + n]);
-                this.pos += n;
-                if this.pos == this.ready.len() {
-                    this.ready.clear();
-                    this.pos = 0;
-                }
+            if self.ready.read_into(buf) {
                 return Poll::Ready(Ok(()));
             }
-            if this.framing.poisoned() {
+            if self.framing.poisoned() {
                 // EOF after the poisoned head.
                 return Poll::Ready(Ok(()));
             }
-            if this.framing.passthrough() {
-                return Pin::new(&mut this.io).poll_read(cx, buf);
+            if self.framing.passthrough() {
+                return Pin::new(&mut self.io).poll_read(cx, buf);
             }
             // Read into the caller's buffer, judge what arrived, and put
             // back what hyper may see. No read buffer of the guard's own:
@@ -187,9 +183,9 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
                 return Poll::Ready(Ok(()));
             }
             let before = buf.filled().len();
-            match Pin::new(&mut this.io).poll_read(cx, buf) {
+            match Pin::new(&mut self.io).poll_read(cx, buf) {
                 Poll::Pending => {
-                    if let Some(d) = this.deadline.as_mut()
+                    if let Some(d) = self.deadline.as_mut()
                         && d.as_mut().poll(cx).is_ready()
                     {
                         return Poll::Ready(Err(io::Error::new(
@@ -200,17 +196,17 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
                     // Idle time counts until a head is complete, as
                     // hyper's own timer did: a head begun late in the idle
                     // period does not get the full time again.
-                    if this.framing.reading_head()
-                        && let Some(idle) = this.idle.as_mut()
+                    if self.framing.reading_head()
+                        && let Some(idle) = self.idle.as_mut()
                     {
                         // Nothing of the next head read, nothing waiting
                         // to be sent: hyper holds nothing worth keeping.
-                        let armed = this.park == Park::Armed;
-                        let may_park = !this.framing.holding_head() && !this.unflushed;
+                        let armed = self.park == Park::Armed;
+                        let may_park = !self.framing.holding_head() && !self.unflushed;
                         match idle.poll(cx, armed, may_park) {
                             Idle::Open => {}
                             Idle::Park => {
-                                this.park();
+                                self.park();
                                 return Poll::Ready(Ok(()));
                             }
                             Idle::Expired => {
@@ -228,25 +224,35 @@ impl<IO: AsyncRead + Unpin> AsyncRead for FramingGuard<IO> {
                     let n = buf.filled().len() - before;
                     if n == 0 {
                         // EOF: hand over whatever partial head there is.
-                        this.framing.hand_over_head(&mut this.ready);
-                        if this.ready.is_empty() {
+                        self.framing.hand_over_head(self.ready.append_to());
+                        if self.ready.is_empty() {
                             return Poll::Ready(Ok(()));
                         }
                         continue;
                     }
-                    this.framing.feed(&buf.filled()[before..], &mut this.ready);
+                    self.framing
+                        .feed(&buf.filled()[before..], self.ready.append_to());
                     buf.set_filled(before);
                     // A head is pending: time it from its first byte.
-                    if this.framing.holding_head() {
-                        if this.deadline.is_none() {
-                            this.deadline = Some(Box::pin(tokio::time::sleep(this.head_timeout)));
+                    if self.framing.holding_head() {
+                        if self.deadline.is_none() {
+                            self.deadline = Some(Box::pin(tokio::time::sleep(self.head_timeout)));
                         }
                     } else {
-                        this.deadline = None;
+                        self.deadline = None;
                     }
                 }
             }
         }
+    }
+}
+
+impl<IO: Unpin> FramingGuard<IO> {
+    /// The socket, for a write that the next flush has to push out.
+    fn writing(self: Pin<&mut Self>) -> Pin<&mut IO> {
+        let this = self.get_mut();
+        this.unflushed = true;
+        Pin::new(&mut this.io)
     }
 }
 
@@ -256,9 +262,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for FramingGuard<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        this.unflushed = true;
-        Pin::new(&mut this.io).poll_write(cx, buf)
+        self.writing().poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -266,9 +270,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for FramingGuard<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        this.unflushed = true;
-        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+        self.writing().poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

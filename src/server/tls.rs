@@ -34,6 +34,8 @@ use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::pending::Pending;
+
 /// Bytes read from the socket at most per read (rustls' own buffer reads
 /// 4 KiB at a time); the room is on the stack.
 const READ_SIZE: usize = 8 * 1024;
@@ -65,9 +67,8 @@ pub struct TlsStream<IO> {
     /// Received bytes rustls has not taken yet: the start of a record (or
     /// of a handshake message spread over records).
     incoming: Vec<u8>,
-    /// Decrypted bytes; `plain[taken..]` not yet read.
-    plain: Vec<u8>,
-    taken: usize,
+    /// Decrypted bytes not yet read.
+    plain: Pending,
     /// Encrypted bytes the socket has not taken: `outgoing[sent..queued]`.
     /// Its length is what has been initialised; reuse costs no zeroing.
     outgoing: Vec<u8>,
@@ -106,8 +107,7 @@ enum Payload<'a> {
 
 /// Where one round of processing puts what rustls produces.
 struct Sinks<'a> {
-    plain: &'a mut Vec<u8>,
-    taken: &'a mut usize,
+    plain: &'a mut Pending,
     read_closed: &'a mut bool,
     /// Encrypted bytes for the socket, appended at `out[*queued..]`.
     out: &'a mut Vec<u8>,
@@ -129,8 +129,7 @@ where
         io,
         conn,
         incoming: Vec::new(),
-        plain: Vec::new(),
-        taken: 0,
+        plain: Pending::default(),
         outgoing: Vec::new(),
         sent: 0,
         queued: 0,
@@ -163,10 +162,7 @@ impl<IO> TlsStream<IO> {
         if self.incoming.is_empty() {
             self.incoming = Vec::new();
         }
-        if self.taken == self.plain.len() {
-            self.plain = Vec::new();
-            self.taken = 0;
-        }
+        self.plain.release();
         if self.sent == self.queued {
             self.outgoing = Vec::new();
             self.sent = 0;
@@ -198,7 +194,6 @@ impl<IO> TlsStream<IO> {
         let TlsStream {
             conn,
             plain,
-            taken,
             outgoing,
             queued,
             read_closed,
@@ -208,7 +203,6 @@ impl<IO> TlsStream<IO> {
         let (out, queued) = out.unwrap_or((outgoing, queued));
         let sinks = Sinks {
             plain,
-            taken,
             read_closed,
             out,
             queued,
@@ -236,7 +230,6 @@ fn process_records(
     }
     let Sinks {
         plain,
-        taken,
         read_closed,
         out,
         queued,
@@ -260,16 +253,12 @@ fn process_records(
         let stop = match state {
             Err(e) => Err(tls_error(e)),
             Ok(ConnectionState::ReadTraffic(mut records)) => {
-                if *taken == plain.len() {
-                    plain.clear();
-                    *taken = 0;
-                }
                 let mut result = Ok(None);
                 while let Some(record) = records.next_record() {
                     match record {
                         Ok(record) => {
                             discard += record.discard;
-                            plain.extend_from_slice(record.payload);
+                            plain.extend(record.payload);
                         }
                         Err(e) => {
                             result = Err(tls_error(e));
@@ -450,10 +439,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            if this.taken < this.plain.len() {
-                let n = buf.remaining().min(this.plain.len() - this.taken);
-                buf.put_slice(&this.plain[this.taken..this.taken + n]);
-                this.taken += n;
+            if this.plain.read_into(buf) {
                 return Poll::Ready(Ok(()));
             }
             if this.read_closed {
