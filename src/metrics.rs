@@ -154,27 +154,38 @@ impl Default for Metrics {
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Metrics {
-        let mut registry = Registry::default();
-        let requests = Family::<RequestLabels, Counter>::default();
-        let upstream_duration =
-            Family::<RouteLabel, Histogram, fn() -> Histogram>::new_with_constructor(
-                latency_histogram as fn() -> Histogram,
-            );
-        let token_fetches = Family::<FetchLabels, Counter>::default();
-        let token_retries = Family::<CredentialLabel, Counter>::default();
-        let token_expires_in = Family::<CredentialLabel, Gauge<f64, AtomicU64>>::default();
-        let token_age = Family::<CredentialLabel, Gauge<f64, AtomicU64>>::default();
-        let referer_rejections = Counter::default();
-        let rate_limited = Family::<RouteLabel, Counter>::default();
-        let open_connections = Gauge::default();
-        let reloads = Family::<OutcomeLabel, Counter>::default();
-        let app_requests = Family::<AppLabels, Counter>::default();
-        let app_bytes = Family::<AppLabels, Counter>::default();
-        let rate_limit_store_errors = Counter::default();
-        let app_rejections = Family::<AppLabels, Counter>::default();
-        let app_rate_limited = Family::<AppLabel, Counter>::default();
-        let app_quota_exhausted = Family::<AppLabel, Counter>::default();
-        let app_quota_remaining = Family::<AppLabel, Gauge>::default();
+        let mut m = Metrics {
+            registry: Registry::default(),
+            requests: Family::default(),
+            upstream_duration: Family::new_with_constructor(latency_histogram),
+            token_fetches: Family::default(),
+            token_retries: Family::default(),
+            token_expires_in: Family::default(),
+            token_age: Family::default(),
+            referer_rejections: Counter::default(),
+            rate_limited: Family::default(),
+            open_connections: Gauge::default(),
+            reloads: Family::default(),
+            app_requests: Family::default(),
+            app_bytes: Family::default(),
+            rate_limit_store_errors: Counter::default(),
+            app_rejections: Family::default(),
+            app_rate_limited: Family::default(),
+            app_quota_exhausted: Family::default(),
+            app_quota_remaining: Family::default(),
+            tls_cert_not_after: Family::default(),
+            process: ProcessMetrics::default(),
+        };
+        let mut registry = std::mem::take(&mut m.registry);
+        m.register_process(&mut registry);
+        m.register_apps(&mut registry);
+        m.register_requests(&mut registry);
+        m.registry = registry;
+        m
+    }
+
+    /// The build, the certificates and the process figures.
+    fn register_process(&self, registry: &mut Registry) {
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -187,140 +198,124 @@ impl Metrics {
             "Version and commit of the running binary (always 1)",
             build_info,
         );
-        let tls_cert_not_after = Family::<ListenerLabel, Gauge>::default();
         registry.register(
             "arcgis_proxy_tls_cert_not_after_seconds",
             "When the listener's certificate expires, Unix time",
-            tls_cert_not_after.clone(),
+            self.tls_cert_not_after.clone(),
         );
-        let process = ProcessMetrics::default();
         registry.register(
             "process_resident_memory_bytes",
             "Resident memory size in bytes",
-            process.resident_memory.clone(),
+            self.process.resident_memory.clone(),
         );
         registry.register(
             "process_cpu_seconds",
             "User and system CPU time spent in seconds",
-            process.cpu_seconds.clone(),
+            self.process.cpu_seconds.clone(),
         );
         registry.register(
             "process_open_fds",
             "Number of open file descriptors",
-            process.open_fds.clone(),
+            self.process.open_fds.clone(),
         );
         registry.register(
             "process_start_time_seconds",
             "Start time of the process since the Unix epoch in seconds",
-            process.start_time.clone(),
+            self.process.start_time.clone(),
         );
+    }
+
+    /// Per-app refusals, quotas and usage.
+    fn register_apps(&self, registry: &mut Registry) {
         registry.register(
             "arcgis_proxy_app_rejections",
             "Requests refused because their app may not use the route",
-            app_rejections.clone(),
+            self.app_rejections.clone(),
         );
         registry.register(
             "arcgis_proxy_app_rate_limited",
             "Requests refused by an app's per-client rate limit",
-            app_rate_limited.clone(),
+            self.app_rate_limited.clone(),
         );
         registry.register(
             "arcgis_proxy_app_quota_exhausted",
             "Requests refused because the app's quota for the window was used up",
-            app_quota_exhausted.clone(),
+            self.app_quota_exhausted.clone(),
         );
         registry.register(
             "arcgis_proxy_app_quota_remaining",
             "Requests left in the app's quota window (this process's view)",
-            app_quota_remaining.clone(),
+            self.app_quota_remaining.clone(),
         );
         registry.register(
             "arcgis_proxy_rate_limit_store_errors",
             "Shared rate-limit store calls that failed or exceeded their time budget",
-            rate_limit_store_errors.clone(),
+            self.rate_limit_store_errors.clone(),
         );
         registry.register(
             "arcgis_proxy_app_requests",
             "Requests by the allowlist entry that admitted them, and route",
-            app_requests.clone(),
+            self.app_requests.clone(),
         );
         registry.register(
             "arcgis_proxy_app_response_bytes",
             "Response body bytes sent, by allowlist entry and route",
-            app_bytes.clone(),
+            self.app_bytes.clone(),
         );
+    }
+
+    /// Requests, the upstream, tokens, the policy and the process's state.
+    fn register_requests(&self, registry: &mut Registry) {
         registry.register(
             "arcgis_proxy_requests",
             "Requests answered, by route and HTTP status",
-            requests.clone(),
+            self.requests.clone(),
         );
         registry.register(
             "arcgis_proxy_upstream_duration_seconds",
             "Time from sending a request upstream to its response head",
-            upstream_duration.clone(),
+            self.upstream_duration.clone(),
         );
         registry.register(
             "arcgis_proxy_token_fetches",
             "Token endpoint requests by outcome (ok, error, rejected)",
-            token_fetches.clone(),
+            self.token_fetches.clone(),
         );
         registry.register(
             "arcgis_proxy_token_retries",
             "Requests retried with a new token after the upstream refused the old one",
-            token_retries.clone(),
+            self.token_retries.clone(),
         );
         registry.register(
             "arcgis_proxy_token_expires_in_seconds",
             "Seconds the current token may still be injected",
-            token_expires_in.clone(),
+            self.token_expires_in.clone(),
         );
         registry.register(
             "arcgis_proxy_token_age_seconds",
             "Seconds since the current token was obtained",
-            token_age.clone(),
+            self.token_age.clone(),
         );
         registry.register(
             "arcgis_proxy_referer_rejections",
             "Requests refused by the Referer/Origin allowlist",
-            referer_rejections.clone(),
+            self.referer_rejections.clone(),
         );
         registry.register(
             "arcgis_proxy_rate_limited",
             "Requests refused by a per-client rate limit, by route",
-            rate_limited.clone(),
+            self.rate_limited.clone(),
         );
         registry.register(
             "arcgis_proxy_open_connections",
             "Connections open on the public listeners",
-            open_connections.clone(),
+            self.open_connections.clone(),
         );
         registry.register(
             "arcgis_proxy_config_reloads",
             "Configuration reloads by outcome",
-            reloads.clone(),
+            self.reloads.clone(),
         );
-        Metrics {
-            registry,
-            requests,
-            upstream_duration,
-            token_fetches,
-            token_retries,
-            token_expires_in,
-            token_age,
-            referer_rejections,
-            rate_limited,
-            open_connections,
-            reloads,
-            app_requests,
-            app_bytes,
-            rate_limit_store_errors,
-            app_rejections,
-            app_rate_limited,
-            app_quota_exhausted,
-            app_quota_remaining,
-            tls_cert_not_after,
-            process,
-        }
     }
 
     /// Reads the process figures from `/proc/self` (Linux; elsewhere they
