@@ -208,17 +208,17 @@ fn referer_entry(e: &str) -> (Option<String>, Option<String>) {
 }
 
 fn convert(esri: &Esri) -> Imported {
-    let mut out = Imported::default();
+    let mut c = Conversion::default();
     if truthy(esri.proxy.get("mustmatch")) == Some(false) {
-        out.refused = true;
-        out.notes.push(
+        c.out.refused = true;
+        c.out.notes.push(
             "mustMatch=\"false\" made resource-proxy forward any URL to anyone: an open proxy. This proxy forwards only to configured routes; list the services as serverUrl entries with mustMatch=\"true\" and import again.".into(),
         );
-        return out;
+        return c.out;
     }
     for key in esri.proxy.keys() {
         if !matches!(key.as_str(), "allowedreferers" | "mustmatch") {
-            out.notes.push(format!(
+            c.out.notes.push(format!(
                 "ProxyConfig {key} is not carried over (logging, level and file are [log] and RUST_LOG here)"
             ));
         }
@@ -228,39 +228,70 @@ fn convert(esri: &Esri) -> Imported {
         t,
         "# Imported from an Esri resource-proxy configuration by `arcgis-app-proxy import-esri`.\n# Review the notes it printed; see docs/configuration.md for every key.\n\n[server]\nlisten = \"0.0.0.0:8443\"\ntls_cert = \"certs/proxy.crt\"\ntls_key = \"certs/proxy.key\"\nadmin_listen = \"127.0.0.1:9090\"\n# resource-proxy was reached as proxy.ashx / proxy.jsp / proxy.php; point\n# the apps' proxyUrl at https://<this host>/proxy instead.\nproxy_path = \"/proxy\"\n"
     );
-    // Referers.
-    let mut referers = Vec::new();
-    for e in &esri.referers {
-        let (entry, note) = referer_entry(e);
-        out.notes.extend(note);
-        if let Some(entry) = entry
-            && !referers.contains(&entry)
-        {
-            referers.push(entry);
-        }
+    c.referers(&esri.referers, &mut t);
+    for (i, s) in esri.servers.iter().enumerate() {
+        c.server(i, s);
     }
-    if referers.is_empty() {
-        out.notes.push(
-            "no allowedReferers: every request will be refused until [referers] allowed or [[apps]] lists the pages".into(),
+    if c.routes.is_empty() {
+        c.out.refused = true;
+        c.out
+            .notes
+            .push("no usable serverUrl: nothing would be proxied".into());
+    }
+    t.push_str(&c.credentials);
+    t.push_str(&c.routes);
+    c.out.toml = t;
+    c.out
+}
+
+/// What a conversion has written so far.
+#[derive(Default)]
+struct Conversion {
+    out: Imported,
+    /// `[credentials.*]` tables.
+    credentials: String,
+    /// `[[routes]]` tables.
+    routes: String,
+    /// Route and credential names given out.
+    taken: Vec<String>,
+}
+
+impl Conversion {
+    /// `[referers]` from `allowedReferers`.
+    fn referers(&mut self, given: &[String], t: &mut String) {
+        let mut referers = Vec::new();
+        for e in given {
+            let (entry, note) = referer_entry(e);
+            self.out.notes.extend(note);
+            if let Some(entry) = entry
+                && !referers.contains(&entry)
+            {
+                referers.push(entry);
+            }
+        }
+        if referers.is_empty() {
+            self.out.notes.push(
+                "no allowedReferers: every request will be refused until [referers] allowed or [[apps]] lists the pages".into(),
+            );
+        }
+        let _ = writeln!(
+            t,
+            "[referers]\nallowed = [{}]\n",
+            referers
+                .iter()
+                .map(|r| toml_str(r))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
-    let _ = writeln!(
-        t,
-        "[referers]\nallowed = [{}]\n",
-        referers
-            .iter()
-            .map(|r| toml_str(r))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let mut credentials = String::new();
-    let mut routes = String::new();
-    let mut taken = Vec::new();
-    for (i, s) in esri.servers.iter().enumerate() {
+
+    /// One `serverUrl` entry (the `i`th): a route, and its credential.
+    fn server(&mut self, i: usize, s: &Attrs) {
+        let out = &mut self.out;
         let Some(raw_url) = s.get("url") else {
             out.notes
                 .push(format!("serverUrl #{} has no url: left out", i + 1));
-            continue;
+            return;
         };
         let url = match Url::parse(raw_url) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => u,
@@ -269,13 +300,13 @@ fn convert(esri: &Esri) -> Imported {
                 out.notes.push(format!(
                     "serverUrl {raw_url:?} is not an absolute http(s) URL (resource-proxy accepted prefixes like \"//host\" or bare hosts): write its route by hand"
                 ));
-                continue;
+                return;
             }
         };
         let mut upstream = url.clone();
         upstream.set_query(None);
         upstream.set_fragment(None);
-        let name = unique_name(url.host_str().unwrap_or(""), &mut taken);
+        let name = unique_name(url.host_str().unwrap_or(""), &mut self.taken);
         if truthy(s.get("matchall")) == Some(false) {
             out.notes.push(format!(
                 "serverUrl {raw_url:?} had matchAll=\"false\" (this exact URL only); its route also admits the paths below it: narrow the upstream if that matters"
@@ -300,100 +331,102 @@ fn convert(esri: &Esri) -> Imported {
                 ));
             }
         }
+        let credential = self.credential(s, &name, &url, raw_url);
+        let _ = writeln!(
+            self.routes,
+            "[[routes]]\nname = {}\nupstream = {}",
+            toml_str(&name),
+            toml_str(upstream.as_str().trim_end_matches('/'))
+        );
+        if let Some(c) = &credential {
+            let _ = writeln!(self.routes, "credential = {}", toml_str(c));
+        }
+        self.rate_limit(s, raw_url);
+        let _ = writeln!(self.routes);
+    }
+
+    /// The entry's credential, written as `[credentials.<name>]` with its
+    /// secret read from an environment variable; `None` without one.
+    fn credential(&mut self, s: &Attrs, name: &str, url: &Url, raw_url: &str) -> Option<String> {
         let env = name.to_ascii_uppercase();
-        let credential = if let (Some(id), Some(_)) = (s.get("clientid"), s.get("clientsecret")) {
+        if let (Some(id), Some(_)) = (s.get("clientid"), s.get("clientsecret")) {
             let endpoint = s
                 .get("oauth2endpoint")
                 .map(|e| e.trim_end_matches('/').to_string())
                 .unwrap_or_else(|| "https://www.arcgis.com/sharing/oauth2".into());
             let var = format!("{env}_CLIENT_SECRET");
             let _ = writeln!(
-                credentials,
+                self.credentials,
                 "[credentials.{name}]\ntoken_url = {}\nclient_id = {}\nclient_secret_env = {}\n",
                 toml_str(&format!("{endpoint}/token")),
                 toml_str(id),
                 toml_str(&var)
             );
-            out.variables.push(var);
-            Some(name.clone())
+            self.out.variables.push(var);
+            Some(name.to_string())
         } else if let (Some(user), Some(_)) = (s.get("username"), s.get("password")) {
             let var = format!("{env}_PASSWORD");
             let discover = url.path().to_ascii_lowercase().contains("/rest/");
             let _ = writeln!(
-                credentials,
+                self.credentials,
                 "[credentials.{name}]\nusername = {}\npassword_env = {}\n{}",
                 toml_str(user),
                 toml_str(&var),
                 if discover {
                     "# token_url left out: found through the server's /rest/info.\n".to_string()
                 } else {
-                    out.refused = true;
-                    out.notes.push(format!(
+                    self.out.refused = true;
+                    self.out.notes.push(format!(
                         "serverUrl {raw_url:?} uses a username but its URL has no /rest/ to discover the token service from: set credentials.{name}.token_url"
                     ));
                     "token_url = \"\"  # set: …/sharing/rest/generateToken or …/arcgis/tokens/generateToken\n".to_string()
                 }
             );
-            out.variables.push(var);
-            Some(name.clone())
+            self.out.variables.push(var);
+            Some(name.to_string())
         } else if s.contains_key("accesstoken") {
             let var = format!("{env}_API_KEY");
             let _ = writeln!(
-                credentials,
+                self.credentials,
                 "[credentials.{name}]\napi_key_env = {}\n",
                 toml_str(&var)
             );
-            out.variables.push(var);
-            Some(name.clone())
+            self.out.variables.push(var);
+            Some(name.to_string())
         } else {
             if s.contains_key("clientid") || s.contains_key("username") {
-                out.notes.push(format!(
+                self.out.notes.push(format!(
                     "serverUrl {raw_url:?} has only half a credential (clientId without clientSecret, or username without password): forwarded without a token"
                 ));
             }
             None
-        };
-        let _ = writeln!(
-            routes,
-            "[[routes]]\nname = {}\nupstream = {}",
-            toml_str(&name),
-            toml_str(upstream.as_str().trim_end_matches('/'))
-        );
-        if let Some(c) = &credential {
-            let _ = writeln!(routes, "credential = {}", toml_str(c));
         }
+    }
+
+    /// `rateLimit` per `rateLimitPeriod` minutes, now per client IP.
+    fn rate_limit(&mut self, s: &Attrs, raw_url: &str) {
         match (s.get("ratelimit"), s.get("ratelimitperiod")) {
-            (Some(n), period) => match (
-                n.parse::<u32>(),
-                period.map_or(Ok(1), |p| p.parse::<u64>()),
-            ) {
-                (Ok(n), Ok(p)) if n > 0 && p > 0 => {
-                    let _ = writeln!(
-                        routes,
-                        "rate_limit = {{ requests = {n}, per_secs = {} }}  # rateLimit {n} per {p} min, now per client IP",
-                        p * 60
-                    );
-                }
-                _ => out.notes.push(format!(
-                    "serverUrl {raw_url:?}: rateLimit/rateLimitPeriod are not positive numbers: left out"
+                (Some(n), period) => match (
+                    n.parse::<u32>(),
+                    period.map_or(Ok(1), |p| p.parse::<u64>()),
+                ) {
+                    (Ok(n), Ok(p)) if n > 0 && p > 0 => {
+                        let _ = writeln!(
+                            self.routes,
+                            "rate_limit = {{ requests = {n}, per_secs = {} }}  # rateLimit {n} per {p} min, now per client IP",
+                            p * 60
+                        );
+                    }
+                    _ => self.out.notes.push(format!(
+                        "serverUrl {raw_url:?}: rateLimit/rateLimitPeriod are not positive numbers: left out"
+                    )),
+                },
+                (None, Some(_)) => self.out.notes.push(format!(
+                    "serverUrl {raw_url:?}: rateLimitPeriod without rateLimit: left out"
                 )),
-            },
-            (None, Some(_)) => out.notes.push(format!(
-                "serverUrl {raw_url:?}: rateLimitPeriod without rateLimit: left out"
-            )),
-            (None, None) => {}
-        }
-        let _ = writeln!(routes);
+                (None, None) => {}
+            }
     }
-    if routes.is_empty() {
-        out.refused = true;
-        out.notes
-            .push("no usable serverUrl: nothing would be proxied".into());
-    }
-    t.push_str(&credentials);
-    t.push_str(&routes);
-    out.toml = t;
-    out
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use super::Problems;
-use super::raw::{RawApp, RawReferers};
+use super::raw::{RawApp, RawQuota, RawReferers};
 use crate::policy::quota::{QuotaSpec, Window};
 use crate::policy::referer::{CompileError, RefererPolicy};
 
@@ -100,25 +100,7 @@ pub(super) fn validate(
     let mut names: BTreeMap<String, usize> = BTreeMap::new();
     for (i, app) in raw.into_iter().enumerate() {
         let key = format!("apps[{i}]");
-        if !is_app_name(&app.name) {
-            p.add(
-                format!("{key}.name"),
-                format!(
-                    "{:?} is not an app name: lower-case letters, digits, - and _, starting with a letter or digit, at most 63",
-                    app.name
-                ),
-            );
-        } else if app.name == NONE_APP {
-            p.add(
-                format!("{key}.name"),
-                "\"none\" is the app of requests without Referer and Origin; choose another name",
-            );
-        } else if let Some(j) = names.get(&app.name) {
-            p.add(
-                format!("{key}.name"),
-                format!("{:?} is already the name of apps[{j}]", app.name),
-            );
-        }
+        check_name(&app.name, &key, &names, p);
         names.insert(app.name.clone(), i);
         if app.referers.is_empty() {
             p.add(
@@ -137,25 +119,7 @@ pub(super) fn validate(
             }
         }
         let rate_limit = super::rate_limit::per_client(app.rate_limit, &key, p);
-        let quota = app.quota.and_then(|q| {
-            let per = Window::parse(&q.per);
-            if per.is_none() {
-                p.add(
-                    format!("{key}.quota.per"),
-                    format!(
-                        "{:?} is not a window: use \"hour\", \"day\" or \"month\"",
-                        q.per
-                    ),
-                );
-            }
-            if q.requests == 0 {
-                p.add(format!("{key}.quota.requests"), "must be greater than 0");
-            }
-            Some(QuotaSpec {
-                requests: q.requests,
-                per: per?,
-            })
-        });
+        let quota = app.quota.and_then(|q| quota(q, &key, p));
         let index = list.len();
         for (j, e) in app.referers.into_iter().enumerate() {
             entries.push((e, index));
@@ -172,21 +136,9 @@ pub(super) fn validate(
     for (i, e) in referers.allowed.iter().enumerate() {
         entries.push((e.clone(), list.len()));
         keys.push(format!("referers.allowed[{i}]"));
-        list.push(AppConfig {
-            name: e.trim().to_string(),
-            declared: false,
-            credentials: BTreeMap::new(),
-            rate_limit: None,
-            quota: None,
-        });
+        list.push(AppConfig::undeclared(e.trim().to_string()));
     }
-    list.push(AppConfig {
-        name: NONE_APP.into(),
-        declared: false,
-        credentials: BTreeMap::new(),
-        rate_limit: None,
-        quota: None,
-    });
+    list.push(AppConfig::undeclared(NONE_APP.into()));
     let none = list.len() - 1;
     let policy = match RefererPolicy::compile(&entries, referers.allow_missing, none) {
         Ok(policy) => policy,
@@ -207,6 +159,64 @@ pub(super) fn validate(
         }
     };
     (Apps { list }, policy)
+}
+
+/// An app's name: well-formed, not the reserved one, not taken.
+fn check_name(name: &str, key: &str, names: &BTreeMap<String, usize>, p: &mut Problems) {
+    if !is_app_name(name) {
+        p.add(
+            format!("{key}.name"),
+            format!(
+                "{:?} is not an app name: lower-case letters, digits, - and _, starting with a letter or digit, at most 63",
+                name
+            ),
+        );
+    } else if name == NONE_APP {
+        p.add(
+            format!("{key}.name"),
+            "\"none\" is the app of requests without Referer and Origin; choose another name",
+        );
+    } else if let Some(j) = names.get(name) {
+        p.add(
+            format!("{key}.name"),
+            format!("{:?} is already the name of apps[{j}]", name),
+        );
+    }
+}
+
+/// `quota = { requests, per }`.
+fn quota(q: RawQuota, key: &str, p: &mut Problems) -> Option<QuotaSpec> {
+    let per = Window::parse(&q.per);
+    if per.is_none() {
+        p.add(
+            format!("{key}.quota.per"),
+            format!(
+                "{:?} is not a window: use \"hour\", \"day\" or \"month\"",
+                q.per
+            ),
+        );
+    }
+    if q.requests == 0 {
+        p.add(format!("{key}.quota.requests"), "must be greater than 0");
+    }
+    Some(QuotaSpec {
+        requests: q.requests,
+        per: per?,
+    })
+}
+
+impl AppConfig {
+    /// An app made from a `[referers] allowed` entry, or the one of requests
+    /// with neither Referer nor Origin: no credentials, limits or quota.
+    fn undeclared(name: String) -> AppConfig {
+        AppConfig {
+            name,
+            declared: false,
+            credentials: BTreeMap::new(),
+            rate_limit: None,
+            quota: None,
+        }
+    }
 }
 
 #[cfg(test)]

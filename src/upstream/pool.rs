@@ -410,6 +410,16 @@ mod tests {
     /// A raw HTTP/1.1 upstream: answers each request on a connection with
     /// `body`, closing the connection after `per_conn` answers (without
     /// saying so, as an upstream's idle timeout would). Counts connections.
+    /// A pool, and an upstream answering `body` up to `per_conn` times per
+    /// connection that counts its connections.
+    async fn pool_and_upstream(
+        body: &'static str,
+        per_conn: usize,
+    ) -> (Arc<Pool>, u16, Arc<AtomicUsize>) {
+        let (port, conns) = upstream(body, per_conn).await;
+        (pool(), port, conns)
+    }
+
     async fn upstream(body: &'static str, per_conn: usize) -> (u16, Arc<AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -439,6 +449,11 @@ mod tests {
             }
         });
         (port, conns)
+    }
+
+    /// GET `path`, read to the end.
+    async fn get_text(pool: &Arc<Pool>, port: u16, path: &str) -> String {
+        text(send_req(pool, get(port, path)).await.unwrap()).await
     }
 
     async fn text(resp: Response<UpstreamBody>) -> String {
@@ -1011,11 +1026,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_read_answer_returns_its_connection_for_reuse() {
-        let (port, conns) = upstream("hello", 100).await;
-        let pool = pool();
+        let (pool, port, conns) = pool_and_upstream("hello", 100).await;
         for _ in 0..5 {
-            let resp = send_req(&pool, get(port, "/a?b=1")).await.unwrap();
-            assert_eq!(text(resp).await, "hello");
+            assert_eq!(get_text(&pool, port, "/a?b=1").await, "hello");
         }
         assert_eq!(conns.load(Ordering::SeqCst), 1);
         assert_eq!(pool.idle_count(), 1);
@@ -1023,8 +1036,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unread_answer_keeps_its_connection_out_of_the_pool() {
-        let (port, conns) = upstream("hello", 100).await;
-        let pool = pool();
+        let (pool, port, conns) = pool_and_upstream("hello", 100).await;
         let first = send_req(&pool, get(port, "/")).await.unwrap();
         // Still being read: the next request needs its own connection.
         let second = send_req(&pool, get(port, "/")).await.unwrap();
@@ -1037,11 +1049,9 @@ mod tests {
     #[tokio::test]
     async fn a_connection_the_upstream_closed_is_replaced() {
         // One answer per connection, then a silent close.
-        let (port, conns) = upstream("hello", 1).await;
-        let pool = pool();
+        let (pool, port, conns) = pool_and_upstream("hello", 1).await;
         for _ in 0..4 {
-            let resp = send_req(&pool, get(port, "/")).await.unwrap();
-            assert_eq!(text(resp).await, "hello");
+            assert_eq!(get_text(&pool, port, "/").await, "hello");
             // Let the connection task see the close.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -1050,8 +1060,7 @@ mod tests {
 
     #[tokio::test]
     async fn idle_connections_are_bounded() {
-        let (port, conns) = upstream("x", 100).await;
-        let pool = pool();
+        let (pool, port, conns) = pool_and_upstream("x", 100).await;
         let mut open = Vec::new();
         for _ in 0..6 {
             open.push(send_req(&pool, get(port, "/")).await.unwrap());
@@ -1159,8 +1168,7 @@ mod tests {
     async fn concurrent_first_requests_to_http1_each_get_a_connection() {
         // Once an origin is known to speak HTTP/1.1, connects are no longer
         // single flight: held answers need connections of their own.
-        let (port, conns) = upstream("hi", 100).await;
-        let pool = pool();
+        let (pool, port, conns) = pool_and_upstream("hi", 100).await;
         assert_eq!(
             text(send_req(&pool, get(port, "/a")).await.unwrap()).await,
             "hi"
