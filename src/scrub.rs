@@ -807,14 +807,9 @@ mod body_tests {
 
     #[tokio::test]
     async fn compressed_bodies_are_scrubbed_and_stay_compressed() {
-        let text = format!(
-            "{{\"url\":\"https://h/x?token={T}&f=json\",\"pad\":\"{}\"}}",
-            "p".repeat(50_000)
-        );
-        let expected = format!(
-            "{{\"url\":\"https://h/x?f=json\",\"pad\":\"{}\"}}",
-            "p".repeat(50_000)
-        );
+        let pad = "p".repeat(50_000);
+        let text = format!("{{\"url\":\"https://h/x?token={T}&f=json\",\"pad\":\"{pad}\"}}");
+        let expected = format!("{{\"url\":\"https://h/x?f=json\",\"pad\":\"{pad}\"}}");
         for coding in [
             Coding::Identity,
             Coding::Gzip,

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use super::{ConnInfo, Proxy, RequestCtx, Upstream};
 use crate::body::{self, BoxError, ProxyBody};
 use crate::config::Config;
+use crate::metrics::{CredentialLabel, RequestLabels};
 use crate::upstream::Outgoing;
 
 /// The API key every test route's credential holds (`KEY` in the test env).
@@ -246,15 +247,13 @@ async fn a_refused_token_is_retried_once_with_the_kept_body() {
         assert_eq!(s.method, Method::POST);
         assert_eq!(&s.body[..], b"f=json");
     }
-    let retries = h
-        .proxy
-        .metrics
-        .token_retries
-        .get_or_create(&crate::metrics::CredentialLabel {
-            credential: "online".into(),
-        })
-        .get();
-    assert_eq!(retries, 1);
+    let online = CredentialLabel {
+        credential: "online".into(),
+    };
+    assert_eq!(
+        h.proxy.metrics.token_retries.get_or_create(&online).get(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -300,16 +299,11 @@ async fn refusals_get_the_arcgis_shape_cors_and_are_counted() {
         "https://app.example.com"
     );
     assert!(up.seen().is_empty());
-    let counted = h
-        .proxy
-        .metrics
-        .requests
-        .get_or_create(&crate::metrics::RequestLabels {
-            route: "none".into(),
-            status: 404,
-        })
-        .get();
-    assert_eq!(counted, 1);
+    let unrouted = RequestLabels {
+        route: "none".into(),
+        status: 404,
+    };
+    assert_eq!(h.proxy.metrics.requests.get_or_create(&unrouted).get(), 1);
 }
 
 #[test]

@@ -420,35 +420,64 @@ mod tests {
         (pool(), port, conns)
     }
 
-    async fn upstream(body: &'static str, per_conn: usize) -> (u16, Arc<AtomicUsize>) {
+    /// Listens on a free port and hands each connection to `serve` in a
+    /// task of its own: the port, and how many connections were accepted.
+    async fn serve_counting<F, Fut>(serve: F) -> (u16, Arc<AtomicUsize>)
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let conns = Arc::new(AtomicUsize::new(0));
         let counted = Arc::clone(&conns);
         tokio::spawn(async move {
             loop {
-                let (mut s, _) = listener.accept().await.unwrap();
+                let (tcp, _) = listener.accept().await.unwrap();
                 counted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    for _ in 0..per_conn {
-                        let Some(req) = read_request(&mut s, &mut buf).await else {
-                            return;
-                        };
-                        let head = String::from_utf8_lossy(&req);
-                        assert!(head.starts_with("GET /"), "origin-form expected: {head}");
-                        let answer = format!(
-                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                            body.len()
-                        );
-                        if s.write_all(answer.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+                tokio::spawn(serve(tcp));
             }
         });
         (port, conns)
+    }
+
+    async fn upstream(body: &'static str, per_conn: usize) -> (u16, Arc<AtomicUsize>) {
+        serve_counting(move |mut s| async move {
+            let mut buf = Vec::new();
+            for _ in 0..per_conn {
+                let Some(req) = read_request(&mut s, &mut buf).await else {
+                    return;
+                };
+                let head = String::from_utf8_lossy(&req);
+                assert!(head.starts_with("GET /"), "origin-form expected: {head}");
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if s.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await
+    }
+
+    /// `n` GETs of `path`, one after another, each read to the end and
+    /// followed by `pause`, against an upstream that closes a connection
+    /// after `per_conn` answers: the pool, and the connections the
+    /// upstream saw.
+    async fn gets_in_turn(
+        per_conn: usize,
+        n: usize,
+        path: &str,
+        pause: Duration,
+    ) -> (Arc<Pool>, usize) {
+        let (pool, port, conns) = pool_and_upstream("hello", per_conn).await;
+        for _ in 0..n {
+            assert_eq!(get_text(&pool, port, path).await, "hello");
+            tokio::time::sleep(pause).await;
+        }
+        (pool, conns.load(Ordering::SeqCst))
     }
 
     /// GET `path`, read to the end.
@@ -1026,11 +1055,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_read_answer_returns_its_connection_for_reuse() {
-        let (pool, port, conns) = pool_and_upstream("hello", 100).await;
-        for _ in 0..5 {
-            assert_eq!(get_text(&pool, port, "/a?b=1").await, "hello");
-        }
-        assert_eq!(conns.load(Ordering::SeqCst), 1);
+        let (pool, conns) = gets_in_turn(100, 5, "/a?b=1", Duration::ZERO).await;
+        assert_eq!(conns, 1);
         assert_eq!(pool.idle_count(), 1);
     }
 
@@ -1048,14 +1074,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_the_upstream_closed_is_replaced() {
-        // One answer per connection, then a silent close.
-        let (pool, port, conns) = pool_and_upstream("hello", 1).await;
-        for _ in 0..4 {
-            assert_eq!(get_text(&pool, port, "/").await, "hello");
-            // Let the connection task see the close.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(conns.load(Ordering::SeqCst), 4);
+        // One answer per connection, then a silent close; the pause lets
+        // the connection task see the close.
+        let (_, conns) = gets_in_turn(1, 4, "/", Duration::from_millis(20)).await;
+        assert_eq!(conns, 4);
     }
 
     #[tokio::test]
@@ -1106,29 +1128,22 @@ mod tests {
         .unwrap();
         Arc::get_mut(&mut server).unwrap().alpn_protocols = vec![b"h2".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(server);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let conns = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&conns);
-        tokio::spawn(async move {
-            loop {
-                let (tcp, _) = listener.accept().await.unwrap();
-                counted.fetch_add(1, Ordering::SeqCst);
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let svc = hyper::service::service_fn(move |_req| async move {
-                        tokio::time::sleep(delay).await;
-                        Ok::<_, std::convert::Infallible>(Response::new(crate::body::full("ok")))
-                    });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                        .await;
+        let (port, conns) = serve_counting(move |tcp| {
+            let acceptor = acceptor.clone();
+            async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |_req| async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, std::convert::Infallible>(Response::new(crate::body::full("ok")))
                 });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
             }
-        });
+        })
+        .await;
         let mut tls = crate::tls::client_config(&[ca.der().clone()]);
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let https = HttpsConnector::from((direct(), Arc::new(tls)));
