@@ -141,40 +141,47 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parse
         headers.append(name, value);
     }
     buf.advance(len);
-    let decoder =
-        if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-            BodyFraming::Done
-        } else if transfer_encoding {
-            // Both framings at once is how responses get smuggled: the body is
-            // read as chunked (RFC 9112 6.3) and the connection not reused.
-            if length.is_some() {
-                close = true;
-            }
-            if chunked {
-                BodyFraming::Chunked(Chunk::Size)
-            } else {
-                close = true;
-                BodyFraming::UntilClose
-            }
-        } else if let Some(n) = length {
-            if n == 0 {
-                BodyFraming::Done
-            } else {
-                BodyFraming::Length(n)
-            }
-        } else {
-            close = true;
-            BodyFraming::UntilClose
-        };
+    let framing = body_framing(head_request, status, length, transfer_encoding, chunked);
+    // Read until the close, or both framings at once (how responses get
+    // smuggled): the connection is not reused.
+    close |= matches!(framing, BodyFraming::UntilClose) || (transfer_encoding && length.is_some());
     let mut parts = Response::new(()).into_parts().0;
     parts.status = status;
     parts.version = version;
     parts.headers = headers;
     Ok(Some(Parsed::Final(AnswerHead {
         parts,
-        framing: decoder,
+        framing,
         reusable: !close,
     })))
+}
+
+/// How the body of an answer is delimited (RFC 9112 6.3): none after HEAD,
+/// 204 and 304; chunked when chunked is the last transfer coding, which
+/// wins over a Content-Length; else the length; else until the close.
+#[inline]
+fn body_framing(
+    head_request: bool,
+    status: StatusCode,
+    length: Option<u64>,
+    transfer_encoding: bool,
+    chunked: bool,
+) -> BodyFraming {
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        BodyFraming::Done
+    } else if transfer_encoding {
+        if chunked {
+            BodyFraming::Chunked(Chunk::Size)
+        } else {
+            BodyFraming::UntilClose
+        }
+    } else {
+        match length {
+            Some(0) => BodyFraming::Done,
+            Some(n) => BodyFraming::Length(n),
+            None => BodyFraming::UntilClose,
+        }
+    }
 }
 
 /// Where reading an answer body stands.
@@ -482,7 +489,7 @@ mod tests {
     fn answers_read_the_same_however_reads_cut_them() {
         // Status, body, trailer fields, reusable.
         type Outcome = Result<(u16, &'static [u8], usize, bool), &'static str>;
-        let cases: [(&[u8], bool, Outcome); 6] = [
+        let cases: [(&[u8], bool, Outcome); 11] = [
             (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", false, Ok((200, b"hello", 0, true))),
             (
                 b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;a=b\r\nhello\r\n0\r\nx-t: 1\r\n\r\n",
@@ -493,6 +500,18 @@ mod tests {
             (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n", true, Ok((200, b"", 0, true))),
             (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhel", false, Err("upstream answer cut short")),
             (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA", false, Ok((200, b"ok", 0, false))),
+            // Both framings: read as chunked, the connection not reused.
+            (
+                b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+                false,
+                Ok((200, b"ok", 0, false)),
+            ),
+            // A transfer coding other than chunked last: until the close.
+            (b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nzz", false, Ok((200, b"zz", 0, false))),
+            // No body after HEAD, 204 or a zero length, whatever the head says.
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true, Ok((200, b"", 0, true))),
+            (b"HTTP/1.1 204 No Content\r\n\r\n", false, Ok((204, b"", 0, true))),
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", false, Ok((200, b"", 0, true))),
         ];
         for (wire, head, expected) in cases {
             for piece in [1, 2, 3, 7, 64, usize::MAX] {
