@@ -234,7 +234,7 @@ impl Pool {
             Ok(Conn::H2(sender))
         } else {
             self.origins()[slot].h1 = true;
-            Ok(Conn::H1(h1::Conn::new(h1::Io::from_connector(stream))))
+            Ok(Conn::H1(h1::Conn::new(h1::from_connector(stream))))
         }
     }
 

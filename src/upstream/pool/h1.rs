@@ -36,6 +36,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
+use tokio_util::either::Either;
 
 use super::Pool;
 use crate::body::ProxyBody;
@@ -55,81 +56,20 @@ const COPY_MAX: usize = 4 * 1024;
 
 type TlsIo = tokio_rustls::client::TlsStream<TokioIo<Tcp>>;
 
-/// The byte stream of one upstream connection.
-pub enum Io {
-    Plain(TcpStream),
-    Tls(Box<TlsIo>),
-}
+/// The byte stream of one upstream connection: cleartext (possibly
+/// through a forward proxy) or TLS. tokio-util's `Either` forwards reads
+/// and writes, vectored ones included, to whichever it is.
+pub type Io = Either<TcpStream, Box<TlsIo>>;
 
-impl Io {
-    /// The stream the (verifying) connector opened, and what requests on
-    /// it need if it goes to a forward proxy.
-    pub fn from_connector(stream: MaybeHttpsStream<Tcp>) -> (Io, Option<Forward>) {
-        match stream {
-            MaybeHttpsStream::Http(s) => {
-                let forward = s.forward().cloned();
-                (Io::Plain(s.into_inner()), forward)
-            }
-            MaybeHttpsStream::Https(s) => (Io::Tls(Box::new(s.into_inner())), None),
+/// The stream the (verifying) connector opened, and what requests on it
+/// need if it goes to a forward proxy.
+pub fn from_connector(stream: MaybeHttpsStream<Tcp>) -> (Io, Option<Forward>) {
+    match stream {
+        MaybeHttpsStream::Http(s) => {
+            let forward = s.forward().cloned();
+            (Either::Left(s.into_inner()), forward)
         }
-    }
-}
-
-impl AsyncRead for Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Io::Plain(s) => s.is_write_vectored(),
-            Io::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+        MaybeHttpsStream::Https(s) => (Either::Right(Box::new(s.into_inner())), None),
     }
 }
 
