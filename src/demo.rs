@@ -96,31 +96,37 @@ impl Fake {
             .filter(|t| issued.iter().any(|i| i == t))
     }
 
+    /// The client-credentials token endpoint: a token for the demo's own
+    /// id and secret, an ArcGIS error otherwise.
+    async fn issue_token(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+        let form = body.unwrap_or_default();
+        let form = String::from_utf8_lossy(&form);
+        let ok = query_param(&form, "client_id").as_deref() == Some(DEMO_CLIENT_ID)
+            && query_param(&form, "client_secret").as_deref() == Some(DEMO_CLIENT_SECRET)
+            && query_param(&form, "grant_type").as_deref() == Some("client_credentials");
+        if !ok {
+            return json(
+                StatusCode::OK,
+                serde_json::json!({"error":{"code":400,"error":"invalid_client_id",
+                    "error_description":"Invalid client_id","message":"Invalid client_id","details":[]}}),
+            );
+        }
+        let token = format!("demo-token-{:016x}", fastrand::u64(..));
+        self.issued
+            .lock()
+            .expect("lock poisoned")
+            .push(token.clone());
+        json(
+            StatusCode::OK,
+            serde_json::json!({"access_token": token, "expires_in": 7200}),
+        )
+    }
+
     async fn handle(&self, req: Request<Incoming>, me: SocketAddr) -> Response<ProxyBody> {
         let path = req.uri().path().to_string();
         if path == "/sharing/rest/oauth2/token" && req.method() == Method::POST {
-            let body = req.into_body().collect().await.map(|b| b.to_bytes());
-            let form = body.unwrap_or_default();
-            let form = String::from_utf8_lossy(&form);
-            let ok = query_param(&form, "client_id").as_deref() == Some(DEMO_CLIENT_ID)
-                && query_param(&form, "client_secret").as_deref() == Some(DEMO_CLIENT_SECRET)
-                && query_param(&form, "grant_type").as_deref() == Some("client_credentials");
-            if !ok {
-                return json(
-                    StatusCode::OK,
-                    serde_json::json!({"error":{"code":400,"error":"invalid_client_id",
-                        "error_description":"Invalid client_id","message":"Invalid client_id","details":[]}}),
-                );
-            }
-            let token = format!("demo-token-{:016x}", fastrand::u64(..));
-            self.issued
-                .lock()
-                .expect("lock poisoned")
-                .push(token.clone());
-            return json(
-                StatusCode::OK,
-                serde_json::json!({"access_token": token, "expires_in": 7200}),
-            );
+            return self.issue_token(req).await;
         }
         let token = self.token_valid(&req);
         let base = "/arcgis/rest/services";
@@ -167,32 +173,9 @@ impl Fake {
                 } else {
                     String::new()
                 };
-                let root = format!("http://{me}{base}/styles/v2");
                 json(
                     StatusCode::OK,
-                    serde_json::json!({
-                        "version": 8,
-                        "name": "Demo navigation",
-                        // What the service was asked: the proxy sends
-                        // echoToken=false on every Basemap Styles request.
-                        "metadata": {"echoToken": if echo { "true" } else { "false" }},
-                        "sprite": format!("{root}/styles/arcgis/navigation/sprite{suffix}"),
-                        "glyphs": format!("{root}/fonts/{{fontstack}}/{{range}}.pbf{suffix}"),
-                        "sources": {
-                            "esri": {"type": "vector",
-                                "tiles": [format!("{root}/tiles/{{z}}/{{y}}/{{x}}.pbf{suffix}")]},
-                            "basemap": {"type": "raster", "tileSize": 256,
-                                "tiles": [format!("{root}/tiles-raster/{{z}}/{{y}}/{{x}}.png{suffix}")]}
-                        },
-                        "layers": [
-                            {"id": "basemap", "type": "raster", "source": "basemap"},
-                            {"id": "land", "type": "fill", "source": "esri", "source-layer": "land",
-                                "paint": {"fill-color": "#2a9d8f", "fill-opacity": 0.25}},
-                            {"id": "places", "type": "symbol", "source": "esri", "source-layer": "places",
-                                "layout": {"icon-image": "park", "text-field": ["get", "name"],
-                                    "text-font": ["Arial Regular"], "text-offset": [0, 1.2]}}
-                        ]
-                    }),
+                    style(&format!("http://{me}{base}/styles/v2"), echo, &suffix),
                 )
             }
             p if p.starts_with(&format!("{base}/styles/v2/tiles-raster/")) => {
@@ -215,6 +198,34 @@ impl Fake {
             ),
         }
     }
+}
+
+/// The demo's basemap style document, its URLs under `root` with `suffix`
+/// (`?token=…` when the caller did not ask for `echoToken=false`).
+fn style(root: &str, echo: bool, suffix: &str) -> serde_json::Value {
+    serde_json::json!({
+        "version": 8,
+        "name": "Demo navigation",
+        // What the service was asked: the proxy sends
+        // echoToken=false on every Basemap Styles request.
+        "metadata": {"echoToken": if echo { "true" } else { "false" }},
+        "sprite": format!("{root}/styles/arcgis/navigation/sprite{suffix}"),
+        "glyphs": format!("{root}/fonts/{{fontstack}}/{{range}}.pbf{suffix}"),
+        "sources": {
+            "esri": {"type": "vector",
+                "tiles": [format!("{root}/tiles/{{z}}/{{y}}/{{x}}.pbf{suffix}")]},
+            "basemap": {"type": "raster", "tileSize": 256,
+                "tiles": [format!("{root}/tiles-raster/{{z}}/{{y}}/{{x}}.png{suffix}")]}
+        },
+        "layers": [
+            {"id": "basemap", "type": "raster", "source": "basemap"},
+            {"id": "land", "type": "fill", "source": "esri", "source-layer": "land",
+                "paint": {"fill-color": "#2a9d8f", "fill-opacity": 0.25}},
+            {"id": "places", "type": "symbol", "source": "esri", "source-layer": "places",
+                "layout": {"icon-image": "park", "text-field": ["get", "name"],
+                    "text-font": ["Arial Regular"], "text-offset": [0, 1.2]}}
+        ]
+    })
 }
 
 /// A 200 answer of `content_type`.

@@ -35,8 +35,8 @@ use hyper_rustls::MaybeHttpsStream;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_util::io::poll_read_buf;
 use tokio_util::either::Either;
+use tokio_util::io::poll_read_buf;
 
 use super::Pool;
 use crate::body::ProxyBody;
