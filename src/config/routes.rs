@@ -50,45 +50,15 @@ pub(super) fn validate(
                 format!("no credential named {cred:?} in [credentials]"),
             );
         }
-        let mount = match r.mount.as_deref().map(normalise_mount) {
-            None => None,
-            Some(Ok(m)) => {
-                if let Some((_, j)) = mounts.iter().find(|(other, _)| *other == m) {
-                    p.add(
-                        format!("{key}.mount"),
-                        format!("{m:?} is already mounted by routes[{j}]"),
-                    );
-                } else if m == proxy_path || m.starts_with(&format!("{proxy_path}/")) {
-                    p.add(
-                        format!("{key}.mount"),
-                        format!("{m:?} collides with server.proxy_path"),
-                    );
-                }
-                mounts.push((m.clone(), i));
-                Some(m)
-            }
-            Some(Err(msg)) => {
-                p.add(format!("{key}.mount"), msg);
-                None
-            }
-        };
+        let mount = r
+            .mount
+            .as_deref()
+            .and_then(|m| mount(m, i, &key, proxy_path, &mut mounts, p));
         let rate_limit = super::rate_limit::per_client(r.rate_limit, &key, p);
-        let allowed_apps = r.apps.as_ref().map(|names| {
-            names
-                .iter()
-                .enumerate()
-                .filter_map(|(j, n)| {
-                    let found = apps.index(n);
-                    if found.is_none() {
-                        p.add(
-                            format!("{key}.apps[{j}]"),
-                            format!("no app named {n:?} in [[apps]] or [referers] allowed"),
-                        );
-                    }
-                    found
-                })
-                .collect::<Vec<usize>>()
-        });
+        let allowed_apps = r
+            .apps
+            .as_deref()
+            .map(|names| app_indexes(names, apps, &key, p));
         let Some(upstream) = upstream else { continue };
         let name = r
             .name
@@ -126,6 +96,58 @@ pub(super) fn validate(
         p.add("routes", "no routes: add at least one [[routes]] table");
     }
     RouteTable::new(routes)
+}
+
+/// The `i`th route's `mount`, normalised; a problem when it is malformed,
+/// taken by another route (`mounts` lists those seen so far) or under
+/// `server.proxy_path`.
+fn mount(
+    given: &str,
+    i: usize,
+    key: &str,
+    proxy_path: &str,
+    mounts: &mut Vec<(String, usize)>,
+    p: &mut Problems,
+) -> Option<String> {
+    let m = match normalise_mount(given) {
+        Ok(m) => m,
+        Err(msg) => {
+            p.add(format!("{key}.mount"), msg);
+            return None;
+        }
+    };
+    if let Some((_, j)) = mounts.iter().find(|(other, _)| *other == m) {
+        p.add(
+            format!("{key}.mount"),
+            format!("{m:?} is already mounted by routes[{j}]"),
+        );
+    } else if m == proxy_path || m.starts_with(&format!("{proxy_path}/")) {
+        p.add(
+            format!("{key}.mount"),
+            format!("{m:?} collides with server.proxy_path"),
+        );
+    }
+    mounts.push((m.clone(), i));
+    Some(m)
+}
+
+/// A route's `apps`, as indexes into the app list; a problem for each name
+/// that is not an app.
+fn app_indexes(names: &[String], apps: &Apps, key: &str, p: &mut Problems) -> Vec<usize> {
+    names
+        .iter()
+        .enumerate()
+        .filter_map(|(j, n)| {
+            let found = apps.index(n);
+            if found.is_none() {
+                p.add(
+                    format!("{key}.apps[{j}]"),
+                    format!("no app named {n:?} in [[apps]] or [referers] allowed"),
+                );
+            }
+            found
+        })
+        .collect()
 }
 
 fn parse_upstream(v: &str) -> Result<Url, String> {
