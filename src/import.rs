@@ -406,26 +406,26 @@ impl Conversion {
     /// `rateLimit` per `rateLimitPeriod` minutes, now per client IP.
     fn rate_limit(&mut self, s: &Attrs, raw_url: &str) {
         match (s.get("ratelimit"), s.get("ratelimitperiod")) {
-                (Some(n), period) => match (
-                    n.parse::<u32>(),
-                    period.map_or(Ok(1), |p| p.parse::<u64>()),
-                ) {
-                    (Ok(n), Ok(p)) if n > 0 && p > 0 => {
-                        let _ = writeln!(
-                            self.routes,
-                            "rate_limit = {{ requests = {n}, per_secs = {} }}  # rateLimit {n} per {p} min, now per client IP",
-                            p * 60
-                        );
-                    }
-                    _ => self.out.notes.push(format!(
-                        "serverUrl {raw_url:?}: rateLimit/rateLimitPeriod are not positive numbers: left out"
-                    )),
-                },
-                (None, Some(_)) => self.out.notes.push(format!(
-                    "serverUrl {raw_url:?}: rateLimitPeriod without rateLimit: left out"
+            (Some(n), period) => match (
+                n.parse::<u32>(),
+                period.map_or(Ok(1), |p| p.parse::<u64>()),
+            ) {
+                (Ok(n), Ok(p)) if n > 0 && p > 0 => {
+                    let _ = writeln!(
+                        self.routes,
+                        "rate_limit = {{ requests = {n}, per_secs = {} }}  # rateLimit {n} per {p} min, now per client IP",
+                        p * 60
+                    );
+                }
+                _ => self.out.notes.push(format!(
+                    "serverUrl {raw_url:?}: rateLimit/rateLimitPeriod are not positive numbers: left out"
                 )),
-                (None, None) => {}
-            }
+            },
+            (None, Some(_)) => self.out.notes.push(format!(
+                "serverUrl {raw_url:?}: rateLimitPeriod without rateLimit: left out"
+            )),
+            (None, None) => {}
+        }
     }
 }
 

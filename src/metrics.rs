@@ -176,16 +176,15 @@ impl Metrics {
             tls_cert_not_after: Family::default(),
             process: ProcessMetrics::default(),
         };
-        let mut registry = std::mem::take(&mut m.registry);
-        m.register_process(&mut registry);
-        m.register_apps(&mut registry);
-        m.register_requests(&mut registry);
-        m.registry = registry;
+        m.register_process();
+        m.register_apps();
+        m.register_requests();
         m
     }
 
     /// The build, the certificates and the process figures.
-    fn register_process(&self, registry: &mut Registry) {
+    fn register_process(&mut self) {
+        let registry = &mut self.registry;
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -226,7 +225,8 @@ impl Metrics {
     }
 
     /// Per-app refusals, quotas and usage.
-    fn register_apps(&self, registry: &mut Registry) {
+    fn register_apps(&mut self) {
+        let registry = &mut self.registry;
         registry.register(
             "arcgis_proxy_app_rejections",
             "Requests refused because their app may not use the route",
@@ -265,7 +265,8 @@ impl Metrics {
     }
 
     /// Requests, the upstream, tokens, the policy and the process's state.
-    fn register_requests(&self, registry: &mut Registry) {
+    fn register_requests(&mut self) {
+        let registry = &mut self.registry;
         registry.register(
             "arcgis_proxy_requests",
             "Requests answered, by route and HTTP status",
