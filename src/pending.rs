@@ -4,8 +4,9 @@
 
 use tokio::io::ReadBuf;
 
-/// `bytes[pos..]` waits to be read.
-#[derive(Debug, Default)]
+/// `bytes[pos..]` waits to be read. No `Debug`: the bytes are a client's
+/// decrypted request, which may carry its credentials.
+#[derive(Default)]
 pub struct Pending {
     bytes: Vec<u8>,
     pos: usize,

@@ -165,7 +165,7 @@ fn validate_one(
 }
 
 /// The two kinds that exchange a login for tokens.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum Login {
     /// `client_id` + `client_secret_*` at an OAuth 2.0 token endpoint.
     ClientCredentials,

@@ -407,9 +407,6 @@ mod tests {
         req
     }
 
-    /// A raw HTTP/1.1 upstream: answers each request on a connection with
-    /// `body`, closing the connection after `per_conn` answers (without
-    /// saying so, as an upstream's idle timeout would). Counts connections.
     /// A pool, and an upstream answering `body` up to `per_conn` times per
     /// connection that counts its connections.
     async fn pool_and_upstream(
@@ -441,6 +438,9 @@ mod tests {
         (port, conns)
     }
 
+    /// A raw HTTP/1.1 upstream: answers each request on a connection with
+    /// `body`, closing the connection after `per_conn` answers (without
+    /// saying so, as an upstream's idle timeout would). Counts connections.
     async fn upstream(body: &'static str, per_conn: usize) -> (u16, Arc<AtomicUsize>) {
         serve_counting(move |mut s| async move {
             let mut buf = Vec::new();
