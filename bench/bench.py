@@ -470,25 +470,23 @@ def stream(url, server):
 OHA_IDENTITY = ("-H", "Accept-Encoding: identity")
 
 
+def oha(url, secs, conns, extra=()):
+    """oha for `secs` over `conns` connections, asking for identity; its
+    JSON summary."""
+    out = run(["oha", "-z", f"{secs}s", "-c", str(conns), *extra, "--insecure", "--no-tui",
+               "--output-format", "json", *OHA_IDENTITY, "-H", f"Referer: {REFERER}", url])
+    return json.loads(out)
+
+
 def oha_fixed(url, rate, secs, conns=64):
     """Open-loop load at `rate` requests/s (oha -q, with latency correction,
     so a stall counts against every request scheduled behind it): latency
     percentiles in ms and the share of successful answers."""
-    out = run(["oha", "-z", f"{secs}s", "-c", str(conns), "-q", str(int(rate)), "--latency-correction",
-               "--insecure", "--no-tui", "--output-format", "json", *OHA_IDENTITY, "-H", f"Referer: {REFERER}", url])
-    j = json.loads(out)
+    j = oha(url, secs, conns, ("-q", str(int(rate)), "--latency-correction"))
     p = j["latencyPercentiles"]
     return {"rate": rate, "rps": j["summary"]["requestsPerSec"], "success": j["summary"]["successRate"],
             "requests": int(j["summary"]["requestsPerSec"] * secs),
             "p50_ms": p["p50"] * 1000, "p99_ms": p["p99"] * 1000, "p999_ms": p["p99.9"] * 1000}
-
-
-def oha_max(url, secs, conns=64):
-    """Closed-loop requests/s under oha (no rate limit): the most the
-    open-loop generator of the fixed-rate scenario can drive."""
-    out = run(["oha", "-z", f"{secs}s", "-c", str(conns), "--insecure", "--no-tui", "--output-format", "json",
-               *OHA_IDENTITY, "-H", f"Referer: {REFERER}", url])
-    return json.loads(out)["summary"]["requestsPerSec"]
 
 
 def idle_connections(server, port, n):
@@ -826,11 +824,12 @@ mount = "/raw"
             # under wrk, which oha costs too much CPU to reach on two
             # shared cores: at "90 %" every server fell behind the
             # generator and the p99 measured oha's own backlog.
-            tops = sorted(oha_max(targets["nginx"][1], 5) for _ in range(3))
+            # Closed loop, no rate limit: the most oha can drive.
+            tops = sorted(oha(targets["nginx"][1], min(5, secs), 64)["summary"]["requestsPerSec"] for _ in range(3))
             top = tops[1]
             fr = {"base": {"oha_max_rps": tops}}
-            # 25 % too: on two cores oha itself needs a core at the higher
-            # rates, so there the load generator sets the tail.
+            # 25 % too: oha itself needs most of a core at the higher
+            # rates, so there it shares the tail with the servers.
             for share in (0.25, 0.5, 0.9):
                 rs = alternate({k: targets[k] for k in ["nginx", "proxy", "haproxy", "versus"] if k in targets},
                                lambda url: oha_fixed(url, top * share, secs), rounds)
