@@ -12,9 +12,10 @@ Everything runs on 127.0.0.1:
             RUST_LOG=warn (no access log, like nginx's access_log off)
   direct    the upstream itself, cleartext: the physical limit
 
-Each scenario runs for each target alternately (A B A B ...); the median
-round is reported. CPU per request comes from /proc/<pid>/stat of the server
-processes (utime+stime), RSS from /proc/<pid>/status. wrk and h2load run with
+Each scenario runs for each target in turn, the order turning by one place
+every round (A B C, B C A, C A B); the median round is reported. CPU per
+request comes from /proc/<pid>/stat of the server processes (utime+stime),
+RSS from /proc/<pid>/status. wrk and h2load run with
 2 threads (--client-threads).
 
 Run through bench/run, which installs the tools and builds the binary.
@@ -398,12 +399,16 @@ def callgrind_count(name, cmd, port, url, env, work, secs, h2=False, extra=()):
 
 
 def alternate(targets, load, rounds, upstream=None, after_pair=None):
-    """Runs `load(url)` against nginx, then the proxy, `rounds` times
-    (A B A B ...), each round `measured`; `after_pair(rs)` runs after each
-    pair. Returns every round by target."""
+    """Runs `load(url)` against each target in turn, `rounds` times, each
+    round `measured`; `after_pair(rs)` runs after each round. The order
+    turns by one place every round (A B C, B C A, C A B, ...), so over
+    as many rounds as targets each takes every place once (why: run BH in
+    BENCHMARKS.md). Returns every round by target."""
     rs = {name: [] for name in targets}
-    for _ in range(rounds):
-        for name in targets:
+    names = list(targets)
+    for i in range(rounds):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
             server, url = targets[name]
             rs[name].append(measured(server, lambda: load(url), upstream))
         if after_pair:
