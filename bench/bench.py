@@ -15,8 +15,8 @@ Everything runs on 127.0.0.1:
 Each scenario runs for each target in turn, the order turning by one place
 every round (A B C, B C A, C A B); the median round is reported. CPU per
 request comes from /proc/<pid>/stat of the server processes (utime+stime),
-RSS from /proc/<pid>/status. wrk and h2load run with
-2 threads (--client-threads).
+RSS from /proc/<pid>/status. wrk and h2load run with 2 threads
+(--client-threads).
 
 Run through bench/run, which installs the tools and builds the binary.
 """
@@ -398,9 +398,9 @@ def callgrind_count(name, cmd, port, url, env, work, secs, h2=False, extra=()):
             "non_2xx": r["non_2xx"]}
 
 
-def alternate(targets, load, rounds, upstream=None, after_pair=None):
+def alternate(targets, load, rounds, upstream=None, after_round=None):
     """Runs `load(url)` against each target in turn, `rounds` times, each
-    round `measured`; `after_pair(rs)` runs after each round. The order
+    round `measured`; `after_round(rs)` runs after each round. The order
     turns by one place every round (A B C, B C A, C A B, ...), so over
     as many rounds as targets each takes every place once (why: run BH in
     BENCHMARKS.md). Returns every round by target."""
@@ -411,8 +411,8 @@ def alternate(targets, load, rounds, upstream=None, after_pair=None):
         for name in names[k:] + names[:k]:
             server, url = targets[name]
             rs[name].append(measured(server, lambda: load(url), upstream))
-        if after_pair:
-            after_pair(rs)
+        if after_round:
+            after_round(rs)
     return rs
 
 
@@ -874,7 +874,7 @@ mount = "/raw"
         if want("h1"):
             direct = []
             rs = alternate(targets, lambda url: wrk(url, 64, secs), rounds, upstream,
-                           after_pair=lambda _: direct.append(measured(upstream, lambda: wrk(direct_url, 64, secs))))
+                           after_round=lambda _: direct.append(measured(upstream, lambda: wrk(direct_url, 64, secs))))
             rs["direct"] = direct
             keep_rounds(results, "h1_keepalive_64", rs)
 
