@@ -280,8 +280,9 @@ def wrk(url, conns, secs, extra=()):
     }
 
 
-def h2load(url, conns, streams, secs):
-    out = run(["h2load", f"-t{CLIENT_THREADS}", f"-c{conns}", f"-m{streams}", f"-D{secs}", "-H", f"referer: {REFERER}", url])
+def h2load(url, conns, streams, secs, extra=()):
+    out = run(["h2load", f"-t{CLIENT_THREADS}", f"-c{conns}", f"-m{streams}", f"-D{secs}", "-H", f"referer: {REFERER}",
+               *extra, url])
     rps = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out).group(1))
     done = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded", out)
     mean = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out)
@@ -937,6 +938,15 @@ mount = "/raw"
             rs = alternate(targets, lambda url: h2load(url, 8, 32, secs), rounds, upstream)
             keep_rounds(results, "h2_8x32", rs)
 
+        if want("h2large"):
+            # 64 KiB answers (the first 64 KiB of the 200 MB file, by Range):
+            # four full DATA frames each, which h2 hands to the socket as
+            # header and payload apart, so this counts how frames reach the
+            # socket (BENCHMARKS.md run BM), which ~1 KiB answers never show.
+            large = {k: (srv, url.split("/features")[0] + "/raw/big") for k, (srv, url) in targets.items()}
+            rs = alternate(large, lambda url: h2load(url, 8, 8, secs, ("-H", "range: bytes=0-65535")), rounds, upstream)
+            keep_rounds(results, "h2_large_8x8", rs)
+
         if want("newconn"):
             two = {k: targets[k] for k in ["nginx", "proxy", "haproxy"] if k in targets}
             rs = alternate(two, lambda url: wrk(url, 16, secs, ("-H", "Connection: close")), rounds)
@@ -1010,7 +1020,7 @@ mount = "/raw"
 def print_versus(r):
     """--binary against --versus, both measured in the same rounds."""
     print(f"\n--binary against --versus ({r['versus']}), median rounds, same rounds as above:")
-    for key, label in [("h1_keepalive_64", "h1 keep-alive"), ("h2_8x32", "HTTP/2")]:
+    for key, label in [("h1_keepalive_64", "h1 keep-alive"), ("h2_8x32", "HTTP/2"), ("h2_large_8x8", "HTTP/2 64 KiB")]:
         if key not in r or "versus" not in r[key]:
             continue
         p, v = r[key]["proxy"], r[key]["versus"]
@@ -1141,6 +1151,14 @@ def print_report(r):
         parties(h)
         peak(h)
         rounds("h2_8x32")
+    if "h2_large_8x8" in r:
+        h = r["h2_large_8x8"]
+        print("HTTP/2 64 KiB answers, 8 connections x 8 streams (h2load):")
+        row("requests/s", h["proxy"]["rps"], h["nginx"]["rps"], "req/s", "higher is better")
+        row("CPU per request", h["proxy"]["cpu_us_per_req"], h["nginx"]["cpu_us_per_req"], "us", "lower is better")
+        anchors(h, p99=False)
+        print(f"  succeeded: proxy {h['proxy']['succeeded']}/{h['proxy']['requests']}, nginx {h['nginx']['succeeded']}/{h['nginx']['requests']}")
+        rounds("h2_large_8x8")
     if "new_tls_connection_per_request" in r:
         h = r["new_tls_connection_per_request"]
         print("New TLS connection per request, 16 concurrent (wrk, Connection: close):")

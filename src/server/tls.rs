@@ -23,7 +23,7 @@
 //! loop, blocking).
 
 use std::cell::RefCell;
-use std::io;
+use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -403,13 +403,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         }
     }
 
-    /// Encrypts `data` into the thread's scratch buffer and writes it from
-    /// there; what the socket does not take is kept in `outgoing` (empty
-    /// when this is called).
-    fn write_through(&mut self, cx: &mut Context<'_>, data: &[u8]) -> io::Result<()> {
+    /// Encrypts `parts` into the thread's scratch buffer and writes them at
+    /// once; what the socket does not take is kept in (empty) `outgoing`.
+    fn write_through(&mut self, cx: &mut Context<'_>, parts: &[IoSlice<'_>]) -> io::Result<()> {
         SCRATCH.with_borrow_mut(|scratch| {
             let mut used = 0;
-            let result = self.process(Some((scratch, &mut used)), Payload::Data(data));
+            let result = parts.iter().try_for_each(|part| {
+                self.process(Some((scratch, &mut used)), Payload::Data(part))
+                    .and_then(|stop| self.check_open(stop))
+            });
             // What was encrypted goes out even after an error (an alert).
             let mut sent = 0;
             if let Poll::Ready(Err(e)) =
@@ -423,11 +425,36 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
                 self.sent = 0;
                 self.queued = used - sent;
             }
-            if result? == Stop::Closed || self.conn.is_handshaking() {
-                return Err(io::ErrorKind::BrokenPipe.into());
-            }
-            Ok(())
+            result
         })
+    }
+
+    /// Encrypts all of `parts` and starts sending them. Pending (having
+    /// taken nothing) only while earlier bytes fill the socket.
+    fn poll_encrypt(&mut self, cx: &mut Context<'_>, parts: &[IoSlice]) -> Poll<io::Result<()>> {
+        if self.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        if self.sent == self.queued {
+            return Poll::Ready(self.write_through(cx, parts));
+        }
+        // Earlier bytes still wait for the socket: these go behind them.
+        if self.queued - self.sent >= MAX_QUEUED {
+            ready!(self.poll_send(cx))?;
+        }
+        for part in parts {
+            let stop = self.process(None, Payload::Data(part))?;
+            self.check_open(stop)?;
+        }
+        Poll::Ready(self.send_now(cx))
+    }
+
+    /// BrokenPipe when rustls took no data: closed, or handshaking.
+    fn check_open(&self, stop: Stop) -> io::Result<()> {
+        if stop == Stop::Closed || self.conn.is_handshaking() {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        Ok(())
     }
 }
 
@@ -475,24 +502,35 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.write_closed {
-            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
-        }
         let data = &data[..data.len().min(MAX_WRITE)];
-        if this.sent == this.queued {
-            this.write_through(cx, data)?;
-            return Poll::Ready(Ok(data.len()));
-        }
-        // Earlier bytes still wait for the socket: these go behind them.
-        if this.queued - this.sent >= MAX_QUEUED {
-            ready!(this.poll_send(cx))?;
-        }
-        if this.process(None, Payload::Data(data))? == Stop::Closed || this.conn.is_handshaking() {
-            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
-        }
-        this.send_now(cx)?;
+        ready!(self.get_mut().poll_encrypt(cx, &[IoSlice::new(data)]))?;
         Poll::Ready(Ok(data.len()))
+    }
+
+    /// Whole slices, up to [`MAX_WRITE`] bytes in all, in one write: h2's
+    /// DATA frame header and payload (via `Coalesce`) are two slices.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let mut total = 0;
+        let whole = bufs
+            .iter()
+            .take_while(|b| {
+                total += b.len();
+                total <= MAX_WRITE
+            })
+            .count();
+        let taken = &bufs[..whole];
+        let len = taken.iter().map(|b| b.len()).sum();
+        if len == 0 {
+            // No bytes in whole slices: a prefix of the first slice with some.
+            let first = bufs.iter().find(|b| !b.is_empty());
+            return self.poll_write(cx, first.map_or(&[][..], |b| &b[..]));
+        }
+        ready!(self.get_mut().poll_encrypt(cx, taken))?;
+        Poll::Ready(Ok(len))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -852,6 +890,123 @@ mod tests {
             assert_eq!(server.outgoing.capacity(), 0);
         }
     }
+    /// A socket that counts the writes it takes.
+    struct Counting {
+        io: DuplexStream,
+        writes: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl AsyncRead for Counting {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Counting {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
+            self.writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    /// Writes all of `parts` with vectored writes, however much each takes.
+    async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, parts: &[Vec<u8>]) {
+        let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        let mut rest = &mut slices[..];
+        while rest.iter().any(|s| !s.is_empty()) {
+            let n = w.write_vectored(rest).await.unwrap();
+            assert!(n > 0, "a vectored write took nothing");
+            IoSlice::advance_slices(&mut rest, n);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frame_header_and_its_payload_leave_in_one_socket_write() {
+        let pki = pki();
+        let (c, s) = duplex(256 * 1024);
+        let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counting = Counting {
+            io: s,
+            writes: Arc::clone(&writes),
+        };
+        let connector =
+            tokio_rustls::TlsConnector::from(client_config(&pki, &rustls::version::TLS13, &[]));
+        let name = ServerName::try_from("localhost").unwrap();
+        let (client, server) = tokio::join!(
+            connector.connect(name, c),
+            accept(pki.server.clone(), counting)
+        );
+        let (mut client, mut server) = (client.unwrap(), server.unwrap());
+        // As h2 writes a DATA frame it does not copy: the 9-byte header (and
+        // frames queued before it), then the payload by reference.
+        let head = pattern(9);
+        let payload = pattern(16 * 1024);
+        writes.store(0, std::sync::atomic::Ordering::Relaxed);
+        let n = server
+            .write_vectored(&[
+                IoSlice::new(&[]),
+                IoSlice::new(&head),
+                IoSlice::new(&payload),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(n, head.len() + payload.len());
+        assert_eq!(writes.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let mut got = vec![0u8; n];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [head, payload].concat());
+    }
+
+    #[tokio::test]
+    async fn vectored_writes_to_a_slow_socket_arrive_whole_and_in_order() {
+        let pki = pki();
+        let (c, s) = duplex(700);
+        let connector =
+            tokio_rustls::TlsConnector::from(client_config(&pki, &rustls::version::TLS13, &[]));
+        let name = ServerName::try_from("localhost").unwrap();
+        let (client, server) =
+            tokio::join!(connector.connect(name, c), accept(pki.server.clone(), s));
+        let (mut client, mut server) = (client.unwrap(), server.unwrap());
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        // Empty slices, slices that together pass what one write takes, one
+        // slice larger than that on its own.
+        let batches: Vec<Vec<Vec<u8>>> = vec![
+            vec![vec![], pattern(9), pattern(3000)],
+            vec![pattern(30_000), pattern(30_000), pattern(30_000)],
+            vec![pattern(MAX_WRITE + 5000), vec![], pattern(17)],
+            vec![pattern(1)],
+        ];
+        let mut sent = Vec::new();
+        for parts in &batches {
+            write_all_vectored(&mut server, parts).await;
+            sent.extend(parts.concat());
+        }
+        server.shutdown().await.unwrap();
+        assert_eq!(reader.await.unwrap(), sent);
+    }
+
     /// A socket that takes little at a time: what it refuses is kept and
     /// sent in order, behind nothing and ahead of later writes.
     #[tokio::test]
