@@ -13,7 +13,8 @@
 //! connection with a flush, and the companion wakes the connection, so held
 //! bytes wait for one more turn at most; shutdown writes them first. Held
 //! bytes are capped at [`MAX_HELD`] per connection; larger writes go
-//! straight through, after what is held.
+//! straight through, with what is held in front of them in the same
+//! vectored write.
 //!
 //! Measured with h2load (8 connections × 32 streams, ~1 KiB answers): about
 //! one write per eight answers instead of one per answer, 12 % less CPU per
@@ -26,6 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use futures_util::task::AtomicWaker;
+use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Bytes held back at most; a flush beyond this writes them.
@@ -107,15 +109,44 @@ impl Future for Companion {
 impl<IO: AsyncWrite + Unpin> Coalesce<IO> {
     /// Whether `len` more bytes are to be held (true) or written straight
     /// through (false: coalescing is off, or they exceed [`MAX_HELD`] on
-    /// their own). Writes out what is held first when they would not fit.
+    /// their own). Writes out what is held first when they would fit but
+    /// not beside it; bytes that go through take it along themselves.
     fn poll_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<bool>> {
-        if self.turn.is_none() {
+        if self.turn.is_none() || len > MAX_HELD {
             return Poll::Ready(Ok(false));
         }
         if self.held.len() + len > MAX_HELD {
             ready!(self.poll_drain(cx))?;
         }
-        Poll::Ready(Ok(len <= MAX_HELD))
+        Poll::Ready(Ok(true))
+    }
+
+    /// Writes `bufs` straight through, behind what is held and in the same
+    /// vectored write: a HEADERS frame held back and the large DATA frame
+    /// after it leave with one send. Returns how much of `bufs` was taken.
+    fn poll_through(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        while !self.held.is_empty() {
+            let n = {
+                let mut all: SmallVec<[io::IoSlice<'_>; 4]> = SmallVec::new();
+                all.push(io::IoSlice::new(&self.held));
+                all.extend_from_slice(bufs);
+                ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &all))?
+            };
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            if n > self.held.len() {
+                let taken = n - self.held.len();
+                self.held.clear();
+                return Poll::Ready(Ok(taken));
+            }
+            self.held.drain(..n);
+        }
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
     /// Adds to what is held (the caller keeps it within [`MAX_HELD`]); the
@@ -166,7 +197,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if !ready!(this.poll_room(cx, buf.len()))? {
-            return Pin::new(&mut this.io).poll_write(cx, buf);
+            return this.poll_through(cx, &[io::IoSlice::new(buf)]);
         }
         this.hold(&[buf]);
         Poll::Ready(Ok(buf.len()))
@@ -180,7 +211,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
         let this = self.get_mut();
         let len: usize = bufs.iter().map(|b| b.len()).sum();
         if !ready!(this.poll_room(cx, len))? {
-            return Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+            return this.poll_through(cx, bufs);
         }
         this.hold(bufs);
         Poll::Ready(Ok(len))
@@ -236,6 +267,10 @@ mod tests {
         blocked: bool,
         waker: Option<Waker>,
         shut: bool,
+        /// Takes vectored writes whole (as the TLS stream does), at most
+        /// `limit` bytes per write when that is set.
+        vectored: bool,
+        limit: Option<usize>,
     }
 
     impl Sink {
@@ -262,8 +297,21 @@ mod tests {
                 s.waker = Some(cx.waker().clone());
                 return Poll::Pending;
             }
-            s.writes.push(buf.to_vec());
-            Poll::Ready(Ok(buf.len()))
+            let n = buf.len().min(s.limit.unwrap_or(usize::MAX));
+            s.writes.push(buf[..n].to_vec());
+            Poll::Ready(Ok(n))
+        }
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            if !self.0.lock().unwrap().vectored {
+                let first = bufs.iter().find(|b| !b.is_empty());
+                return self.poll_write(cx, first.map_or(&[][..], |b| &b[..]));
+            }
+            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            self.poll_write(cx, &all)
         }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
@@ -368,6 +416,35 @@ mod tests {
         let writes = sink.writes();
         assert_eq!(writes.len(), 3);
         assert_eq!(writes[2], half);
+    }
+
+    #[tokio::test]
+    async fn a_big_write_takes_what_is_held_along_in_one_vectored_write() {
+        let sink = Sink::default();
+        sink.0.lock().unwrap().vectored = true;
+        let mut c = Coalesce::new(sink.clone(), true);
+        let big = vec![b'x'; MAX_HELD + 1];
+        answers_in_one_turn(&mut c, &[b"head", &big]).await;
+        assert_eq!(sink.writes(), vec![[&b"head"[..], &big].concat()]);
+        assert!(c.held.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_socket_taking_less_than_is_held_keeps_the_order() {
+        let sink = Sink::default();
+        {
+            let mut s = sink.0.lock().unwrap();
+            s.vectored = true;
+            s.limit = Some(3);
+        }
+        let mut c = Coalesce::new(sink.clone(), true);
+        let big: Vec<u8> = (0..MAX_HELD + 100).map(|i| (i % 251) as u8).collect();
+        c.write_all(b"head").await.unwrap();
+        c.write_all(&big).await.unwrap();
+        c.shutdown().await.unwrap();
+        let writes = sink.writes();
+        assert_eq!(writes[0], b"hea");
+        assert_eq!(writes.concat(), [&b"head"[..], &big].concat());
     }
 
     #[tokio::test]
