@@ -32,6 +32,7 @@ use std::task::{Context, Poll, ready};
 use rustls::ServerConfig;
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::pending::Pending;
@@ -507,30 +508,25 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
         Poll::Ready(Ok(data.len()))
     }
 
-    /// Whole slices, up to [`MAX_WRITE`] bytes in all, in one write: h2's
+    /// The slices, up to [`MAX_WRITE`] bytes in all, in one write: h2's
     /// DATA frame header and payload (via `Coalesce`) are two slices.
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let mut total = 0;
-        let whole = bufs
-            .iter()
-            .take_while(|b| {
-                total += b.len();
-                total <= MAX_WRITE
-            })
-            .count();
-        let taken = &bufs[..whole];
-        let len = taken.iter().map(|b| b.len()).sum();
-        if len == 0 {
-            // No bytes in whole slices: a prefix of the first slice with some.
-            let first = bufs.iter().find(|b| !b.is_empty());
-            return self.poll_write(cx, first.map_or(&[][..], |b| &b[..]));
+        let mut parts: SmallVec<[IoSlice<'_>; 4]> = SmallVec::new();
+        let mut room = MAX_WRITE;
+        for b in bufs.iter().filter(|b| !b.is_empty()) {
+            let n = b.len().min(room);
+            parts.push(IoSlice::new(&b[..n]));
+            room -= n;
+            if room == 0 {
+                break;
+            }
         }
-        ready!(self.get_mut().poll_encrypt(cx, taken))?;
-        Poll::Ready(Ok(len))
+        ready!(self.get_mut().poll_encrypt(cx, &parts))?;
+        Poll::Ready(Ok(MAX_WRITE - room))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -972,7 +968,20 @@ mod tests {
         assert_eq!(writes.load(std::sync::atomic::Ordering::Relaxed), 1);
         let mut got = vec![0u8; n];
         client.read_exact(&mut got).await.unwrap();
-        assert_eq!(got, [head, payload].concat());
+        assert_eq!(got, [&head[..], &payload].concat());
+        // A payload larger than one write takes: the header and as much of
+        // it as fits, still in one socket write.
+        let large = pattern(MAX_WRITE);
+        writes.store(0, std::sync::atomic::Ordering::Relaxed);
+        let n = server
+            .write_vectored(&[IoSlice::new(&head), IoSlice::new(&large)])
+            .await
+            .unwrap();
+        assert_eq!(n, MAX_WRITE);
+        assert_eq!(writes.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let mut got = vec![0u8; n];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [&head[..], &large[..MAX_WRITE - head.len()]].concat());
     }
 
     #[tokio::test]
