@@ -886,6 +886,7 @@ mod tests {
             assert_eq!(server.outgoing.capacity(), 0);
         }
     }
+
     /// A socket that counts the writes it takes.
     struct Counting {
         io: DuplexStream,
