@@ -924,6 +924,25 @@ mod tests {
         }
     }
 
+    /// A server stream over a pipe that takes 700 bytes at a time, and a
+    /// client task that returns everything it read to the end.
+    async fn over_a_slow_socket() -> (TlsStream<DuplexStream>, tokio::task::JoinHandle<Vec<u8>>) {
+        let pki = pki();
+        let (c, s) = duplex(700);
+        let connector =
+            tokio_rustls::TlsConnector::from(client_config(&pki, &rustls::version::TLS13, &[]));
+        let name = ServerName::try_from("localhost").unwrap();
+        let (client, server) =
+            tokio::join!(connector.connect(name, c), accept(pki.server.clone(), s));
+        let mut client = client.unwrap();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        (server.unwrap(), reader)
+    }
+
     /// Writes all of `parts` with vectored writes, however much each takes.
     async fn write_all_vectored<W: AsyncWrite + Unpin>(w: &mut W, parts: &[Vec<u8>]) {
         let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
@@ -987,19 +1006,7 @@ mod tests {
 
     #[tokio::test]
     async fn vectored_writes_to_a_slow_socket_arrive_whole_and_in_order() {
-        let pki = pki();
-        let (c, s) = duplex(700);
-        let connector =
-            tokio_rustls::TlsConnector::from(client_config(&pki, &rustls::version::TLS13, &[]));
-        let name = ServerName::try_from("localhost").unwrap();
-        let (client, server) =
-            tokio::join!(connector.connect(name, c), accept(pki.server.clone(), s));
-        let (mut client, mut server) = (client.unwrap(), server.unwrap());
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            client.read_to_end(&mut got).await.unwrap();
-            got
-        });
+        let (mut server, reader) = over_a_slow_socket().await;
         // Empty slices, slices that together pass what one write takes, one
         // slice larger than that on its own.
         let batches: Vec<Vec<Vec<u8>>> = vec![
@@ -1021,19 +1028,7 @@ mod tests {
     /// sent in order, behind nothing and ahead of later writes.
     #[tokio::test]
     async fn writes_to_a_slow_socket_arrive_whole_and_in_order() {
-        let pki = pki();
-        let (c, s) = duplex(700);
-        let connector =
-            tokio_rustls::TlsConnector::from(client_config(&pki, &rustls::version::TLS13, &[]));
-        let name = ServerName::try_from("localhost").unwrap();
-        let (client, server) =
-            tokio::join!(connector.connect(name, c), accept(pki.server.clone(), s));
-        let (mut client, mut server) = (client.unwrap(), server.unwrap());
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            client.read_to_end(&mut got).await.unwrap();
-            got
-        });
+        let (mut server, reader) = over_a_slow_socket().await;
         let mut sent = Vec::new();
         for i in 0..300usize {
             let piece = pattern(1 + i * 37 % 5000);
