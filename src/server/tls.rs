@@ -409,10 +409,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
     fn write_through(&mut self, cx: &mut Context<'_>, parts: &[IoSlice<'_>]) -> io::Result<()> {
         SCRATCH.with_borrow_mut(|scratch| {
             let mut used = 0;
-            let result = parts.iter().try_for_each(|part| {
-                self.process(Some((scratch, &mut used)), Payload::Data(part))
-                    .and_then(|stop| self.check_open(stop))
-            });
+            let result = self.encrypt_all(Some((scratch, &mut used)), parts);
             // What was encrypted goes out even after an error (an alert).
             let mut sent = 0;
             if let Poll::Ready(Err(e)) =
@@ -443,17 +440,20 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
         if self.queued - self.sent >= MAX_QUEUED {
             ready!(self.poll_send(cx))?;
         }
-        for part in parts {
-            let stop = self.process(None, Payload::Data(part))?;
-            self.check_open(stop)?;
-        }
+        self.encrypt_all(None, parts)?;
         Poll::Ready(self.send_now(cx))
     }
 
-    /// BrokenPipe when rustls took no data: closed, or handshaking.
-    fn check_open(&self, stop: Stop) -> io::Result<()> {
-        if stop == Stop::Closed || self.conn.is_handshaking() {
-            return Err(io::ErrorKind::BrokenPipe.into());
+    /// Encrypts `parts` in order into `out` (by default `outgoing`);
+    /// BrokenPipe when rustls takes no data: closed, or handshaking.
+    fn encrypt_all(&mut self, mut out: Option<Out<'_>>, parts: &[IoSlice]) -> io::Result<()> {
+        for part in parts {
+            let here = out.as_mut().map(|(buf, used)| (&mut **buf, &mut **used));
+            if self.process(here, Payload::Data(part))? == Stop::Closed
+                || self.conn.is_handshaking()
+            {
+                return Err(io::ErrorKind::BrokenPipe.into());
+            }
         }
         Ok(())
     }
