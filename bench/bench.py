@@ -942,7 +942,7 @@ mount = "/raw"
             # 64 KiB answers (the first 64 KiB of the 200 MB file, by Range):
             # four full DATA frames each, which h2 hands to the socket as
             # header and payload apart, so this counts how frames reach the
-            # socket (BENCHMARKS.md run BM), which ~1 KiB answers never show.
+            # socket (BENCHMARKS.md run BN), which ~1 KiB answers never show.
             large = {k: (srv, url.split("/features")[0] + "/raw/big") for k, (srv, url) in targets.items()}
             rs = alternate(large, lambda url: h2load(url, 8, 8, secs, ("-H", "range: bytes=0-65535")), rounds, upstream)
             keep_rounds(results, "h2_large_8x8", rs)
@@ -1141,24 +1141,20 @@ def print_report(r):
                                                                                   r["big_config_h1_rounds"]["big"])]
         print(f"  {'CPU ratio of each pair':34} " + " / ".join(f"{x:.3f}" for x in pairs))
         print(f"  {'RSS after the rounds':34} small {p['rss_mib']:.1f} MiB   big {b['rss_mib']:.1f} MiB")
-    if "h2_8x32" in r:
-        h = r["h2_8x32"]
-        print("HTTP/2, 8 connections x 32 streams (h2load):")
-        row("requests/s", h["proxy"]["rps"], h["nginx"]["rps"], "req/s", "target >= 1.20")
+    def h2(key, title, rps_target):
+        h = r[key]
+        print(title)
+        row("requests/s", h["proxy"]["rps"], h["nginx"]["rps"], "req/s", rps_target)
         row("CPU per request", h["proxy"]["cpu_us_per_req"], h["nginx"]["cpu_us_per_req"], "us", "lower is better")
         anchors(h, p99=False)
         print(f"  succeeded: proxy {h['proxy']['succeeded']}/{h['proxy']['requests']}, nginx {h['nginx']['succeeded']}/{h['nginx']['requests']}")
         parties(h)
         peak(h)
-        rounds("h2_8x32")
+        rounds(key)
+    if "h2_8x32" in r:
+        h2("h2_8x32", "HTTP/2, 8 connections x 32 streams (h2load):", "target >= 1.20")
     if "h2_large_8x8" in r:
-        h = r["h2_large_8x8"]
-        print("HTTP/2 64 KiB answers, 8 connections x 8 streams (h2load):")
-        row("requests/s", h["proxy"]["rps"], h["nginx"]["rps"], "req/s", "higher is better")
-        row("CPU per request", h["proxy"]["cpu_us_per_req"], h["nginx"]["cpu_us_per_req"], "us", "lower is better")
-        anchors(h, p99=False)
-        print(f"  succeeded: proxy {h['proxy']['succeeded']}/{h['proxy']['requests']}, nginx {h['nginx']['succeeded']}/{h['nginx']['requests']}")
-        rounds("h2_large_8x8")
+        h2("h2_large_8x8", "HTTP/2 64 KiB answers, 8 connections x 8 streams (h2load):", "higher is better")
     if "new_tls_connection_per_request" in r:
         h = r["new_tls_connection_per_request"]
         print("New TLS connection per request, 16 concurrent (wrk, Connection: close):")
