@@ -176,20 +176,9 @@ pub fn remove_secrets(text: &str, secrets: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::route::TokenIn;
 
     fn routes() -> RouteTable {
-        let r = |u: &str, m: Option<&str>| {
-            Route::new(
-                u.into(),
-                Url::parse(u).unwrap(),
-                None,
-                m.map(String::from),
-                TokenIn::Header,
-                false,
-                None,
-            )
-        };
+        let r = Route::for_test;
         RouteTable::new(vec![
             r(
                 "https://services.example.com/org/rest/services",

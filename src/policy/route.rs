@@ -86,6 +86,21 @@ impl Route {
         }
     }
 
+    /// A route for tests: named after its upstream, header token, no rate
+    /// limit or rewriting.
+    #[cfg(test)]
+    pub(crate) fn for_test(upstream: &str, mount: Option<&str>) -> Route {
+        Route::new(
+            upstream.into(),
+            Url::parse(upstream).unwrap(),
+            None,
+            mount.map(String::from),
+            TokenIn::Header,
+            false,
+            None,
+        )
+    }
+
     /// The upstream `Host` header value (`host[:port]`, default port omitted).
     pub fn host(&self) -> &http::HeaderValue {
         &self.host
@@ -233,15 +248,7 @@ mod tests {
     use super::*;
 
     fn route(upstream: &str, mount: Option<&str>) -> Route {
-        Route::new(
-            upstream.into(),
-            Url::parse(upstream).unwrap(),
-            None,
-            mount.map(String::from),
-            TokenIn::Header,
-            false,
-            None,
-        )
+        Route::for_test(upstream, mount)
     }
 
     fn table() -> RouteTable {
