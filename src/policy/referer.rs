@@ -31,7 +31,7 @@ pub struct RefererPolicy {
     /// Paired with the entry's index. Such an entry is the most specific
     /// one possible unless some entry has a path, so the shortcut is only
     /// taken when none has.
-    exact_origins: std::collections::HashMap<String, usize>,
+    exact_origins: Map<Box<[u8]>, usize>,
     /// The same as a list, when it is short: comparing a few prefixes is
     /// cheaper than hashing the value's origin.
     exact_list: Vec<(String, usize)>,
@@ -40,10 +40,17 @@ pub struct RefererPolicy {
     /// and wildcard domain; `*` entries apart. A value is compared only with
     /// the entries its own host can match (its host, and each of its
     /// parent domains), so the cost does not grow with the allowlist.
-    by_host: [std::collections::HashMap<String, Vec<usize>>; 2],
-    by_domain: [std::collections::HashMap<String, Vec<usize>>; 2],
+    by_host: [Map<String, Vec<usize>>; 2],
+    by_domain: [Map<String, Vec<usize>>; 2],
     any: Vec<usize>,
 }
+
+/// The policy's lookup tables. They are filled from the config only, and a
+/// request's value is only looked up, never inserted, so a hostile value
+/// cannot lengthen a probe; foldhash (hashbrown's own default, seeded per
+/// process) hashes a value in a fraction of SipHash's work, which showed on
+/// every request against a large allowlist (BENCHMARKS.md run BR).
+type Map<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Up to this many exact origins are compared one by one.
 const SHORT_LIST: usize = 16;
@@ -153,7 +160,10 @@ impl RefererPolicy {
                 _ => None,
             })
             .collect();
-        let exact_origins = exact_list.iter().cloned().collect();
+        let exact_origins = exact_list
+            .iter()
+            .map(|(o, i)| (o.as_bytes().into(), *i))
+            .collect();
         let exact_list = if exact_list.len() <= SHORT_LIST {
             exact_list
         } else {
@@ -162,8 +172,8 @@ impl RefererPolicy {
         let has_paths = out
             .iter()
             .any(|e| matches!(e, Entry::Pattern { path: Some(_), .. }));
-        let mut by_host: [std::collections::HashMap<String, Vec<usize>>; 2] = Default::default();
-        let mut by_domain: [std::collections::HashMap<String, Vec<usize>>; 2] = Default::default();
+        let mut by_host: [Map<String, Vec<usize>>; 2] = Default::default();
+        let mut by_domain: [Map<String, Vec<usize>>; 2] = Default::default();
         let mut any = Vec::new();
         for (i, e) in out.iter().enumerate() {
             match e {
@@ -294,11 +304,11 @@ impl RefererPolicy {
             return None;
         }
         // The fast path: the value's `scheme://authority` is an exact-origin
-        // entry as written canonically, followed by nothing or a path.
+        // entry as written canonically, followed by nothing or a path, all
+        // of it printable ASCII (anything else is parsed below).
         if !self.has_paths
-            && let Ok(text) = std::str::from_utf8(value)
-            && let Some(i) = self.exact_origin(text)
-            && !has_blank_or_control(text)
+            && value.iter().all(|b| (b'!'..=b'~').contains(b))
+            && let Some(i) = self.exact_origin(value)
         {
             return Some(i);
         }
@@ -307,11 +317,12 @@ impl RefererPolicy {
             .map(|(i, _)| i)
     }
 
-    /// The exact-origin entry `text` starts with, followed by nothing or a
+    /// The exact-origin entry `value` starts with, followed by nothing or a
     /// path without backslashes.
-    fn exact_origin(&self, text: &str) -> Option<usize> {
-        let tail_ok =
-            |rest: &str| rest.is_empty() || (rest.starts_with('/') && !rest.contains('\\'));
+    fn exact_origin(&self, value: &[u8]) -> Option<usize> {
+        let tail_ok = |rest: &[u8]| {
+            rest.is_empty() || (rest[0] == b'/' && memchr::memchr(b'\\', rest).is_none())
+        };
         if self.exact_origins.is_empty() {
             return None;
         }
@@ -319,17 +330,23 @@ impl RefererPolicy {
             return self
                 .exact_list
                 .iter()
-                .find(|(o, _)| text.strip_prefix(o.as_str()).is_some_and(tail_ok))
+                .find(|(o, _)| value.strip_prefix(o.as_bytes()).is_some_and(tail_ok))
                 .map(|(_, i)| *i);
         }
-        let after_scheme = text.find("://")? + 3;
-        let end = text[after_scheme..]
-            .find('/')
-            .map_or(text.len(), |j| after_scheme + j);
-        if !tail_ok(&text[end..]) {
+        // Every origin in the table starts `http://` or `https://`: its
+        // first `:` ends the scheme. A value whose first `:` does not start
+        // `://` matches none of them.
+        let colon = memchr::memchr(b':', value)?;
+        let after_scheme = colon + 3;
+        if value.get(colon..after_scheme) != Some(b"://") {
             return None;
         }
-        self.exact_origins.get(&text[..end]).copied()
+        let end =
+            memchr::memchr(b'/', &value[after_scheme..]).map_or(value.len(), |j| after_scheme + j);
+        if !tail_ok(&value[end..]) {
+            return None;
+        }
+        self.exact_origins.get(&value[..end]).copied()
     }
 
     /// Each app with an entry that accepts the value, with its most
@@ -815,6 +832,82 @@ mod tests {
             }
         }
         assert_eq!(p.app_for_value(b"https://app1000.example.com:8443/"), None);
+    }
+
+    /// The shortcut for exact origins (compared one by one in a short list,
+    /// looked up in a table in a long one) answers what parsing the value
+    /// and comparing it with every entry answers, for hostile values too.
+    #[test]
+    fn the_exact_origin_shortcut_agrees_with_parsing() {
+        let origins = [
+            "https://app.example.com",
+            "https://app.example.com:8443",
+            "http://plain.example.com",
+        ];
+        let short: Vec<(String, usize)> = origins
+            .iter()
+            .enumerate()
+            .map(|(i, o)| (o.to_string(), i))
+            .collect();
+        let mut long = short.clone();
+        long.extend((3..40).map(|i| (format!("https://h{i}.example.net"), i)));
+        for entries in [short, long] {
+            let p = RefererPolicy::compile(&entries, false, usize::MAX).unwrap();
+            assert_eq!(p.exact_list.is_empty(), entries.len() > SHORT_LIST);
+            for value in [
+                "https://app.example.com",
+                "https://app.example.com/",
+                "https://app.example.com/map.html?x=1&y=%2F",
+                "https://app.example.com:8443/",
+                "https://app.example.com:443/",
+                "HTTPS://APP.example.com/",
+                "https://app.example.com\\evil.example/",
+                "https://app.example.com/a\\b",
+                "https://app.example.com.evil.example/",
+                "https://app.example.comx/",
+                "https://app.example.com@evil.example/",
+                "https://evil.example@app.example.com/",
+                "https://app.example.com:8443@evil.example/",
+                "a:b://app.example.com/",
+                "https:app.example.com/",
+                "https:/app.example.com/",
+                "https//app.example.com",
+                "https://app.example.com/caf\u{e9}",
+                "https://app.example.com/a b",
+                "https://app.example.com/\t",
+                "https://app.example.com/\x7f",
+                "https://app.example.com/%00",
+                " https://app.example.com/",
+                "http://plain.example.com:80/x",
+                "https://plain.example.com/",
+                "https://h7.example.net:443/x",
+                "https://h7.example.net.",
+                "https://",
+                "://",
+                ":",
+                "/",
+            ] {
+                let parsed = p
+                    .matches(value.as_bytes())
+                    .max_by_key(|(i, spec)| (*spec, std::cmp::Reverse(*i)))
+                    .map(|(i, _)| i);
+                assert_eq!(p.matching_entry(value.as_bytes()), parsed, "{value:?}");
+            }
+            assert_eq!(
+                p.app_for_value(b"https://app.example.com/map.html"),
+                Some(0)
+            );
+            assert_eq!(p.app_for_value(b"https://app.example.com:8443/"), Some(1));
+            assert_eq!(
+                p.app_for_value(b"https://app.example.com@evil.example/"),
+                None
+            );
+            assert_eq!(p.app_for_value(b"a:b://app.example.com/"), None);
+            assert_eq!(
+                p.app_for_value(b"https://app.example.com.evil.example/"),
+                None
+            );
+        }
     }
 
     proptest::proptest! {
