@@ -535,7 +535,9 @@ pub fn is_binary_type(content_type: Option<&str>) -> bool {
     let Some(ct) = content_type else {
         return false;
     };
-    let ct = ct.split(';').next().unwrap_or("").trim().as_bytes();
+    let ct = ct[..memchr::memchr(b';', ct.as_bytes()).unwrap_or(ct.len())]
+        .trim()
+        .as_bytes();
     let starts = |p: &str| {
         ct.get(..p.len())
             .is_some_and(|h| h.eq_ignore_ascii_case(p.as_bytes()))

@@ -67,7 +67,8 @@ fn has_forbidden(path: &str) -> bool {
 /// path characters (no `%` escapes) and no `.`/`..` segments. Most request
 /// paths are like this and skip the parser.
 fn already_normal(raw: &str) -> bool {
-    raw.bytes().all(|b| PATH_PLAIN[usize::from(b)]) && !has_dot_segment(raw.as_bytes())
+    raw.bytes().all(|b| PATH_PLAIN[usize::from(b)])
+        && (memchr::memchr(b'.', raw.as_bytes()).is_none() || !has_dot_segment(raw.as_bytes()))
 }
 
 /// RFC 3986 path characters other than `%`, as a lookup table.
@@ -184,11 +185,31 @@ fn contains_ci(haystack: &str, needle: &str) -> bool {
 /// key is plain (no `%` or `+` to decode) and none equals a name, ignoring
 /// case. A byte scan that lets most queries skip the decoding comparison.
 fn may_name_any(query: &[u8], names: &[&str]) -> bool {
-    query.split(|b| *b == b'&').any(|pair| {
-        let key = memchr::memchr(b'=', pair).map_or(pair, |i| &pair[..i]);
-        key.iter().any(|b| *b == b'%' || *b == b'+')
-            || names.iter().any(|n| key.eq_ignore_ascii_case(n.as_bytes()))
-    })
+    let named = |key: &[u8]| names.iter().any(|n| key.eq_ignore_ascii_case(n.as_bytes()));
+    // One pass: `key_start` is where the current pair began, `in_key`
+    // whether its `=` is still to come.
+    let mut key_start = 0;
+    let mut in_key = true;
+    for (i, &b) in query.iter().enumerate() {
+        match b {
+            b'&' => {
+                if in_key && named(&query[key_start..i]) {
+                    return true;
+                }
+                key_start = i + 1;
+                in_key = true;
+            }
+            b'=' if in_key => {
+                if named(&query[key_start..i]) {
+                    return true;
+                }
+                in_key = false;
+            }
+            b'%' | b'+' if in_key => return true,
+            _ => {}
+        }
+    }
+    in_key && named(&query[key_start..])
 }
 
 /// True when a query or form parameter name is `name`, compared after

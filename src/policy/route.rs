@@ -224,7 +224,7 @@ impl RouteTable {
 pub fn is_basemap_styles(path: &str) -> bool {
     const MARK: &[u8] = b"/rest/services/styles";
     let decoded;
-    let bytes = if path.contains('%') {
+    let bytes = if memchr::memchr(b'%', path.as_bytes()).is_some() {
         decoded = percent_encoding::percent_decode_str(path).collect::<Vec<u8>>();
         &decoded[..]
     } else {
