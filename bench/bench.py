@@ -42,6 +42,8 @@ TOKEN = "BENCHTOKENxK3nq9Zt7Lw2Rv5Pp1Mm8Jj4Hh6Gg0Ff3Dd5Ss7Aa9Qq2Ww4Ee6Rr8Tt1Yy3U
 REFERER = "https://app.example.com/map.html"
 # Threads of each load generator (wrk -t, h2load -t); --client-threads.
 CLIENT_THREADS = 2
+# A wrk script that prints p99.9 beside wrk's own percentiles.
+TAIL_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wrk-tail.lua")
 QUERY = "/Parks/FeatureServer/0/query?where=1%3D1&outFields=*&f=json"
 
 
@@ -264,10 +266,12 @@ def to_ms(v):
 
 
 def wrk(url, conns, secs, extra=()):
-    out = run(["wrk", f"-t{CLIENT_THREADS}", f"-c{conns}", f"-d{secs}s", "--latency", "-H", f"Referer: {REFERER}", *extra, url])
+    out = run(["wrk", f"-t{CLIENT_THREADS}", f"-c{conns}", f"-d{secs}s", "--latency", "-s", TAIL_SCRIPT,
+               "-H", f"Referer: {REFERER}", *extra, url])
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     n = int(re.search(r"(\d+) requests in", out).group(1))
     lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
+    p999 = re.search(r"p99\.9 latency us: (\d+)", out)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: (.*)", out)
     return {
@@ -275,6 +279,7 @@ def wrk(url, conns, secs, extra=()):
         "requests": n,
         "p50_ms": to_ms(lat["50"]),
         "p99_ms": to_ms(lat["99"]),
+        "p999_ms": int(p999.group(1)) / 1000,
         "non_2xx": int(errors.group(1)) if errors else 0,
         "socket_errors": sock.group(1) if sock else "",
     }
@@ -1089,12 +1094,16 @@ def print_report(r):
         row("CPU per request vs HAProxy", p["cpu_us_per_req"], a["cpu_us_per_req"], "us", "lower is better", other="haproxy")
         if p99 and "p99_ms" in a:
             row("p99 latency vs HAProxy", p["p99_ms"], a["p99_ms"], "ms", "lower is better", other="haproxy")
+        if p99 and "p999_ms" in a:
+            row("p99.9 latency vs HAProxy", p["p999_ms"], a["p999_ms"], "ms", "lower is better", other="haproxy")
         best_rps = max(n["rps"], a["rps"])
         best_cpu = min(n["cpu_us_per_req"], a["cpu_us_per_req"])
         line = (f"  {'against the better anchor':34} requests/s {p['rps'] / best_rps:.2f}, "
                 f"CPU per request {p['cpu_us_per_req'] / best_cpu:.2f}")
         if p99 and "p99_ms" in a and "p99_ms" in n:
             line += f", p99 {p['p99_ms'] / min(n['p99_ms'], a['p99_ms']):.2f}"
+        if p99 and "p999_ms" in a and "p999_ms" in n:
+            line += f", p99.9 {p['p999_ms'] / min(n['p999_ms'], a['p999_ms']):.2f}"
         print(line)
     def row(label, a, b, unit, better, other="nginx"):
         ratio = a / b if b else float("nan")
@@ -1106,6 +1115,8 @@ def print_report(r):
         row("CPU per request", h["proxy"]["cpu_us_per_req"], h["nginx"]["cpu_us_per_req"], "us", "target <= 0.90")
         row("p50 latency", h["proxy"]["p50_ms"], h["nginx"]["p50_ms"], "ms", "lower is better")
         row("p99 latency", h["proxy"]["p99_ms"], h["nginx"]["p99_ms"], "ms", "target <= 1.00")
+        if "p999_ms" in h["proxy"]:
+            row("p99.9 latency", h["proxy"]["p999_ms"], h["nginx"]["p999_ms"], "ms", "lower is better")
         anchors(h)
         print(f"  {'direct upstream (cleartext)':34} {h['direct']['rps']:10.1f} req/s, p99 {h['direct']['p99_ms']:.2f} ms")
         parties(h)
