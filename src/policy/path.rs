@@ -67,8 +67,7 @@ fn has_forbidden(path: &str) -> bool {
 /// path characters (no `%` escapes) and no `.`/`..` segments. Most request
 /// paths are like this and skip the parser.
 fn already_normal(raw: &str) -> bool {
-    raw.bytes().all(|b| PATH_PLAIN[usize::from(b)])
-        && (memchr::memchr(b'.', raw.as_bytes()).is_none() || !has_dot_segment(raw.as_bytes()))
+    raw.bytes().all(|b| PATH_PLAIN[usize::from(b)]) && !has_dot_segment(raw.as_bytes())
 }
 
 /// RFC 3986 path characters other than `%`, as a lookup table.
@@ -93,8 +92,11 @@ const fn ascii_set(extra: &[u8]) -> [bool; 256] {
 
 /// True when a `/`-separated path has a `.` or `..` segment.
 fn has_dot_segment(path: &[u8]) -> bool {
-    path.split(|b| *b == b'/')
-        .any(|seg| seg == b"." || seg == b"..")
+    // Most paths have no `.` at all: one memchr instead of the segment walk.
+    memchr::memchr(b'.', path).is_some()
+        && path
+            .split(|b| *b == b'/')
+            .any(|seg| seg == b"." || seg == b"..")
 }
 
 /// Normalises a mounted request path (`/basemaps/a/../b`) to its canonical
