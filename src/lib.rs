@@ -30,7 +30,9 @@
 //! - [`notify`]: systemd's readiness, reload and stop notifications.
 //! - [`codec`]: streaming gzip/deflate/br, so bodies can be scrubbed.
 //! - [`body`]: the boxed body type shared by all of the above; `pending`:
-//!   bytes a stream holds for its reader (TLS and the framing guard).
+//!   bytes a stream holds for its reader (TLS and the framing guard);
+//!   `wake`: skipping a timer or signal that already holds the task's
+//!   waker.
 //!
 //! Dependencies point one way: `server` → {`admin`, `app`} → `proxy` →
 //! {`policy`, `token`, `upstream`, `scrub`, `error`} → `http1`.
@@ -61,6 +63,7 @@ pub mod shared_rate;
 pub mod tls;
 pub mod token;
 pub mod upstream;
+mod wake;
 
 use std::future::Future;
 use std::io;

@@ -83,6 +83,7 @@ impl<IO> FramingGuard<IO> {
             timeout,
             park_after: None,
             sleep: Box::pin(tokio::time::sleep(timeout)),
+            held: Default::default(),
         });
         self
     }

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
+use crate::wake::Held;
+
 /// Requests in progress on one HTTP/1 connection, and since when there has
 /// been none. The service holds a [`Busy`] from a request's arrival until
 /// its answer has been written (the guard travels with the response body);
@@ -98,6 +100,9 @@ pub(super) struct IdleTimer {
     /// Idle time after which the connection parks; `None` never parks.
     pub(super) park_after: Option<Duration>,
     pub(super) sleep: Pin<Box<Sleep>>,
+    /// Whether the timer holds this task's waker (and need not be polled
+    /// until it fires).
+    pub(super) held: Held,
 }
 
 impl IdleTimer {
@@ -105,8 +110,20 @@ impl IdleTimer {
     /// `armed`, and `may_park` now) for the park time; otherwise makes sure
     /// the task is woken when it could be.
     pub(super) fn poll(&mut self, cx: &mut Context<'_>, armed: bool, may_park: bool) -> Idle {
+        // The guard asks on every read that waits, twice per request on a
+        // busy connection; until the timer fires it has nothing new.
+        if self.held.by(cx) && !self.sleep.is_elapsed() {
+            return Idle::Open;
+        }
         let park = self.park_after.filter(|_| armed);
-        while self.sleep.as_mut().poll(cx).is_ready() {
+        loop {
+            if self
+                .held
+                .poll(cx, |cx| self.sleep.as_mut().poll(cx))
+                .is_pending()
+            {
+                return Idle::Open;
+            }
             let now = Instant::now();
             let left = |idle: Duration| self.timeout - idle;
             let wait = match self.activity.idle_for(now) {
@@ -127,7 +144,6 @@ impl IdleTimer {
             };
             self.sleep.as_mut().reset(now + wait);
         }
-        Idle::Open
     }
 
     /// Starts the park time again: a parked connection became active.
@@ -135,6 +151,9 @@ impl IdleTimer {
         if let Some(p) = self.park_after {
             let deadline = (Instant::now() + p).min(self.sleep.deadline());
             self.sleep.as_mut().reset(deadline);
+            // Reset outside `poll`: it may have fired since (and let go of
+            // the waker), so the next `poll` polls it.
+            self.held.forget();
         }
     }
 }

@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 
 use super::drain::Shutdown;
 use super::tls::{self, TlsStream};
+use crate::wake::Held;
 
 use crate::app::{App, Generation};
 use crate::body::{BoxError, Holding};
@@ -281,10 +282,17 @@ where
     if asked {
         conn.as_mut().graceful_shutdown();
     }
+    let peek = shutdown.peek();
     let stop = shutdown.recv();
     let mut stop = std::pin::pin!(stop);
+    // Polled on every wake of the connection; the signal's future only
+    // when it has not taken this task's waker yet or the signal was sent.
+    let mut held = Held::default();
     std::future::poll_fn(|cx| {
-        if !asked && stop.as_mut().poll(cx).is_ready() {
+        if !asked
+            && (!held.by(cx) || peek.sent())
+            && held.poll(cx, |cx| stop.as_mut().poll(cx)).is_ready()
+        {
             asked = true;
             conn.as_mut().graceful_shutdown();
         }

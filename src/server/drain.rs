@@ -25,6 +25,18 @@ pub(super) struct Shutdown {
     notify: watch::Receiver<()>,
 }
 
+/// See [`Shutdown::peek`]. Held no longer than its `Shutdown`: the drain
+/// waits for it too.
+#[derive(Debug)]
+pub(super) struct Peek(watch::Receiver<()>);
+
+impl Peek {
+    /// True once the signal has been sent (or the serving thread is gone).
+    pub(super) fn sent(&self) -> bool {
+        self.0.has_changed().unwrap_or(true)
+    }
+}
+
 impl Drain {
     pub(super) fn new() -> Drain {
         Drain {
@@ -54,6 +66,12 @@ impl Shutdown {
         self.is_shutdown
     }
 
+    /// A look at whether the signal has been sent, without waiting: for a
+    /// loop that polls [`Shutdown::recv`] only when it may be ready.
+    pub(super) fn peek(&self) -> Peek {
+        Peek(self.notify.clone())
+    }
+
     /// Waits for the signal (returns at once if it was received before).
     pub(super) async fn recv(&mut self) {
         if self.is_shutdown {
@@ -69,6 +87,27 @@ impl Shutdown {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn peek_sees_the_signal_and_a_gone_serving_thread() {
+        let drain = Drain::new();
+        let shutdown = drain.shutdown();
+        let peek = shutdown.peek();
+        assert!(!peek.sent());
+        let draining = tokio::spawn(drain.drain());
+        tokio::task::yield_now().await;
+        assert!(peek.sent());
+        // The drain waits for the peek too, as for its connection.
+        assert!(!draining.is_finished());
+        drop((peek, shutdown));
+        draining.await.unwrap();
+
+        // No drain at all (the serving thread dropped it): sent as well.
+        let drain = Drain::new();
+        let shutdown = drain.shutdown();
+        drop(drain);
+        assert!(shutdown.peek().sent());
+    }
 
     #[tokio::test(start_paused = true)]
     async fn drain_signals_every_connection_and_waits_for_the_last() {
