@@ -421,15 +421,20 @@ rewrite_urls = true
     .map_err(|e| e.to_string())
 }
 
-/// `arcgis-app-proxy demo`: the proxy on `listen`, the map page on `page`.
-pub async fn run_cli(listen: SocketAddr, page: SocketAddr) -> ExitCode {
+/// `arcgis-app-proxy demo`: the proxy on `listen`, the map page on `page`,
+/// in front of the fake ArcGIS at `fake` (another demo's) or, without one,
+/// a fake started in this process.
+pub async fn run_cli(listen: SocketAddr, page: SocketAddr, fake: Option<SocketAddr>) -> ExitCode {
     crate::init_logging(crate::config::LogFormat::Text);
-    let fake = match start_fake_arcgis().await {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("demo: cannot start the fake ArcGIS: {e}");
-            return ExitCode::FAILURE;
-        }
+    let fake = match fake {
+        Some(a) => a,
+        None => match start_fake_arcgis().await {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("demo: cannot start the fake ArcGIS: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
     };
     let config = match demo_config(listen, fake) {
         Ok(c) => Arc::new(c),

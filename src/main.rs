@@ -75,6 +75,11 @@ enum Command {
         /// Address of the demo map page.
         #[arg(long, default_value = "127.0.0.1:8080")]
         page: std::net::SocketAddr,
+        /// Use the fake ArcGIS of another running demo (its `host:port`)
+        /// instead of starting one in this process; `bench/pgo-build`
+        /// trains the proxy this way, with its upstream in another process.
+        #[arg(long, value_name = "ADDR")]
+        fake: Option<std::net::SocketAddr>,
     },
 }
 
@@ -93,7 +98,9 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Demo { listen, page }) => runtime.block_on(demo::run_cli(listen, page)),
+        Some(Command::Demo { listen, page, fake }) => {
+            runtime.block_on(demo::run_cli(listen, page, fake))
+        }
         Some(Command::Check { format }) => check(&cli.config, format),
         Some(Command::ImportEsri { file }) => import_esri(&file),
         Some(Command::Healthcheck { url, timeout }) => {

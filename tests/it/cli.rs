@@ -356,6 +356,96 @@ async fn demo_serves_features_without_a_client_token() {
     assert_eq!(code, 0, "{out}");
 }
 
+/// GET `url` with the demo's Referer, any certificate accepted.
+async fn demo_get(url: String) -> (http::StatusCode, String) {
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAny))
+    .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let client: hyper_util::client::legacy::Client<_, TestBody> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(connector);
+    let req = http::Request::get(url)
+        .header("referer", "http://localhost:8080/")
+        .body(full(""))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    let status = resp.status();
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// `demo --fake ADDR` (how `bench/pgo-build` trains the proxy with its
+/// upstream in another process): the proxy uses that fake and starts none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_can_use_the_fake_of_another_demo() {
+    let mut upstream = Proc::spawn(
+        &["demo", "--listen", "127.0.0.1:0", "--page", "127.0.0.1:0"],
+        &[],
+    );
+    let line = upstream.wait_for("fake ArcGIS");
+    let fake = line.split_whitespace().last().unwrap().to_string();
+    let addr = fake.strip_prefix("http://").unwrap().to_string();
+    let mut p = Proc::spawn(
+        &[
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--page",
+            "127.0.0.1:0",
+            "--fake",
+            &addr,
+        ],
+        &[],
+    );
+    let line = p.wait_for("fake ArcGIS");
+    assert_eq!(line.split_whitespace().last().unwrap(), fake, "{line}");
+    let line = p.wait_for("proxy (self-signed certificate");
+    let base = line.split_whitespace().last().unwrap().to_string();
+    let query =
+        format!("{base}/features/Parks/FeatureServer/0/query?where=1%3D1&outFields=*&f=json");
+    let (status, body) = demo_get(query.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    let j: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(j["features"].as_array().unwrap().len(), 6);
+    assert!(!body.contains("token"), "{body}");
+    // The other demo gone, nothing answers upstream: this one started no
+    // fake of its own.
+    let (code, out) = upstream.terminate();
+    assert_eq!(code, 0, "{out}");
+    let (status, body) = demo_get(query).await;
+    assert_eq!(status, 502, "{body}");
+    let (code, out) = p.terminate();
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn demo_refuses_a_fake_address_that_is_not_one() {
+    for bad in [
+        "nonsense",
+        "127.0.0.1",
+        "http://127.0.0.1:80",
+        "127.0.0.1:99999",
+        "",
+    ] {
+        let (code, _, err) = run(&["demo", "--fake", bad], &[]);
+        assert_eq!(code, 2, "--fake {bad:?}: {err}");
+        assert!(err.contains("--fake <ADDR>"), "--fake {bad:?}: {err}");
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct AcceptAny;
 
