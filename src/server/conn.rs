@@ -19,7 +19,6 @@ use tokio::net::TcpStream;
 
 use super::drain::Shutdown;
 use super::tls::{self, TlsStream};
-use crate::wake::Held;
 
 use crate::app::{App, Generation};
 use crate::body::{BoxError, Holding};
@@ -27,6 +26,7 @@ use crate::coalesce::Coalesce;
 use crate::config::Limits;
 use crate::http1::guard::{Activity, FramingGuard};
 use crate::proxy::ConnInfo;
+use crate::wake::Held;
 
 /// Spawns HTTP/2 streams boxed. hyper hands each stream's future (the
 /// request handler, several KiB) to the executor by value, and `tokio::spawn`
