@@ -391,7 +391,8 @@ allowed = ["https://127.0.0.1:*", "https://localhost:*", "http://localhost:*", "
 [log]
 format = "text"
 [upstream]
-# The fake runs in this process: a corporate HTTP(S)_PROXY must not carry it.
+# The fake runs on this machine (in this process, or another demo's with
+# `--fake`): a corporate HTTP(S)_PROXY must not carry it.
 proxy = ""
 [credentials.online]
 token_url = "http://{fake}/sharing/rest/oauth2/token"

@@ -298,56 +298,24 @@ async fn demo_serves_features_without_a_client_token() {
     let curl_line = p.wait_for("/features/Parks/FeatureServer/0/query");
     assert!(curl_line.contains("curl -k -H 'Referer: http://localhost:8080/'"));
 
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .dangerous()
-    .with_custom_certificate_verifier(std::sync::Arc::new(AcceptAny))
-    .with_no_client_auth();
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .build();
-    let client: hyper_util::client::legacy::Client<_, TestBody> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build(connector);
-    let get = |url: String| {
-        let client = client.clone();
-        async move {
-            let req = http::Request::get(url)
-                .header("referer", "http://localhost:8080/")
-                .body(full(""))
-                .unwrap();
-            let resp = client.request(req).await.unwrap();
-            let status = resp.status();
-            let body = http_body_util::BodyExt::collect(resp.into_body())
-                .await
-                .unwrap()
-                .to_bytes();
-            (status, String::from_utf8_lossy(&body).into_owned())
-        }
-    };
-    let (status, body) = get(format!(
+    let (status, body) = demo_get(format!(
         "{base}/features/Parks/FeatureServer/0/query?where=1%3D1&outFields=*&f=json"
     ))
     .await;
     assert_eq!(status, 200, "{body}");
     let j: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(j["features"].as_array().unwrap().len(), 6);
-    let (status, body) = get(format!(
+    let (status, body) = demo_get(format!(
         "{base}/proxy?{fake}/arcgis/rest/services/Parks/FeatureServer/0/query?where=1=1&f=json"
     ))
     .await;
     assert_eq!(status, 200, "{body}");
-    let (status, body) = get(format!("{base}/basemaps/styles/arcgis/navigation")).await;
+    let (status, body) = demo_get(format!("{base}/basemaps/styles/arcgis/navigation")).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"sprite\""), "{body}");
     assert!(!body.contains("token"), "style leaked a token: {body}");
     // Directly, without the proxy, the fake insists on a token.
-    let (_, body) = get(format!(
+    let (_, body) = demo_get(format!(
         "{fake}/arcgis/rest/services/Parks/FeatureServer/0/query?f=json"
     ))
     .await;
