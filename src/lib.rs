@@ -19,7 +19,8 @@
 //!   (token from [`token`], retry), respond ([`scrub`]), observe (access
 //!   log, [`metrics`]).
 //! - [`upstream`]: the request that goes upstream, the verdict on its
-//!   answer (token refusal, codings), and the per-thread connection pool.
+//!   answer (token refusal, codings), and the per-thread connection pool;
+//!   `deadline`: the exchange's deadline on a reused timer.
 //! - [`error`]: every failure → one ArcGIS-shaped JSON response.
 //! - [`redact`]: every log line is scrubbed of token-like values on write.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on a separate listener;
@@ -45,6 +46,7 @@ pub mod body;
 pub mod coalesce;
 pub mod codec;
 pub mod config;
+mod deadline;
 pub mod demo;
 pub mod error;
 pub mod healthcheck;

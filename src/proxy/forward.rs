@@ -190,7 +190,7 @@ impl Proxy {
             };
             Ok((verdict, took))
         };
-        tokio::time::timeout_at(sent_at + self.config.limits.upstream_timeout, exchange)
+        crate::deadline::within(sent_at + self.config.limits.upstream_timeout, exchange)
             .await
             .map_err(|_| ProxyError::UpstreamTimeout)?
     }
