@@ -178,49 +178,49 @@ mod tests {
     }
 
     /// Asserts that `within(now + secs, pending())` gives up after exactly
-    /// `secs` on the paused clock.
+    /// `secs` on the paused clock, and that its timer then waits in the
+    /// stock, alone.
     async fn gives_up_after(secs: u64) {
         let start = Instant::now();
         let out = within(start + Duration::from_secs(secs), pending::<()>()).await;
         assert_eq!(out, Err(Elapsed));
         assert_eq!(start.elapsed(), Duration::from_secs(secs));
+        assert_eq!(stocked(), 1);
+    }
+
+    /// A future that is ready at once, under a deadline `secs` away: its
+    /// timer goes back to the stock still registered for that deadline.
+    async fn done_at_once(secs: u64) {
+        let out = within(Instant::now() + Duration::from_secs(secs), async { 7 }).await;
+        assert_eq!(out, Ok(7));
+        assert_eq!(stocked(), 1);
     }
 
     #[test]
     fn a_reused_timer_fires_at_its_new_deadline() {
         paused().block_on(async {
             gives_up_after(10).await;
-            assert_eq!(stocked(), 1);
             // The same timer, moved to a later deadline.
             gives_up_after(10).await;
-            assert_eq!(stocked(), 1);
         });
     }
 
     #[test]
     fn an_earlier_deadline_than_the_last_one_is_kept() {
         paused().block_on(async {
-            // Finishes at once: its timer goes back registered for +30 s.
-            let ready = within(Instant::now() + Duration::from_secs(30), async { 7 }).await;
-            assert_eq!(ready, Ok(7));
-            assert_eq!(stocked(), 1);
+            done_at_once(30).await;
             // A shorter timeout (a reload) on that timer fires at +1 s.
             gives_up_after(1).await;
-            assert_eq!(stocked(), 1);
         });
     }
 
     #[test]
     fn a_timer_that_fired_in_the_stock_works_again() {
         paused().block_on(async {
-            assert_eq!(
-                within(Instant::now() + Duration::from_secs(1), async {}).await,
-                Ok(())
-            );
+            done_at_once(1).await;
             // Its old deadline passes while nobody uses it.
             tokio::time::sleep(Duration::from_secs(5)).await;
             gives_up_after(2).await;
-            assert_eq!(stocked(), 1);
         });
     }
 
@@ -252,14 +252,11 @@ mod tests {
         // Two runtimes one after the other on this thread, as `#[tokio::test]`s
         // run with `--test-threads 1`: a timer of the first would panic when
         // polled under the second.
-        paused().block_on(async {
-            gives_up_after(1).await;
-        });
+        paused().block_on(gives_up_after(1));
+        // The first runtime's timer is still in the stock when the second
+        // asks for one.
         assert_eq!(stocked(), 1);
-        paused().block_on(async {
-            gives_up_after(3).await;
-        });
-        assert_eq!(stocked(), 1);
+        paused().block_on(gives_up_after(3));
     }
 
     #[test]
