@@ -18,12 +18,8 @@ fn demo_map_draws_features_and_the_browser_never_sees_a_token() {
         eprintln!("SKIPPED: {CHROMIUM} not installed (apt-get install chromium)");
         return;
     }
-    let mut demo = Proc::spawn(
-        &["demo", "--listen", "127.0.0.1:0", "--page", "127.0.0.1:0"],
-        &[],
-    );
-    let page_line = demo.wait_for("map page");
-    let page = page_line.split_whitespace().last().unwrap().to_string();
+    let mut demo = Proc::demo(&[]);
+    let page = demo.demo_url("map page");
     let work = tempfile::tempdir().unwrap();
     let netlog = work.path().join("netlog.json");
     // Headless Chromium dumps the DOM when its virtual-time budget runs out;
@@ -80,8 +76,7 @@ fn demo_map_draws_features_and_the_browser_never_sees_a_token() {
 
     // Every response body byte the browser read, from the NetLog.
     let log = NetLog::read(&netlog);
-    let proxy_line = demo.wait_for("cleartext listener used by the page");
-    let proxy = proxy_line.split_whitespace().last().unwrap().to_string();
+    let proxy = demo.demo_url("cleartext listener used by the page");
     // The bytes of requests to the proxy only (the page's own files,
     // esri-leaflet's source among them, may mention "token=" legitimately).
     assert!(

@@ -287,14 +287,9 @@ async fn rejected_credential_logs_the_arcgis_error_not_the_secret() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_features_without_a_client_token() {
-    let mut p = Proc::spawn(
-        &["demo", "--listen", "127.0.0.1:0", "--page", "127.0.0.1:0"],
-        &[],
-    );
-    let line = p.wait_for("proxy (self-signed certificate");
-    let base = line.split_whitespace().last().unwrap().to_string();
-    let fake_line = p.wait_for("fake ArcGIS");
-    let fake = fake_line.split_whitespace().last().unwrap().to_string();
+    let mut p = Proc::demo(&[]);
+    let base = p.demo_url("proxy (self-signed certificate");
+    let fake = p.demo_url("fake ArcGIS");
     let curl_line = p.wait_for("/features/Parks/FeatureServer/0/query");
     assert!(curl_line.contains("curl -k -H 'Referer: http://localhost:8080/'"));
 
@@ -359,29 +354,11 @@ async fn demo_get(url: String) -> (http::StatusCode, String) {
 /// upstream in another process): the proxy uses that fake and starts none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_can_use_the_fake_of_another_demo() {
-    let mut upstream = Proc::spawn(
-        &["demo", "--listen", "127.0.0.1:0", "--page", "127.0.0.1:0"],
-        &[],
-    );
-    let line = upstream.wait_for("fake ArcGIS");
-    let fake = line.split_whitespace().last().unwrap().to_string();
-    let addr = fake.strip_prefix("http://").unwrap().to_string();
-    let mut p = Proc::spawn(
-        &[
-            "demo",
-            "--listen",
-            "127.0.0.1:0",
-            "--page",
-            "127.0.0.1:0",
-            "--fake",
-            &addr,
-        ],
-        &[],
-    );
-    let line = p.wait_for("fake ArcGIS");
-    assert_eq!(line.split_whitespace().last().unwrap(), fake, "{line}");
-    let line = p.wait_for("proxy (self-signed certificate");
-    let base = line.split_whitespace().last().unwrap().to_string();
+    let mut upstream = Proc::demo(&[]);
+    let fake = upstream.demo_url("fake ArcGIS");
+    let mut p = Proc::demo(&["--fake", fake.strip_prefix("http://").unwrap()]);
+    assert_eq!(p.demo_url("fake ArcGIS"), fake);
+    let base = p.demo_url("proxy (self-signed certificate");
     let query =
         format!("{base}/features/Parks/FeatureServer/0/query?where=1%3D1&outFields=*&f=json");
     let (status, body) = demo_get(query.clone()).await;

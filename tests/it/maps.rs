@@ -56,13 +56,9 @@ struct Demo {
 }
 
 fn demo() -> Demo {
-    let mut proc = Proc::spawn(
-        &["demo", "--listen", "127.0.0.1:0", "--page", "127.0.0.1:0"],
-        &[],
-    );
-    let last = |l: String| l.split_whitespace().last().unwrap().to_string();
-    let proxy = last(proc.wait_for("cleartext listener used by the page"));
-    let upstream = last(proc.wait_for("fake ArcGIS (token endpoint"));
+    let mut proc = Proc::demo(&[]);
+    let proxy = proc.demo_url("cleartext listener used by the page");
+    let upstream = proc.demo_url("fake ArcGIS (token endpoint");
     Demo {
         proc,
         proxy,

@@ -23,12 +23,8 @@ fn rest_js_queries_a_feature_layer_through_a_mounted_path() {
         eprintln!("SKIPPED: needs node and `npm ci` in tests/node");
         return;
     }
-    let mut demo = Proc::spawn(
-        &["demo", "--listen", "127.0.0.1:0", "--page", "127.0.0.1:0"],
-        &[],
-    );
-    let line = demo.wait_for("cleartext listener used by the page");
-    let proxy = line.split_whitespace().last().unwrap().to_string();
+    let mut demo = Proc::demo(&[]);
+    let proxy = demo.demo_url("cleartext listener used by the page");
     let out = Command::new("node")
         .arg(dir.join("query.mjs"))
         .arg(&proxy)

@@ -1232,6 +1232,21 @@ impl Proc {
         panic!("no line with {needle:?}; got:\n{}", self.seen.join("\n"));
     }
 
+    /// `arcgis-app-proxy demo` on ports the system picks, with `extra`
+    /// arguments (`--fake ADDR`).
+    pub fn demo(extra: &[&str]) -> Proc {
+        let mut args = vec!["demo", "--listen", "127.0.0.1:0", "--page", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        Proc::spawn(&args, &[])
+    }
+
+    /// The URL at the end of the demo's banner line containing `label`
+    /// (`map page`, `fake ArcGIS`, `proxy (self-signed certificate`, …).
+    pub fn demo_url(&mut self, label: &str) -> String {
+        let line = self.wait_for(label);
+        line.split_whitespace().last().unwrap().to_string()
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
