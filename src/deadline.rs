@@ -83,17 +83,10 @@ impl<F: Future> Future for Within<F> {
     }
 }
 
-/// The deadline passed before the future finished.
+/// The deadline passed before the future finished (the caller turns it
+/// into its own error).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Elapsed;
-
-impl std::fmt::Display for Elapsed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("deadline has elapsed")
-    }
-}
-
-impl std::error::Error for Elapsed {}
 
 /// A timer from the stock, put back when dropped.
 struct Timer {
