@@ -90,9 +90,7 @@ pub async fn run(
         queues.push(queue);
         let app = Arc::clone(&app);
         if shards == 1 {
-            serving.push(Serving::Task(tokio::spawn(serve_shard(
-                app, incoming, shard,
-            ))));
+            serving.push(Serving::Task(spawn_shard(app, incoming, shard)));
             continue;
         }
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
@@ -103,7 +101,8 @@ pub async fn run(
                     .enable_all()
                     .build()
                     .expect("build a serving runtime");
-                rt.block_on(serve_shard(app, incoming, shard));
+                // Joined, not polled by `block_on` itself: see `spawn_shard`.
+                let _ = rt.block_on(async { spawn_shard(app, incoming, shard).await });
                 let _ = done_tx.send(());
             })?;
         serving.push(Serving::Thread(done_rx));
@@ -290,6 +289,20 @@ async fn accept_loop(
             }
         }
     }
+}
+
+/// Starts serving a shard on the current runtime.
+///
+/// Both ways a shard runs (inline on the calling runtime, or on a thread of
+/// its own) start here, and this function is not generic, so the serving
+/// code (`serve_shard` down to h2 and TLS) is compiled once. Spawned from
+/// two places of the generic [`run`], it was compiled twice, once per path
+/// (1.2 MB of the binary); the profile-guided build, trained on the
+/// one-thread demo, left the copy a multi-core server runs untrained, and
+/// that copy was hardly faster than the plain build (BENCHMARKS.md, run
+/// CH).
+fn spawn_shard(app: Arc<App>, incoming: Incoming, shard: usize) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(serve_shard(app, incoming, shard))
 }
 
 /// One serving thread: TLS and HTTP for the connections handed to it,
