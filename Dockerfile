@@ -13,8 +13,8 @@
 
 FROM rust:1.95-slim-bookworm AS build
 # The release binary is profile-guided (bench/pgo-build): trained on the
-# demo under wrk and h2load, it spends 11-17 % less CPU per HTTP/1 request
-# than a plain build (BENCHMARKS.md). `--build-arg PGO=0` builds it plainly.
+# demo under wrk and h2load, it spends 10-11 % less CPU per request than a
+# plain build (BENCHMARKS.md, run CL). `--build-arg PGO=0` builds it plainly.
 ARG PGO=1
 # `--build-arg GIT_COMMIT=$(git rev-parse --short=12 HEAD)`: the build
 # context has no .git, so `--version` and arcgis_proxy_build_info would
