@@ -393,6 +393,84 @@ async fn upstream_connections_are_reused() {
     proxy.stop().await;
 }
 
+/// A bare HTTP/1.1 upstream answering each request with `{"conn":N}`, N
+/// the number of the connection it came on (from 0). The first `hold`
+/// requests are answered only once all of them have arrived, so the proxy
+/// has to open that many connections.
+async fn naming_upstream(hold: usize) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let barrier = Arc::new(tokio::sync::Barrier::new(hold));
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn(async move {
+        for conn in 0.. {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let (barrier, seen) = (Arc::clone(&barrier), Arc::clone(&seen));
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    buf.drain(..end);
+                    if seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < hold {
+                        barrier.wait().await;
+                    }
+                    let body = format!("{{\"conn\":{conn}}}");
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    if s.write_all((head + &body).as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn upstream_connections_are_taken_in_turn() {
+    // docs/behaviour.md: idle upstream connections are reused in turn, so
+    // requests spread over all of them (and the servers behind them).
+    let upstream = naming_upstream(3).await;
+    let route = format!(
+        "[[routes]]\nname = \"spread\"\nupstream = \"http://{upstream}/svc\"\ncredential = \"online\"\nmount = \"/spread\"\n"
+    );
+    let (_pki, _fake, proxy, client) = setup_with(&route).await;
+    let conn_of = |a: Answer| {
+        assert_eq!(a.status, 200, "{}", a.text());
+        a.json()["conn"].as_u64().unwrap()
+    };
+    // Three at once: three upstream connections.
+    let (a, b, c) = tokio::join!(
+        client.get("/spread/a?f=json"),
+        client.get("/spread/b?f=json"),
+        client.get("/spread/c?f=json"),
+    );
+    let mut first = [conn_of(a), conn_of(b), conn_of(c)];
+    first.sort_unstable();
+    assert_eq!(first, [0, 1, 2]);
+    // Then one at a time: each connection in turn, the order repeating.
+    let mut used = Vec::new();
+    for i in 0..6 {
+        used.push(conn_of(client.get(&format!("/spread/{i}?f=json")).await));
+    }
+    let mut round = used[..3].to_vec();
+    round.sort_unstable();
+    assert_eq!(round, [0, 1, 2], "used {used:?}");
+    assert_eq!(used[..3], used[3..], "used {used:?}");
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn upstream_closing_its_connections_is_not_an_error() {
     let (_pki, fake, proxy, client) = setup_with("").await;
