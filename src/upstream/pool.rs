@@ -17,9 +17,10 @@
 //!
 //! Reuse in turn spreads requests over every pooled connection, and so over
 //! the upstream processes or servers behind them. Most recent first, as
-//! before, kept a subset busy and left the rest idle: against a two-worker
-//! upstream one worker did up to twice the other's work and the proxy's
-//! closed-loop p99 rose with it (BENCHMARKS.md, run CS). Only connections
+//! before, sent each request to the connection that had answered last;
+//! against the bench's two-worker upstream the same source had a higher
+//! closed-loop p99 that way in every paired round, and its upstream workers
+//! an uneven share of the work (BENCHMARKS.md, run CS). Only connections
 //! used within the last second take turns (a quiet pool still takes the
 //! most recent, see [`take_idle`]), and connections the load does not need
 //! are still closed: the pool remembers the fewest that sat idle after any
