@@ -332,7 +332,12 @@ const FRESH: Duration = Duration::from_secs(1);
 /// the most recently used, so that the others go on idling until they
 /// expire, as the upstream may be closing them.
 fn take_idle<C>(idle: &mut VecDeque<(C, Instant)>, now: Instant) -> Option<(C, Instant)> {
-    let stale = idle.partition_point(|(_, since)| now.saturating_duration_since(*since) >= FRESH);
+    let fresh = |since: &Instant| now.saturating_duration_since(*since) < FRESH;
+    // A busy pool: the least recently used is fresh, so all are.
+    if idle.front().is_some_and(|(_, since)| fresh(since)) {
+        return idle.pop_front();
+    }
+    let stale = idle.partition_point(|(_, since)| !fresh(since));
     if stale < idle.len() {
         idle.remove(stale)
     } else {
