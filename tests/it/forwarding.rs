@@ -398,7 +398,7 @@ async fn upstream_connections_are_reused() {
 /// requests are answered only once all of them have arrived, so the proxy
 /// has to open that many connections.
 async fn naming_upstream(hold: usize) -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let barrier = Arc::new(tokio::sync::Barrier::new(hold));
@@ -409,16 +409,7 @@ async fn naming_upstream(hold: usize) -> std::net::SocketAddr {
             let (barrier, seen) = (Arc::clone(&barrier), Arc::clone(&seen));
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                loop {
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        let mut chunk = [0u8; 4096];
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                    buf.drain(..end);
+                while read_head(&mut s, &mut buf).await.is_some() {
                     if seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < hold {
                         barrier.wait().await;
                     }

@@ -7,7 +7,7 @@ use crate::support::*;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 async fn setup(extra_route_opts: &str) -> (Pki, std::sync::Arc<FakeArcGis>, TestProxy, TestClient) {
     let pki = Pki::new();
@@ -245,19 +245,7 @@ async fn trailer_echo_upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
             let seen = Arc::clone(&seen2);
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let end = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                    buf.drain(..end);
+                while let Some(head) = read_head(&mut s, &mut buf).await {
                     let auth = head
                         .lines()
                         .find_map(|l| {

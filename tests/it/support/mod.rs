@@ -1298,6 +1298,24 @@ pub fn addr_in(line: &str) -> String {
 
 // ---------------------------------------------------------------- forward proxy
 
+/// Reads one HTTP/1 request head from `s` for a bare test upstream and
+/// returns it, taken out of `buf` (which keeps any bytes read past it for
+/// the next call); `None` once the peer closes or the read fails.
+pub async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..i + 4]).into_owned();
+            buf.drain(..i + 4);
+            return Some(head);
+        }
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 /// What a [`ForwardProxy`] saw on one client connection.
 #[derive(Debug, Clone)]
 pub struct ProxiedConn {
