@@ -20,7 +20,7 @@ use crate::body::ProxyBody;
 use crate::codec::Coding;
 use crate::error::ProxyError;
 use crate::policy::route::Route;
-use crate::scrub::{self, ScrubBody, ScrubPatterns, Scrubber, UrlRewriter};
+use crate::scrub::{self, CheckedBody, ScrubBody, ScrubPatterns, Scrubber, UrlRewriter};
 use crate::token::{Token, TokenSource};
 use crate::upstream::{self, Answer};
 
@@ -123,7 +123,11 @@ impl Proxy {
                         Answer::Decoded(bytes, plain) => {
                             scrub::scrub_whole(bytes, Some(plain), coding, scrubber)
                         }
-                        Answer::Stream(b) => (ScrubBody::new(b, coding, scrubber).boxed(), true),
+                        Answer::Stream(b) if coding == Coding::Identity => {
+                            (ScrubBody::new(b, coding, scrubber).boxed(), true)
+                        }
+                        // Checked first, passed on as it came when clean.
+                        Answer::Stream(b) => (CheckedBody::new(b, coding, scrubber).boxed(), true),
                     };
                     if changed {
                         // hyper sets the length of a complete body itself.

@@ -232,6 +232,66 @@ async fn large_answers_are_not_held_back_by_the_json_check() {
     proxy.stop().await;
 }
 
+#[tokio::test]
+async fn large_compressed_answers_go_on_as_the_upstream_compressed_them() {
+    let (_pki, fake, proxy, client) = setup("").await;
+    for enc in ["gzip", "deflate", "br"] {
+        // Clean: the upstream's own bytes, not the proxy's re-encoding.
+        let a = get_enc(
+            &client,
+            &format!("/svc/large?enc={enc}"),
+            "gzip, deflate, br",
+        )
+        .await;
+        assert_eq!(a.status, 200);
+        assert_eq!(a.headers["content-encoding"], enc);
+        assert!(a.body.len() > 16 * 1024, "{enc}: {} bytes", a.body.len());
+        let plain = decode(&a.headers, &a.body);
+        assert!(plain.len() > 390_000);
+        let upstream = encode_like_the_fake(enc, &plain);
+        assert!(a.body == upstream, "{enc}: the answer was re-encoded");
+        // With the token inside: scrubbed, still compressed.
+        let a = get_enc(
+            &client,
+            &format!("/svc/leak/large?enc={enc}"),
+            "gzip, deflate, br",
+        )
+        .await;
+        assert_eq!(a.status, 200);
+        assert_eq!(a.headers["content-encoding"], enc);
+        let text = assert_no_token(&fake, &a);
+        assert!(text.contains(&format!(r#"{{"url":"{}/svc/a?f=json"}}"#, fake.url())));
+        let j: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(j["features"].as_array().unwrap().len() > 2000);
+    }
+    proxy.stop().await;
+}
+
+/// `plain` encoded as the fake encodes its answers (`encode_response`).
+fn encode_like_the_fake(enc: &str, plain: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    match enc {
+        "gzip" => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(plain).unwrap();
+            e.finish().unwrap()
+        }
+        "deflate" => {
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(plain).unwrap();
+            e.finish().unwrap()
+        }
+        _ => {
+            let mut out = Vec::new();
+            {
+                let mut w = brotli::CompressorWriter::new(&mut out, 4096, 5, 22);
+                w.write_all(plain).unwrap();
+            }
+            out
+        }
+    }
+}
+
 /// An HTTP/1.1 upstream that answers every request chunked, with a trailer
 /// field echoing the `X-Esri-Authorization` it received. Returns its address
 /// and what it received.

@@ -585,6 +585,33 @@ impl FakeArcGis {
             tokio::time::sleep(Duration::from_secs(5)).await;
             return json(StatusCode::OK, serde_json::json!({"slow": true}));
         }
+        if path.starts_with("/svc/large") || path.starts_with("/svc/leak/large") {
+            // A feature answer of about 400 KB, varied enough that it stays
+            // well above 16 KiB compressed; with the token in its middle
+            // under /svc/leak/.
+            let mut x: u64 = 11;
+            let mut half = String::new();
+            while half.len() < 200_000 {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let (a, b) = ((x >> 20) % 1_000_000, (x >> 40) % 1_000_000);
+                half.push_str(&format!(
+                    r#"{{"attributes":{{"OBJECTID":{a},"NAME":"Park {b}"}},"geometry":{{"x":-122.{a},"y":37.{b}}}}},"#
+                ));
+            }
+            let middle = if path.starts_with("/svc/leak/") {
+                format!(r#"{{"url":"{me}/svc/a?token={token}&f=json"}},"#)
+            } else {
+                String::new()
+            };
+            let mut r = Response::new(full(format!(
+                r#"{{"features":[{half}{middle}{half}{{}}]}}"#
+            )));
+            r.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/json"));
+            return r;
+        }
         if path.starts_with("/svc/big") {
             // 16 MiB in 64 KiB chunks, produced lazily.
             let chunk = Bytes::from(vec![b'x'; 64 * 1024]);

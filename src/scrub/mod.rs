@@ -13,7 +13,9 @@
 //! across chunk boundaries is still found, in constant memory. The same pass
 //! rewrites absolute upstream URL prefixes to proxy URLs for routes with
 //! `rewrite_urls`. [`ScrubBody`] wraps it in decode → scrub → re-encode for
-//! gzip, deflate and br bodies.
+//! gzip, deflate and br bodies; [`CheckedBody`] first checks whether a
+//! compressed answer holds anything to change, and passes it on as it came
+//! when not.
 
 use http::HeaderValue;
 use http::header::{self, HeaderMap};
@@ -21,6 +23,10 @@ use url::Url;
 
 use crate::policy::path::strip_params;
 use crate::policy::route::{Route, RouteTable};
+
+mod checked;
+
+pub use checked::{Budget, CheckedBody, HOLD, HOLD_TIME};
 
 /// How to write proxy URLs for one request.
 pub struct UrlRewriter<'a> {
