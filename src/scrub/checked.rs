@@ -230,6 +230,11 @@ impl CheckedBody {
 impl Reading {
     /// The end of the answer, with its trailers.
     fn finish(&mut self, trailers: Option<HeaderMap>) -> Result<Outcome, BoxError> {
+        if self.size == 0 {
+            // No body at all (a 204, or a HEAD answer's headers): nothing to
+            // show, and nothing for a decoder to call truncated.
+            return Ok(Outcome::Clean(trailers));
+        }
         let decoder = std::mem::replace(&mut self.decoder, Decoder::Identity);
         let plain = decoder.finish().map_err(BoxError::from)?;
         if self.watch.sees(&plain) {
@@ -609,6 +614,14 @@ mod tests {
     fn decode_partial(coding: Coding, out: &[u8]) -> Vec<u8> {
         let mut d = Decoder::new(coding);
         d.push(out).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn an_empty_answer_stays_empty() {
+        for coding in CODINGS {
+            let out = collect(checked(&[], 1, coding, HOLD, budget(BUDGET))).await;
+            assert_eq!(out.unwrap(), Vec::<u8>::new(), "{coding:?}");
+        }
     }
 
     #[tokio::test]
