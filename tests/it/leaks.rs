@@ -234,11 +234,18 @@ async fn large_answers_are_not_held_back_by_the_json_check() {
 
 #[tokio::test]
 async fn large_compressed_answers_go_on_as_the_upstream_compressed_them() {
-    let (_pki, fake, proxy, client) = setup("").await;
-    for enc in ["gzip", "deflate", "br"] {
+    let (pki, fake, proxy, h1) = setup("").await;
+    let h2 = TestClient::h2(&pki, proxy.addr);
+    for (client, enc) in [
+        (&h1, "gzip"),
+        (&h1, "deflate"),
+        (&h1, "br"),
+        (&h2, "gzip"),
+        (&h2, "br"),
+    ] {
         // Clean: the upstream's own bytes, not the proxy's re-encoding.
         let a = get_enc(
-            &client,
+            client,
             &format!("/svc/large?enc={enc}"),
             "gzip, deflate, br",
         )
@@ -252,7 +259,7 @@ async fn large_compressed_answers_go_on_as_the_upstream_compressed_them() {
         assert!(a.body == upstream, "{enc}: the answer was re-encoded");
         // With the token inside: scrubbed, still compressed.
         let a = get_enc(
-            &client,
+            client,
             &format!("/svc/leak/large?enc={enc}"),
             "gzip, deflate, br",
         )
