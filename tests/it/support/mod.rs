@@ -747,39 +747,45 @@ impl FakeArcGis {
 /// Re-encodes a response body with `enc` (gzip, deflate, br, or a coding
 /// the proxy cannot read, like zstd, which is sent unchanged but labelled).
 async fn encode_response(resp: Response<TestBody>, enc: &str) -> Response<TestBody> {
-    use std::io::Write;
     let (mut parts, body) = resp.into_parts();
     let plain = body
         .collect()
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    let encoded: Vec<u8> = match enc {
+    let encoded = encode_body(enc, &plain);
+    parts
+        .headers
+        .insert("content-encoding", HeaderValue::from_str(enc).unwrap());
+    parts.headers.remove("content-length");
+    Response::from_parts(parts, full(encoded))
+}
+
+/// `plain` in content coding `enc` as the fake encodes its answers (`gzip`,
+/// `deflate`, `br`; anything else as it is).
+pub fn encode_body(enc: &str, plain: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    match enc {
         "gzip" => {
             let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-            e.write_all(&plain).unwrap();
+            e.write_all(plain).unwrap();
             e.finish().unwrap()
         }
         "deflate" => {
             let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
-            e.write_all(&plain).unwrap();
+            e.write_all(plain).unwrap();
             e.finish().unwrap()
         }
         "br" => {
             let mut out = Vec::new();
             {
                 let mut w = brotli::CompressorWriter::new(&mut out, 4096, 5, 22);
-                w.write_all(&plain).unwrap();
+                w.write_all(plain).unwrap();
             }
             out
         }
         _ => plain.to_vec(),
-    };
-    parts
-        .headers
-        .insert("content-encoding", HeaderValue::from_str(enc).unwrap());
-    parts.headers.remove("content-length");
-    Response::from_parts(parts, full(encoded))
+    }
 }
 
 /// Decodes a body by its `content-encoding` (test side).
