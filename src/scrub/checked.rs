@@ -37,25 +37,25 @@ use crate::codec::{Coding, Decoder};
 
 /// Largest answer (in bytes as they come, compressed) held to be checked
 /// whole; a larger one is scrubbed as it streams.
-pub const HOLD: usize = 1 << 20;
+const HOLD: usize = 1 << 20;
 
 /// Most bytes all answers being checked may hold at once in the process;
 /// an answer that would go beyond is scrubbed as it streams instead.
-pub const BUDGET: usize = 64 << 20;
+const BUDGET: usize = 64 << 20;
 
 /// Longest an answer is held: one still arriving after this is scrubbed as
 /// it streams, so a slow answer reaches the client as it comes.
-pub const HOLD_TIME: Duration = Duration::from_secs(1);
+const HOLD_TIME: Duration = Duration::from_secs(1);
 
 /// Bytes held by the answers being checked, against a limit.
-pub struct Budget {
+struct Budget {
     used: AtomicUsize,
     limit: usize,
 }
 
 impl Budget {
     /// A budget of `limit` bytes.
-    pub const fn new(limit: usize) -> Budget {
+    const fn new(limit: usize) -> Budget {
         Budget {
             used: AtomicUsize::new(0),
             limit,
@@ -63,7 +63,8 @@ impl Budget {
     }
 
     /// Bytes held now.
-    pub fn used(&self) -> usize {
+    #[cfg(test)]
+    fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }
 }
@@ -145,10 +146,18 @@ struct Reading {
 
 /// How a read ended.
 enum Outcome {
+    /// Read to its end, nothing to change; its trailers.
     Clean(Option<HeaderMap>),
-    /// Scrub what was read; `None` when the rest is still to come, else the
-    /// trailers (if any) of an answer read to its end.
-    Scrub(Option<Option<HeaderMap>>),
+    /// To be scrubbed: what was read, then the rest.
+    Scrub(Rest),
+}
+
+/// What follows the pieces read when an answer goes to be scrubbed.
+enum Rest {
+    /// The answer's body, still streaming.
+    Coming,
+    /// Nothing but these trailers: the answer was read to its end.
+    Ended(Option<HeaderMap>),
 }
 
 impl CheckedBody {
@@ -159,7 +168,7 @@ impl CheckedBody {
     }
 
     /// As [`CheckedBody::new`], with its own hold and budget.
-    pub fn with_limits(
+    fn with_limits(
         inner: ProxyBody,
         coding: Coding,
         scrubber: Scrubber,
@@ -208,7 +217,7 @@ impl CheckedBody {
                 clean && r.size <= self.hold && since.elapsed() < HOLD_TIME && self.share.take(n);
             r.pieces.push(data);
             if !kept {
-                return Poll::Ready(Ok(Outcome::Scrub(None)));
+                return Poll::Ready(Ok(Outcome::Scrub(Rest::Coming)));
             }
         }
     }
@@ -238,16 +247,16 @@ impl Reading {
         let decoder = std::mem::replace(&mut self.decoder, Decoder::Identity);
         let plain = decoder.finish().map_err(BoxError::from)?;
         if self.watch.sees(&plain) {
-            return Ok(Outcome::Scrub(Some(trailers)));
+            return Ok(Outcome::Scrub(Rest::Ended(trailers)));
         }
         Ok(Outcome::Clean(trailers))
     }
 
     /// The same answer, scrubbed as it streams: what was read, then `rest`.
-    fn into_scrub(self, rest: Option<Option<HeaderMap>>) -> ScrubBody {
+    fn into_scrub(self, rest: Rest) -> ScrubBody {
         let rest = match rest {
-            None => self.inner,
-            Some(trailers) => ended(trailers),
+            Rest::Coming => self.inner,
+            Rest::Ended(trailers) => ended(trailers),
         };
         let body = Prefixed::new(self.pieces, rest).boxed();
         ScrubBody::new(body, self.coding, self.scrubber)

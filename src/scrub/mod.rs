@@ -26,7 +26,7 @@ use crate::policy::route::{Route, RouteTable};
 
 mod checked;
 
-pub use checked::{Budget, CheckedBody, HOLD, HOLD_TIME};
+pub use checked::CheckedBody;
 
 /// How to write proxy URLs for one request.
 pub struct UrlRewriter<'a> {
