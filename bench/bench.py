@@ -1174,24 +1174,18 @@ def print_report(r):
         print(f"  non-2xx: proxy {h['proxy']['non_2xx']}, nginx {h['nginx']['non_2xx']}")
         peak(h)
         rounds("h1_keepalive_64")
-    if "h1_gzip_64" in r:
-        h = r["h1_gzip_64"]
-        print("TLS h1 keep-alive, 64 connections, gzip answers (wrk, Accept-Encoding: gzip; the proxy inflates each "
-              "answer to look for the token, the anchors do not look):")
+    for key, what in [("h1_gzip_64", "64 connections, gzip answers"),
+                      ("h1_gzip_large_8", "8 connections, a 680 KB feature answer sent gzipped (241 KB)")]:
+        if key not in r:
+            continue
+        h = r[key]
+        print(f"TLS h1 keep-alive, {what} (wrk, Accept-Encoding: gzip; the proxy inflates each answer to look for "
+              "the token, the anchors do not look):")
         row("requests/s", h["proxy"]["rps"], h["nginx"]["rps"], "req/s", "higher is better; no target")
         row("CPU per request", h["proxy"]["cpu_us_per_req"], h["nginx"]["cpu_us_per_req"], "us", "lower is better")
         row("p99 latency", h["proxy"]["p99_ms"], h["nginx"]["p99_ms"], "ms", "lower is better")
         anchors(h)
-        rounds("h1_gzip_64")
-    if "h1_gzip_large_8" in r:
-        h = r["h1_gzip_large_8"]
-        print("TLS h1 keep-alive, 8 connections, a 680 KB feature answer sent gzipped (241 KB) (wrk, "
-              "Accept-Encoding: gzip; the proxy inflates it to look for the token, the anchors do not look):")
-        row("requests/s", h["proxy"]["rps"], h["nginx"]["rps"], "req/s", "higher is better; no target")
-        row("CPU per request", h["proxy"]["cpu_us_per_req"], h["nginx"]["cpu_us_per_req"], "us", "lower is better")
-        row("p99 latency", h["proxy"]["p99_ms"], h["nginx"]["p99_ms"], "ms", "lower is better")
-        anchors(h)
-        rounds("h1_gzip_large_8")
+        rounds(key)
     if "h1_single_thread_64" in r:
         h = r["h1_single_thread_64"]
         print("TLS h1 keep-alive, 64 connections, one serving thread / one nginx worker each (not the issue's setting):")
